@@ -1,0 +1,219 @@
+"""One typed configuration for a whole run, loaded from YAML with ``--set dotted.key=value``
+overrides. Every default serves the offline demo; a wrong value fails at load time with the
+field's path in the message."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Role = Literal["pretrain", "train", "val", "id_test", "ood"]
+
+
+class SplitConfig(Strict):
+    """One shard set (see docs/outputs.md for the schema)."""
+    uri: str
+    role: Role
+    # ImageNet-R/-A style: score only these class names (logits outside are masked)
+    class_subset: list[str] | None = None
+    # ObjectNet style: the set's own class name -> one or more class names of the model
+    class_map: dict[str, list[str]] | None = None
+
+
+class DemoDataConfig(Strict):
+    seed: int = 0
+    # fractions of the 1,797 digits; the rest is id_test
+    pretrain: float = 0.25
+    train: float = 0.35
+    val: float = 0.18
+    shifts: list[Literal["noise", "blur", "rotate", "invert", "sketch"]] = ["noise", "blur", "rotate", "invert", "sketch"]
+    upsample: int = 2  # 8x8 digits are stored at 16x16
+
+
+class DataConfig(Strict):
+    # "demo": prepare builds the digits shards under output_uri/data; "shards": use `splits`
+    source: Literal["demo", "shards"] = "demo"
+    demo: DemoDataConfig = DemoDataConfig()
+    splits: dict[str, SplitConfig] = {}
+    rows_per_shard: int = Field(512, gt=0)
+
+
+class DemoBaseConfig(Strict):
+    """How `prepare` makes the offline demo CLIP (contrastive pretraining on `pretrain`)."""
+    steps: int = Field(400, gt=0)
+    batch_size: int = Field(10, gt=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = 0.1
+    seed: int = 0
+    threads: int = Field(1, ge=1)
+
+
+class ModelConfig(Strict):
+    name: str = "frankensoup-demo-vit"
+    # "demo" (made by `prepare`), an open_clip pretrained tag, or a local/remote weights file
+    pretrained: str = "demo"
+    # prompt templates for the zero-shot head: a list with "{}" for the class name,
+    # or the name of a set: "demo", "openai_imagenet"
+    templates: list[str] | str = "demo"
+    demo_base: DemoBaseConfig = DemoBaseConfig()
+
+
+class Resources(Strict):
+    cpu: float = Field(1.0, ge=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class SearchSpace(Strict):
+    """Modelled on model soups' sweep (hparam_info.json)."""
+    lr: tuple[float, float] = (1e-4, 3e-3)            # log-uniform
+    weight_decay: tuple[float, float] = (1e-4, 0.2)   # log-uniform
+    epochs: list[int] = [4, 6, 8]
+    label_smoothing: list[float] = [0.0, 0.1]
+    randaugment_magnitude: list[int] = [0, 5, 10]     # 0 = off
+    mix_prob: list[float] = [0.0, 0.3]                # mixup/cutmix probability
+
+
+class FinetuneConfig(Strict):
+    num_trials: int = Field(8, gt=0)
+    max_concurrent: int = Field(2, gt=0)
+    seed: int = 0
+    batch_size: int = Field(32, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    threads: int = Field(1, ge=1)
+    max_failures: int = Field(2, ge=0)
+    resources: Resources = Resources()
+    space: SearchSpace = SearchSpace()
+    # test hook: fail trial N once at epoch E ("N:E"); never set in a real config
+    inject_failure: str | None = None
+
+
+class EvaluateConfig(Strict):
+    batch_size: int = Field(256, gt=0)
+    num_actors: int = Field(1, gt=0)
+    resources: Resources = Resources()
+    # dtype the mixture evaluator holds ingredient weights in
+    ingredient_dtype: Literal["float32", "bfloat16"] = "float32"
+    # memory one evaluator may use for ingredient weights + val tensors (GiB; None = device's)
+    memory_limit_gb: float | None = None
+    threads: int = Field(1, ge=1)
+
+
+class Phase2Config(Strict):
+    enabled: bool = True
+    bounds: tuple[float, float] = (0.7, 1.4)
+    evals_per_dim: int = Field(50, gt=0)
+
+
+class SoupConfig(Strict):
+    # component granularity: 0 whole model, 1 stem/transformer/head, 2 per block, 3 per tensor
+    granularity: int = Field(2, ge=0, le=3)
+    tau: float = Field(0.998, gt=0, le=1)
+    bounds_delta: float = Field(0.5, gt=0, le=1)
+    max_func_evals_per_dim: int = Field(30, gt=0)
+    second_pass_low: float = 0.3
+    optimizer: str = "CMA"  # any nevergrad optimizer name; NGOpt only with num_workers=1
+    num_workers: int = Field(4, ge=1)   # W: asks in flight (changes the search)
+    num_evaluators: int = Field(2, ge=1)  # E: evaluator actors (never changes the result)
+    evaluator_resources: Resources = Resources()
+    seed: int = 123456789
+    phase2: Phase2Config = Phase2Config()
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        import nevergrad as ng
+
+        if v not in ng.optimizers.registry:
+            raise ValueError(f"unknown nevergrad optimizer {v!r}")
+        return v
+
+
+class RayConfig(Strict):
+    # None: join the cluster `ray job submit` gives us, or start a local one
+    address: str | None = None
+    num_cpus: int | None = None
+
+
+class Config(Strict):
+    output_uri: str = "./frankensoup-output"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    soup: SoupConfig = SoupConfig()
+    ray: RayConfig = RayConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some top-level sections: a stage is redone when its hash changes."""
+        dump = self.model_dump(mode="json")
+        blob = json.dumps({s: dump[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+DEFAULT_CONFIG_PATH = os.path.join("configs", "demo.yaml")
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"{path}: {err['msg']}")
+    return f"invalid config ({source}): " + "; ".join(lines)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (default: configs/demo.yaml when present, else the built-in demo defaults)."""
+    raw: dict = {}
+    source = "built-in demo defaults"
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        source = path
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None

@@ -1,0 +1,225 @@
+"""Everything a run writes goes through here: URIs -> pyarrow.fs, safetensors IO, atomic publish.
+
+A URI is a local path, a ``file://`` URI or an ``s3://`` URI. ``s3://`` honours
+``AWS_ENDPOINT_URL`` (and the usual AWS_* credentials), so the same code talks to AWS or to
+an S3-compatible server.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A storage URI that cannot be read or written; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class Location:
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _normalise(uri: str) -> str:
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        if scheme not in ("file", "s3"):
+            raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://")
+        return uri.rstrip("/") if not uri.endswith("://") else uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def resolve(uri: str) -> Location:
+    """Turn a URI into (filesystem, path). Fails with the URI named."""
+    uri = _normalise(uri)
+    if "://" not in uri:
+        return Location(pafs.LocalFileSystem(), uri, uri)
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow raises several types; one message for the user
+        raise StorageError(f"cannot open storage URI {uri!r}: {e}") from e
+    return Location(fs, path, uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = _normalise(uri)
+    if "://" in uri:
+        return posixpath.join(uri, *parts)
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    loc = resolve(uri)
+    try:
+        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise StorageError(f"cannot reach {uri!r}: {e}") from e
+
+
+def is_dir(uri: str) -> bool:
+    loc = resolve(uri)
+    return loc.fs.get_file_info(loc.path).type == pafs.FileType.Directory
+
+
+def listdir(uri: str) -> list[str]:
+    """Names directly under ``uri`` (sorted); empty if it does not exist."""
+    loc = resolve(uri)
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"cannot list {uri!r}: {e}") from e
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
+def makedirs(uri: str) -> None:
+    loc = resolve(uri)
+    loc.fs.create_dir(loc.path, recursive=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    loc = resolve(uri)
+    try:
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise StorageError(f"{uri!r} does not exist") from e
+    except OSError as e:
+        raise StorageError(f"cannot read {uri!r}: {e}") from e
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object. Local files go to a temporary name first and are renamed, so a
+    reader never sees half a file; an S3 PUT is all-or-nothing already."""
+    loc = resolve(uri)
+    try:
+        parent = posixpath.dirname(loc.path) if "://" in loc.uri else os.path.dirname(loc.path)
+        if parent:
+            loc.fs.create_dir(parent, recursive=True)
+        if isinstance(loc.fs, pafs.LocalFileSystem):
+            tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
+            with loc.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, loc.path)
+        else:
+            with loc.fs.open_output_stream(loc.path) as f:
+                f.write(data)
+    except OSError as e:
+        raise StorageError(f"cannot write {uri!r}: {e}") from e
+
+
+def delete(uri: str) -> None:
+    """Remove a file or a directory tree; missing is fine."""
+    loc = resolve(uri)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.Directory:
+        loc.fs.delete_dir(loc.path)
+    elif info.type == pafs.FileType.File:
+        loc.fs.delete_file(loc.path)
+
+
+def read_json(uri: str) -> Any:
+    try:
+        return json.loads(read_bytes(uri))
+    except json.JSONDecodeError as e:
+        raise StorageError(f"{uri!r} is not valid JSON: {e}") from e
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def copy_to_local(uri: str, local_dir: str) -> str:
+    """Mirror a directory (or one file) at ``uri`` into ``local_dir``; returns the local path.
+    Local URIs are returned as they are."""
+    loc = resolve(uri)
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        return loc.path
+    os.makedirs(local_dir, exist_ok=True)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.File:
+        dst = os.path.join(local_dir, posixpath.basename(loc.path))
+        pafs.copy_files(loc.path, dst, source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
+        return dst
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{uri!r} does not exist")
+    pafs.copy_files(loc.path, local_dir, source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
+
+
+# ---- safetensors ---------------------------------------------------------------------------
+
+def save_tensors(uri: str, tensors: dict, metadata: dict[str, Any] | None = None) -> bytes:
+    """Write torch tensors as safetensors; metadata values that are not strings are JSON-encoded.
+    Returns the bytes written (callers hash them for manifests)."""
+    from safetensors.torch import save
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+    write_bytes(uri, data)
+    return data
+
+
+def load_tensors(uri: str) -> tuple[dict, dict[str, str]]:
+    """Read a safetensors file -> (tensors, raw string metadata)."""
+    from safetensors.torch import load
+
+    data = read_bytes(uri)
+    try:
+        tensors = load(data)
+        # metadata is only reachable through the header; parse it without a second read
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+    except Exception as e:
+        raise StorageError(f"{uri!r} is not a valid safetensors file: {e}") from e
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+# ---- atomic publish -------------------------------------------------------------------------
+
+def publish(files: dict[str, bytes], dest_uri: str, pointer_uri: str | None = None, pointer_value: str | None = None) -> dict:
+    """Write ``files`` (relative name -> bytes) under ``dest_uri``, read each back to verify size
+    and sha256, write ``MANIFEST.json`` last, then (optionally) replace ``pointer_uri`` with
+    ``pointer_value``. A crash before the pointer moves leaves the previous result in force."""
+    manifest = {"files": {}}
+    for name, data in sorted(files.items()):
+        uri = join(dest_uri, name)
+        write_bytes(uri, data)
+        manifest["files"][name] = {"size": len(data), "sha256": sha256(data)}
+    verify(dest_uri, manifest)
+    write_json(join(dest_uri, "MANIFEST.json"), manifest)
+    if pointer_uri is not None:
+        write_bytes(pointer_uri, (pointer_value or "").encode() + b"\n")
+    return manifest
+
+
+def verify(dest_uri: str, manifest: dict | None = None) -> dict:
+    """Check every file of a published directory against its manifest."""
+    if manifest is None:
+        manifest = read_json(join(dest_uri, "MANIFEST.json"))
+    for name, want in manifest["files"].items():
+        data = read_bytes(join(dest_uri, name))
+        if len(data) != want["size"] or sha256(data) != want["sha256"]:
+            raise StorageError(f"published file {join(dest_uri, name)!r} does not match its manifest")
+    return manifest
+
+
+def read_pointer(pointer_uri: str) -> str | None:
+    if not exists(pointer_uri):
+        return None
+    return read_bytes(pointer_uri).decode().strip() or None
