@@ -16,8 +16,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from .errors import UserError
 
-class StorageError(RuntimeError):
+
+class StorageError(UserError, RuntimeError):
     """A storage URI that cannot be read or written; the message names the URI."""
 
 

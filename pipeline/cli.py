@@ -1,0 +1,124 @@
+"""The `frankensoup` command line: one subcommand per stage, plus `run` for all of them."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (default: configs/demo.yaml, else built-in demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set soup.num_workers=8 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="frankensoup", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="prepare -> finetune -> evaluate -> soup, skipping finished stages")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="check config, storage and cluster; print the plan")
+    p.add_argument("--force", action="store_true", help="redo every stage even if finished")
+
+    for name, text in [("prepare", "build the demo shards and the demo base model"),
+                       ("finetune", "run the Ray Tune sweep and write the ingredient registry"),
+                       ("evaluate", "score every ingredient on val, id_test and ood sets (Ray Data)"),
+                       ("soup", "baselines + manifold mixing soup; publish the fused model")]:
+        p = sub.add_parser(name, help=text)
+        _add_config_args(p)
+        p.add_argument("--force", action="store_true", help="redo the stage even if finished")
+
+    p = sub.add_parser("import-images", help="turn DIR/<classname>/<image> into shards")
+    p.add_argument("src", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="URI")
+    p.add_argument("--name")
+    p.add_argument("--role", default="ood", choices=["pretrain", "train", "val", "id_test", "ood"])
+    p.add_argument("--classes", metavar="FILE", help="class names, one per line (default: sorted folder names)")
+    p.add_argument("--rows-per-shard", type=int, default=512)
+
+    p = sub.add_parser("import-ingredients", help="register existing finetuned checkpoints as ingredients")
+    _add_config_args(p)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--layout", choices=["auto", "frankensoup", "model-soups"], default="auto")
+
+    p = sub.add_parser("predict", help="classify images with a published fused model")
+    p.add_argument("uri", metavar="URI", help="output_uri, a soup/<run-id> or its fused/ directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top", type=int, default=1)
+    return parser
+
+
+def _config(args):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _dispatch(args) -> int:
+    cmd = args.command
+    if cmd == "import-images":
+        from .data.images import import_image_folder
+
+        classes = None
+        if args.classes:
+            with open(args.classes) as f:
+                classes = [line.strip() for line in f if line.strip()]
+        info = import_image_folder(args.src, args.out, name=args.name, role=args.role,
+                                   class_names=classes, rows_per_shard=args.rows_per_shard)
+        print(f"wrote {info['num_rows']} images, {len(info['class_names'])} classes, "
+              f"role {info['role']} -> {args.out}")
+        return 0
+    if cmd == "predict":
+        from .fused import predict_files
+
+        for path, preds in predict_files(args.uri, args.images, top=args.top):
+            print(path + "\t" + "\t".join(f"{name} {p:.3f}" for name, p in preds))
+        return 0
+
+    cfg = _config(args)
+    if cmd == "prepare":
+        from .prepare import run_prepare
+
+        run_prepare(cfg, force=args.force)
+    elif cmd == "finetune":
+        from .finetune.sweep import run_finetune
+
+        run_finetune(cfg, force=args.force)
+    elif cmd == "import-ingredients":
+        from .finetune.registry import import_ingredients
+
+        import_ingredients(cfg, args.files, layout=args.layout)
+    elif cmd == "evaluate":
+        from .evaluate.stage import run_evaluate
+
+        run_evaluate(cfg, force=args.force)
+    elif cmd == "soup":
+        from .soup.stage import run_soup
+
+        run_soup(cfg, force=args.force)
+    elif cmd == "run":
+        from .run import dry_run, run_all
+
+        if args.dry_run:
+            return 0 if dry_run(cfg) else 1
+        run_all(cfg, force=args.force)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import UserError
+
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        # bad input: one clear line naming the culprit, no traceback
+        print(f"frankensoup: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("frankensoup: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+import pytest
+import yaml
+
+from pipeline.config import Config, ConfigError, load_config
+
+
+def test_demo_yaml_matches_builtin_defaults():
+    with open("configs/demo.yaml") as f:
+        raw = yaml.safe_load(f)
+    assert Config.model_validate(raw) == Config()
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = load_config(None, ["soup.num_workers=8", "finetune.space.epochs=[1,2]", "output_uri=s3://b/x"])
+    assert cfg.soup.num_workers == 8
+    assert cfg.finetune.space.epochs == [1, 2]
+    assert cfg.output_uri == "s3://b/x"
+
+
+@pytest.mark.parametrize("override,field", [
+    ("soup.tau=banana", "soup.tau"),
+    ("soup.granularity=7", "soup.granularity"),
+    ("finetune.num_trials=0", "finetune.num_trials"),
+    ("soup.optimizer=NoSuchOptimizer", "soup.optimizer"),
+    ("evaluate.ingredient_dtype=float8", "evaluate.ingredient_dtype"),
+])
+def test_wrong_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert field in str(e.value)
+
+
+def test_unknown_key_names_the_path(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("soup:\n  tua: 0.9\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert "soup.tua" in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("soup: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["soup.tau"])
+
+
+def test_section_hash_tracks_only_its_sections():
+    a = Config()
+    b = load_config(None, ["soup.tau=0.99"])
+    assert a.section_hash("data", "model") == b.section_hash("data", "model")
+    assert a.section_hash("soup") != b.section_hash("soup")
+
+
+def test_cli_reports_config_error_in_one_line(capsys):
+    from pipeline.cli import main
+
+    assert main(["prepare", "--set", "soup.tau=x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "soup.tau" in err[0]
