@@ -77,3 +77,47 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ---- the shared small demo --------------------------------------------------------------
+
+TINY_OVERRIDES = [
+    "model.demo_base.steps=60",
+    "finetune.num_trials=2",
+    "finetune.max_concurrent=2",
+    "finetune.space.epochs=[1]",
+    "soup.granularity=1",
+    "soup.max_func_evals_per_dim=2",
+    "soup.num_workers=2",
+    "soup.num_evaluators=1",
+    "soup.phase2.evals_per_dim=1",
+    "ray.address=local",
+    "ray.num_cpus=2",
+]
+
+
+def tiny_config(output_uri: str, *extra: str):
+    """The demo config shrunk to run in seconds (a few hundred pretraining images, 60 steps)."""
+    from pipeline.config import load_config
+
+    return load_config(None, [*TINY_OVERRIDES, f"output_uri={output_uri}", *extra])
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(tmp_path_factory):
+    """One prepared output (demo shards + a base CLIP trained in seconds + zero-shot head),
+    shared read-only by every stage's tests: copy it (clone_output) before writing to it."""
+    from pipeline.prepare import run_prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    cfg = tiny_config(str(out))
+    run_prepare(cfg, log=lambda *_: None)
+    return cfg
+
+
+def clone_output(cfg, dst, *extra: str):
+    """Copy a prepared output to ``dst`` and return a config pointing at the copy."""
+    import shutil
+
+    shutil.copytree(cfg.output_uri, dst)
+    return tiny_config(str(dst), *extra)

@@ -1,0 +1,91 @@
+"""Dashboard metrics (ray.util.metrics, exported by every node's metrics agent; Prometheus
+names get a `ray_` prefix): soup evaluations done, best val accuracy, evaluation latency, and
+finetune trials running/finished. Gauges are re-set by a background thread while the run
+lives, because Ray drops a gauge that is not set again for ~20 s."""
+from __future__ import annotations
+
+import threading
+
+LATENCY_BOUNDARIES = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+
+
+class RunMetrics:
+    def __init__(self, run: str, refresh_s: float = 5.0):
+        from ray.util import metrics
+
+        self.tags = {"run": run}
+        self.evaluations = metrics.Counter("frankensoup_soup_evaluations",
+                                           description="candidate mixtures evaluated", tag_keys=("run",))
+        self.best_val = metrics.Gauge("frankensoup_soup_best_val_accuracy",
+                                      description="best val accuracy found so far", tag_keys=("run",))
+        self.latency = metrics.Histogram("frankensoup_soup_eval_latency_seconds",
+                                         description="seconds per evaluated batch of mixtures",
+                                         boundaries=LATENCY_BOUNDARIES, tag_keys=("run",))
+        self.trials_running = metrics.Gauge("frankensoup_trials_running",
+                                            description="finetune trials running", tag_keys=("run",))
+        self.trials_finished = metrics.Gauge("frankensoup_trials_finished",
+                                             description="finetune trials finished", tag_keys=("run",))
+        self._gauges: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, args=(refresh_s,), daemon=True)
+        self._thread.start()
+
+    def _set(self, name: str, value: float) -> None:
+        with self._lock:
+            self._gauges[name] = float(value)
+        getattr(self, name).set(float(value), tags=self.tags)
+
+    def _refresh(self, every: float) -> None:
+        while not self._stop.wait(every):
+            with self._lock:
+                items = list(self._gauges.items())
+            for name, value in items:
+                getattr(self, name).set(value, tags=self.tags)
+
+    def on_batch(self, n_evaluations: int, best_val: float | None, seconds: float) -> None:
+        """Hook for the soup search: one evaluated batch."""
+        if n_evaluations:
+            self.evaluations.inc(n_evaluations, tags=self.tags)
+            self.latency.observe(seconds, tags=self.tags)
+        if best_val is not None:
+            self._set("best_val", best_val)
+
+    def on_trials(self, running: int, finished: int) -> None:
+        self._set("trials_running", running)
+        self._set("trials_finished", finished)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def tune_callback(metrics: RunMetrics):
+    """A Ray Tune callback that keeps the trials running/finished gauges current."""
+    from ray.tune import Callback
+
+    class TrialGauges(Callback):
+        def __init__(self):
+            self.running: set[str] = set()
+            self.finished: set[str] = set()
+
+        def _publish(self):
+            metrics.on_trials(len(self.running), len(self.finished))
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(trial.trial_id)
+            self._publish()
+
+        def on_trial_restore(self, iteration, trials, trial, **info):
+            self.running.add(trial.trial_id)
+            self._publish()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.running.discard(trial.trial_id)
+            self.finished.add(trial.trial_id)
+            self._publish()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.running.discard(trial.trial_id)
+            self._publish()
+
+    return TrialGauges()

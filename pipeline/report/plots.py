@@ -1,0 +1,84 @@
+"""The report's figures, drawn only from report.json's numbers: ID vs OOD accuracy (the model
+soups figure), the mmms mixture as a heatmap, and the search trace."""
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METHOD_STYLE = {
+    "zero_shot": ("s", "tab:gray"),
+    "best_individual": ("D", "tab:blue"),
+    "uniform_soup": ("^", "tab:green"),
+    "greedy_soup": ("v", "tab:orange"),
+    "mmms_phase1": ("P", "tab:pink"),
+    "mmms": ("*", "tab:red"),
+}
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def id_vs_ood(report: dict) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ing = report.get("ingredient_scores", {})
+    if ing:
+        ax.scatter([s["id_test"] for s in ing.values()], [s["ood_avg"] for s in ing.values()],
+                   c="lightsteelblue", edgecolors="steelblue", label="finetuned ingredients", zorder=2)
+    for name, m in report["methods"].items():
+        marker, color = METHOD_STYLE.get(name, ("o", "black"))
+        ax.scatter([m["id_test"]], [m["ood_avg"]], marker=marker, s=140 if name == "mmms" else 70,
+                   c=color, edgecolors="black", label=name, zorder=3)
+    ax.set_xlabel("ID test accuracy")
+    ax.set_ylabel("OOD accuracy (mean over shifted sets)")
+    ax.set_title("Soups vs their ingredients")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
+def beta_heatmap(report: dict, method: str = "mmms") -> bytes:
+    m = report["methods"][method]
+    beta = m["beta"]
+    comps = report["components"]
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(comps) + 2), max(2.5, 0.35 * len(beta) + 1.5)))
+    im = ax.imshow(beta, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, max(max(r) for r in beta)))
+    ax.set_xticks(range(len(comps)), comps, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(beta)), m["ingredients"], fontsize=7)
+    ax.set_xlabel("component")
+    ax.set_ylabel("ingredient")
+    ax.set_title(f"{method}: mixing factors beta[ingredient, component]")
+    fig.colorbar(im, ax=ax)
+    return _png(fig)
+
+
+def search_trace(report: dict) -> bytes:
+    trace = report.get("search_trace") or []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if trace:
+        xs, ys = zip(*trace)
+        ax.step(xs, ys, where="post", color="tab:red", label="mmms best val")
+    for name in ("best_individual", "greedy_soup"):
+        if name in report["methods"]:
+            ax.axhline(report["methods"][name]["val"], ls="--", lw=1, color=METHOD_STYLE[name][1], label=name)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("best val accuracy")
+    ax.set_title("Search trace")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+PLOTS = {"id_vs_ood.png": id_vs_ood, "beta_mmms.png": beta_heatmap, "search_trace.png": search_trace}
+
+
+def render_plots(report: dict) -> dict[str, bytes]:
+    """PNG bytes by file name, published beside report.json."""
+    return {name: draw(report) for name, draw in PLOTS.items()}
