@@ -1,0 +1,263 @@
+"""Shard sets: the one on-disk form of every image split, local or on s3://.
+
+A split at URI ``U`` is ``U/part-00000.parquet``, ``U/part-00001.parquet``, ... (columns
+``image: binary`` = encoded PNG/JPEG bytes, ``label: int32``) and ``U/dataset.json``, written
+last: a split without it is incomplete and refused. All IO goes through ``pipeline.storage``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import storage
+from ..errors import UserError
+
+FORMAT = "frankensoup-shards-v1"
+MARKER = "dataset.json"
+METADATA_KEY = b"frankensoup"
+ROLES = ("pretrain", "train", "val", "id_test", "ood")
+SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32())])
+
+
+class DataError(UserError, ValueError):
+    """A shard set, image or image folder that cannot be used; the message names it."""
+
+
+@dataclass
+class Split:
+    name: str
+    role: str
+    class_names: list[str]
+    table: pa.Table
+    uri: str
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+
+def shard_file(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+# ---- validation of what a caller hands us ---------------------------------------------------
+
+def check_class_names(class_names: Any, where: str) -> list[str]:
+    if not isinstance(class_names, list) or not class_names:
+        raise DataError(f"{where}: class_names must be a non-empty list of strings")
+    if not all(isinstance(c, str) and c for c in class_names):
+        raise DataError(f"{where}: class_names must all be non-empty strings")
+    dupes = sorted({c for c in class_names if class_names.count(c) > 1})
+    if dupes:
+        raise DataError(f"{where}: duplicate class names {dupes}")
+    return list(class_names)
+
+
+def check_role(role: Any, where: str) -> str:
+    if role not in ROLES:
+        raise DataError(f"{where}: role {role!r} is not one of {list(ROLES)}")
+    return role
+
+
+def check_labels(labels: Sequence[int], num_classes: int, where: str) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise DataError(f"{where}: labels must be a flat sequence of integers")
+    bad = np.flatnonzero((arr < 0) | (arr >= num_classes))
+    if bad.size:
+        raise DataError(f"{where}: label {arr[bad[0]]} at row {bad[0]} is outside "
+                        f"[0, {num_classes}) ({num_classes} class names)")
+    return arr.astype(np.int32)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def _split_metadata(name: str, role: str, class_names: list[str]) -> dict[bytes, bytes]:
+    return {METADATA_KEY: json.dumps({"name": name, "role": role, "class_names": class_names}).encode()}
+
+
+def _shard_bytes(images: Sequence[bytes], labels: np.ndarray, metadata: dict[bytes, bytes], where: str) -> bytes:
+    for i, b in enumerate(images):
+        if not isinstance(b, (bytes, bytearray, memoryview)):
+            raise DataError(f"{where}: image {i} is {type(b).__name__}, expected encoded bytes")
+    table = pa.table({"image": pa.array([bytes(b) for b in images], pa.binary()),
+                      "label": pa.array(labels, pa.int32())}, schema=SCHEMA.with_metadata(metadata))
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _remove_split_files(uri: str) -> None:
+    # marker first: from this moment the old split reads as incomplete, never as half-new
+    storage.delete(storage.join(uri, MARKER))
+    for name in storage.listdir(uri):
+        if name.startswith("part-") and name.endswith(".parquet"):
+            storage.delete(storage.join(uri, name))
+
+
+def _remove_quietly(uris: list[str]) -> None:
+    # best effort: the error that got us here is the one the caller must see
+    for uri in uris:
+        with contextlib.suppress(Exception):
+            storage.delete(uri)
+
+
+def write_split(uri: str, images: Sequence[bytes], labels: Sequence[int], *, name: str, role: str,
+                class_names: list[str], rows_per_shard: int = 512) -> dict:
+    """Write a shard set (replacing any split at ``uri``); returns its dataset.json. On any
+    failure the parts written so far are removed and the error re-raised."""
+    class_names = check_class_names(class_names, uri)
+    check_role(role, uri)
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{uri}: name must be a non-empty string")
+    if not isinstance(rows_per_shard, int) or rows_per_shard <= 0:
+        raise DataError(f"{uri}: rows_per_shard must be a positive integer, got {rows_per_shard!r}")
+    if len(images) != len(labels):
+        raise DataError(f"{uri}: {len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise DataError(f"{uri}: refusing to write a split with no images")
+    label_arr = check_labels(labels, len(class_names), uri)
+
+    existed = storage.exists(uri)
+    _remove_split_files(uri)
+    metadata = _split_metadata(name, role, class_names)
+    written: list[str] = []
+    shards = []
+    try:
+        for index, start in enumerate(range(0, len(images), rows_per_shard)):
+            stop = min(start + rows_per_shard, len(images))
+            shard_uri = storage.join(uri, shard_file(index))
+            data = _shard_bytes(images[start:stop], label_arr[start:stop], metadata, shard_uri)
+            written.append(shard_uri)
+            storage.write_bytes(shard_uri, data)
+            shards.append({"file": shard_file(index), "num_rows": stop - start})
+        info = {"format": FORMAT, "name": name, "role": role, "class_names": class_names,
+                "num_rows": len(images), "shards": shards}
+        storage.write_json(storage.join(uri, MARKER), info)
+    except BaseException:
+        _remove_quietly(written + ([] if existed else [uri]))
+        raise
+    return info
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def _check_info(info: Any, where: str) -> dict:
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise DataError(f"{where}: not a {FORMAT} dataset.json")
+    missing = [k for k in ("name", "role", "class_names", "num_rows", "shards") if k not in info]
+    if missing:
+        raise DataError(f"{where}: missing fields {missing}")
+    check_class_names(info["class_names"], where)
+    check_role(info["role"], where)
+    shards = info["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise DataError(f"{where}: 'shards' must be a non-empty list")
+    for s in shards:
+        ok = isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("num_rows"), int)
+        # a shard is a plain file name next to dataset.json, never a path elsewhere
+        if not ok or posixpath.basename(s["file"]) != s["file"] or s["file"] in ("", ".", ".."):
+            raise DataError(f"{where}: bad shard entry {s!r}")
+    if sum(s["num_rows"] for s in shards) != info["num_rows"]:
+        raise DataError(f"{where}: num_rows {info['num_rows']} is not the sum of its shards' rows")
+    return info
+
+
+def split_info(uri: str) -> dict:
+    """The split's dataset.json, checked. A split without one is incomplete and refused."""
+    marker = storage.join(uri, MARKER)
+    if not storage.exists(marker):
+        raise DataError(f"{uri} is not a complete shard set (no {MARKER})")
+    try:
+        info = storage.read_json(marker)
+    except storage.StorageError as e:
+        raise DataError(f"{marker}: unreadable: {e}") from e
+    return _check_info(info, marker)
+
+
+def shard_uris(uri: str) -> list[str]:
+    """Full URIs of the split's parquet files, in order (for Ray Data's read_parquet)."""
+    return [storage.join(uri, s["file"]) for s in split_info(uri)["shards"]]
+
+
+def _read_shard(shard_uri: str, want_rows: int, class_names: list[str]) -> pa.Table:
+    try:
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(shard_uri)))
+    except Exception as e:  # pyarrow and storage raise several types; one message naming the shard
+        raise DataError(f"shard {shard_uri} is unreadable: {e}") from e
+    meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    if "class_names" in meta and meta["class_names"] != class_names:
+        raise DataError(f"shard {shard_uri} belongs to a split with other class names")
+    try:
+        table = table.select(["image", "label"]).cast(SCHEMA)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise DataError(f"shard {shard_uri} does not have columns image: binary, label: int32 "
+                        f"(has {table.schema.to_string(show_schema_metadata=False)!r})") from e
+    if table.num_rows != want_rows:
+        raise DataError(f"shard {shard_uri} has {table.num_rows} rows, dataset.json says {want_rows}")
+    if table.column("image").null_count or table.column("label").null_count:
+        raise DataError(f"shard {shard_uri} has missing images or labels")
+    labels = table.column("label").to_numpy()
+    bad = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
+    if bad.size:
+        raise DataError(f"shard {shard_uri}: label {labels[bad[0]]} at row {bad[0]} is outside "
+                        f"[0, {len(class_names)})")
+    return table
+
+
+def read_split(uri: str) -> Split:
+    """Read every shard listed in dataset.json into one table; each shard is checked."""
+    info = split_info(uri)
+    tables = [_read_shard(storage.join(uri, s["file"]), s["num_rows"], info["class_names"])
+              for s in info["shards"]]
+    return Split(name=info["name"], role=info["role"], class_names=list(info["class_names"]),
+                 table=pa.concat_tables(tables), uri=uri)
+
+
+# ---- images ----------------------------------------------------------------------------------
+
+def decode_image(data: bytes, source: str = "image"):
+    """Encoded bytes -> RGB PIL image, fully decoded (so truncation is caught here)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad bytes; one message naming the source
+        raise DataError(f"{source}: cannot decode image: {e}") from e
+
+
+def encode_png(image) -> bytes:
+    """A PIL image or a uint8 array (H, W) / (H, W, 3) -> PNG bytes."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))):
+            raise DataError(f"encode_png: expected a uint8 (H, W) or (H, W, 3) array, "
+                            f"got {arr.dtype} {arr.shape}")
+        image = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+    sink = io.BytesIO()
+    image.save(sink, format="PNG")
+    return sink.getvalue()
+
+
+def decode_split(split: Split, transform: Callable) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Decode a (small) split once: images (N, C, H, W) float after ``transform``, labels int64."""
+    import torch
+
+    if split.num_rows == 0:
+        raise DataError(f"{split.uri}: split has no rows")
+    images = [transform(decode_image(b, source=f"{split.uri} row {i}"))
+              for i, b in enumerate(split.table.column("image").to_pylist())]
+    labels = torch.from_numpy(split.table.column("label").to_numpy().astype(np.int64))
+    return torch.stack(images).float(), labels
