@@ -1,0 +1,427 @@
+"""The fast mixture evaluator: score many mixtures (beta matrices) on one resident val split.
+
+All ingredients are stacked once into a ``[K, n_params]`` matrix on the device, laid out by
+component so each component is one contiguous column range. The one resident model's
+parameters are views into a flat buffer with the same layout, so fusing a mixture is one
+matrix-vector product per component written straight into the model:
+
+    flat[slice_c] = beta[:, c] @ W[:, slice_c]
+
+followed by a forward pass over preprocessed images that already sit on the device.
+No Ray here: the Ray actor wraps this class. See docs/evaluator.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# elements of a low-precision weight block upcast to float32 at a time (64 MiB of float32)
+UPCAST_BLOCK_ELEMENTS = 1 << 24
+GIB = 1 << 30
+# a column of beta may miss 1 by this much (float64 products of lambdas are exact to ~1e-15);
+# the same tolerance as pipeline.soup.mixture, so what the soup accepts is what is scored
+COLUMN_SUM_TOLERANCE = 1e-9
+
+
+class EvaluatorInputError(UserError, ValueError):
+    """Ingredients, components, val tensors or a mixture that do not fit the model."""
+
+
+class EvaluatorMemoryError(UserError, MemoryError):
+    """The stacked ingredients and val tensors would not fit the device's memory."""
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each mixed tensor lives in the flat buffer, ordered component by component."""
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    offsets: tuple[int, ...]
+    component_names: tuple[str, ...]
+    component_slices: tuple[tuple[int, int], ...]
+    n_params: int  # elements in the flat buffer (parameters + mixed buffers)
+
+
+def mixable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters, then floating buffers (BatchNorm statistics): what a component may name."""
+    tensors = dict(model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if b.is_floating_point())
+    return tensors
+
+
+def _component_tensors(comp) -> tuple[str, ...]:
+    # components.Component may list floating buffers to mix alongside its parameters
+    return tuple(comp.params) + tuple(getattr(comp, "buffers", ()))
+
+
+def flat_layout(model: torch.nn.Module, components: Sequence) -> FlatLayout:
+    """Lay the mixed tensors out by component: every parameter in exactly one component, floating
+    buffers where a component lists them (the others stay the model's own)."""
+    tensors = mixable_tensors(model)
+    params = {n for n, _ in model.named_parameters()}
+    if not params:
+        raise EvaluatorInputError("the model has no parameters to mix")
+    owner: dict[str, str] = {}
+    names, shapes, offsets, slices = [], [], [], []
+    offset = 0
+    for comp in components:
+        start = offset
+        for name in _component_tensors(comp):
+            if name not in tensors:
+                raise EvaluatorInputError(f"component {comp.name!r} names {name!r}, which is not a parameter "
+                                          "or floating buffer of the model")
+            if name in owner:
+                raise EvaluatorInputError(f"tensor {name!r} is in components {owner[name]!r} and {comp.name!r}")
+            owner[name] = comp.name
+            names.append(name)
+            shapes.append(tensors[name].shape)
+            offsets.append(offset)
+            offset += tensors[name].numel()
+        slices.append((start, offset))
+    missing = [n for n in params if n not in owner]
+    if missing:
+        raise EvaluatorInputError(f"{len(missing)} parameters are in no component: {', '.join(missing[:5])}"
+                                  + (", ..." if len(missing) > 5 else ""))
+    return FlatLayout(tuple(names), tuple(shapes), tuple(offsets),
+                      tuple(c.name for c in components), tuple(slices), offset)
+
+
+def common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise EvaluatorInputError(
+            f"the model's mixed tensors must share one floating dtype, found {sorted(map(str, dtypes))}")
+    return dtypes.pop()
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+def ingredient_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise EvaluatorInputError(f"ingredient dtype {dtype!r} is not one of {list(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def required_bytes(n_ingredients: int, n_params: int, dtype: str | torch.dtype,
+                   images: torch.Tensor | None) -> int:
+    """Device memory the evaluator holds: the ingredient matrix, one float32 fused model, the
+    images, and (low precision only) the float32 block that fusion upcasts into.
+    Forward-pass activations are not counted: leave headroom for them."""
+    dt = ingredient_dtype(dtype)
+    element = torch.empty((), dtype=dt).element_size()
+    upcast = UPCAST_BLOCK_ELEMENTS * 4 if dt != torch.float32 else 0
+    image_bytes = 0 if images is None else images.numel() * images.element_size()
+    return n_ingredients * n_params * element + n_params * 4 + upcast + image_bytes
+
+
+def _cgroup_available() -> int | None:
+    """Memory left under a cgroup v2 limit (containers, Ray on Kubernetes); None if unlimited."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else int(limit) - used
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cgroup = _cgroup_available()
+    return available if cgroup is None else min(available, cgroup)
+
+
+def available_bytes(device: str | torch.device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _host_available()
+
+
+def check_fits(required: int, device: str | torch.device, limit_gb: float | None = None, *,
+               detail: str = "the request") -> None:
+    """Refuse before allocating anything when ``required`` bytes exceed what the device has
+    free (or ``limit_gb`` GiB, when given)."""
+    available = int(limit_gb * GIB) if limit_gb is not None else available_bytes(device)
+    if required <= available:
+        return
+    have = (f"over the limit of {available / GIB:.3g} GiB (memory_limit_gb)" if limit_gb is not None
+            else f"but {torch.device(device)} has {available / GIB:.3g} GiB available")
+    raise EvaluatorMemoryError(
+        f"mixture evaluator does not fit: {detail} needs {required / GIB:.3g} GiB, {have}; "
+        "use fewer ingredients, ingredient_dtype bfloat16, a smaller val split or a bigger device")
+
+
+# ---- ingredients ----------------------------------------------------------------------------
+
+def _check_ingredient(index: int, state: Mapping, layout: FlatLayout, known_keys: set[str]) -> None:
+    if not isinstance(state, Mapping):
+        raise EvaluatorInputError(f"ingredient {index} is a {type(state).__name__}, not a state dict")
+    for name, shape in zip(layout.names, layout.shapes):
+        if name not in state:
+            raise EvaluatorInputError(f"ingredient {index}: missing tensor {name!r}")
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise EvaluatorInputError(f"ingredient {index}: {name!r} is not a floating-point tensor")
+        if tensor.shape != shape:
+            raise EvaluatorInputError(f"ingredient {index}: {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"the model's is {tuple(shape)}")
+    unknown = [k for k in state if k not in known_keys]
+    if unknown:
+        raise EvaluatorInputError(f"ingredient {index}: key {unknown[0]!r} is not in the model's state dict")
+
+
+def _first_non_finite(index: int, row: torch.Tensor, layout: FlatLayout) -> str:
+    for name, offset, shape in zip(layout.names, layout.offsets, layout.shapes):
+        if not torch.isfinite(row[offset:offset + shape.numel()]).all():
+            return f"ingredient {index}: {name!r} holds NaN or inf"
+    return f"ingredient {index} holds NaN or inf"
+
+
+def stack_ingredients(ingredients: Sequence[Mapping[str, torch.Tensor]], layout: FlatLayout,
+                      known_keys: set[str], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``[K, n_params]`` ingredient matrix, each row in the layout's order. Each ingredient
+    is read once, so a lazily loading Sequence keeps only one state dict in host memory."""
+    weights = torch.empty((len(ingredients), layout.n_params), dtype=dtype, device=device)
+    for j, state in enumerate(ingredients):
+        _check_ingredient(j, state, layout, known_keys)
+        row = weights[j]
+        for name, offset, shape in zip(layout.names, layout.offsets, layout.shapes):
+            row[offset:offset + shape.numel()].copy_(state[name].reshape(-1))
+        # a NaN would poison every mixture that touches this ingredient (0 * NaN = NaN)
+        if not torch.isfinite(row).all():
+            raise EvaluatorInputError(_first_non_finite(j, row, layout))
+    return weights
+
+
+# ---- fusion ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def ieee_float32_matmul(device: torch.device):
+    """TF32 would round the weights, so one-hot mixtures would no longer be bit-exact."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
+def mix_into(out: torch.Tensor, weights: torch.Tensor, coeffs: torch.Tensor) -> None:
+    """out = coeffs @ weights for weights [K, n] and float32 coeffs [K], accumulated in float32.
+    A one-hot coeffs gives its row bit for bit: every other term is an exact 0 * w."""
+    if weights.dtype == torch.float32 and out.dtype == torch.float32:
+        torch.mv(weights.T, coeffs, out=out)
+        return
+    # low-precision weights: upcast a bounded block so coeffs (and the sum) stay float32
+    step = max(1, UPCAST_BLOCK_ELEMENTS // weights.shape[0])
+    for start in range(0, weights.shape[1], step):
+        block = weights[:, start:start + step].float()
+        target = out[start:start + step]
+        if target.dtype == torch.float32:
+            torch.mv(block.T, coeffs, out=target)
+        else:
+            target.copy_(torch.mv(block.T, coeffs))
+
+
+def fuse_into(flat: torch.Tensor, weights: torch.Tensor, beta_t: torch.Tensor,
+              slices: Sequence[tuple[int, int]]) -> None:
+    """Write the mixture ``beta_t`` ([C, K], row c = beta[:, c]) into the flat buffer."""
+    with torch.no_grad(), ieee_float32_matmul(flat.device):
+        for c, (start, stop) in enumerate(slices):
+            if stop > start:
+                mix_into(flat[start:stop], weights[:, start:stop], beta_t[c])
+
+
+def check_mixture(beta, index: int, shape: tuple[int, int], component_names: Sequence[str]) -> np.ndarray:
+    beta = np.asarray(beta, dtype=np.float64)
+    if beta.shape != shape:
+        raise EvaluatorInputError(f"mixture {index}: shape {beta.shape}, expected {shape} = (ingredients, components)")
+    if not np.isfinite(beta).all() or (beta < 0).any():
+        raise EvaluatorInputError(f"mixture {index}: entries must be finite and >= 0")
+    sums = beta.sum(axis=0)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > COLUMN_SUM_TOLERANCE)
+    if bad.size:
+        c = int(bad[0])
+        raise EvaluatorInputError(f"mixture {index}: column {c} ({component_names[c]!r}) sums to {sums[c]:.9g}, not 1")
+    return beta
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+def scoring_mask(class_mask: torch.Tensor | None, class_map: torch.Tensor | None) -> torch.Tensor | None:
+    """Model classes allowed to win the argmax. A class mapped to -1 is not in the dataset, so
+    (like model soups' logit projection for ObjectNet) it cannot be predicted either."""
+    if class_mask is not None and class_mask.dtype != torch.bool:
+        raise EvaluatorInputError(f"class_mask must be a bool tensor, got {class_mask.dtype}")
+    if class_map is not None and (class_map.dtype not in (torch.int32, torch.int64) or (class_map < -1).any()):
+        raise EvaluatorInputError("class_map must be an integer tensor of dataset class indices or -1")
+    if class_mask is not None and class_map is not None and class_mask.shape != class_map.shape:
+        raise EvaluatorInputError(
+            f"class_mask {tuple(class_mask.shape)} and class_map {tuple(class_map.shape)} differ in length")
+    mask = class_mask
+    if class_map is not None:
+        mask = class_map >= 0 if mask is None else mask & (class_map >= 0)
+    if mask is not None and (mask.dim() != 1 or not mask.any()):
+        raise EvaluatorInputError("class_mask/class_map must be 1-D and allow at least one class")
+    return mask
+
+
+def predictions(logits: torch.Tensor, mask: torch.Tensor | None, class_map: torch.Tensor | None) -> torch.Tensor:
+    if mask is not None:
+        if logits.dim() != 2 or logits.shape[1] != mask.shape[0]:
+            raise EvaluatorInputError(f"the model gives {tuple(logits.shape)} logits but class_mask/class_map "
+                                      f"has {mask.shape[0]} classes")
+        logits = logits.masked_fill(~mask, float("-inf"))
+    predicted = logits.argmax(dim=1)
+    return predicted if class_map is None else class_map[predicted]
+
+
+def _check_val_tensors(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() < 1 or images.shape[0] == 0:
+        raise EvaluatorInputError("images must be a non-empty tensor [N, ...]")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],) or labels.is_floating_point():
+        raise EvaluatorInputError(f"labels must be an integer tensor of shape ({images.shape[0]},), "
+                                  f"got {getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---- the evaluator --------------------------------------------------------------------------
+
+class MixtureEvaluator:
+    """``evaluate(list of beta [K, C]) -> list of val accuracies`` on one resident model.
+
+    The evaluator owns ``model``: its parameters (and the floating buffers a component lists)
+    become views into the evaluator's flat buffer; do not move or cast the model afterwards.
+    Buffers no component lists stay the model's own.
+    """
+
+    def __init__(self, model: torch.nn.Module, ingredients: Sequence[Mapping[str, torch.Tensor]],
+                 components: Sequence, images: torch.Tensor, labels: torch.Tensor, *,
+                 dtype: str = "float32", device: str | torch.device | None = None,
+                 batch_size: int = 256, class_mask: torch.Tensor | None = None,
+                 class_map: torch.Tensor | None = None, threads: int | None = None,
+                 memory_limit_gb: float | None = None):
+        if threads is not None:
+            # pinned so results do not depend on how many evaluators share a node
+            torch.set_num_threads(int(threads))
+        if batch_size <= 0:
+            raise EvaluatorInputError(f"batch_size must be > 0, got {batch_size}")
+        if len(ingredients) == 0:
+            raise EvaluatorInputError("no ingredients to mix")
+        self.device = _resolve_device(device)
+        self.dtype = ingredient_dtype(dtype)
+        self.batch_size = batch_size
+        self.layout = flat_layout(model, components)
+        tensors = mixable_tensors(model)
+        flat_dtype = common_dtype([tensors[name] for name in self.layout.names])
+        _check_val_tensors(images, labels)
+        mask = scoring_mask(class_mask, class_map)
+
+        k, n = len(ingredients), self.layout.n_params
+        detail = (f"{k} ingredients x {n:,} params in {str(self.dtype).removeprefix('torch.')} "
+                  f"+ {images.shape[0]:,} images")
+        check_fits(required_bytes(k, n, self.dtype, images), self.device, memory_limit_gb, detail=detail)
+
+        known_keys = set(model.state_dict().keys())
+        self.weights = stack_ingredients(ingredients, self.layout, known_keys, self.dtype, self.device)
+        self.flat = self._adopt_tensors(model, flat_dtype)
+        self.model = model
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.long)
+        self.mask = None if mask is None else mask.to(self.device)
+        self.class_map = None if class_map is None else class_map.to(self.device, torch.long)
+
+    # -- public API --
+
+    @property
+    def n_ingredients(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        return self.layout.component_names
+
+    @property
+    def beta_shape(self) -> tuple[int, int]:
+        return (self.n_ingredients, len(self.layout.component_slices))
+
+    def evaluate(self, betas: Sequence[np.ndarray]) -> list[float]:
+        """Val accuracy of each mixture, in order. Every mixture is checked before any is run."""
+        checked = [check_mixture(b, i, self.beta_shape, self.component_names) for i, b in enumerate(betas)]
+        accuracies = []
+        for beta in checked:
+            self._fuse(beta)
+            accuracies.append(self.forward_accuracy())
+        return accuracies
+
+    __call__ = evaluate
+
+    def fused_state_dict(self, beta: np.ndarray) -> dict[str, torch.Tensor]:
+        """The model's full state dict (fused tensors + its other buffers) for ``beta``, on the CPU.
+        Leaves the resident model holding this mixture."""
+        self._fuse(check_mixture(beta, 0, self.beta_shape, self.component_names))
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def forward_accuracy(self) -> float:
+        """Val accuracy of the weights the resident model holds now (no fusing)."""
+        self.model.eval()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                                  enabled=self.device.type == "cuda" and self.dtype == torch.bfloat16)
+        n = self.images.shape[0]
+        with torch.inference_mode(), autocast:
+            correct = torch.zeros((), dtype=torch.long, device=self.device)
+            for start in range(0, n, self.batch_size):
+                logits = self.model(self.images[start:start + self.batch_size])
+                predicted = predictions(logits, self.mask, self.class_map)
+                correct += (predicted == self.labels[start:start + self.batch_size]).sum()
+            # one device sync per evaluation, not per batch
+            return correct.item() / n
+
+    # -- internals --
+
+    def _fuse(self, beta: np.ndarray) -> None:
+        beta_t = torch.as_tensor(beta.T, dtype=torch.float32).contiguous().to(self.device)
+        fuse_into(self.flat, self.weights, beta_t, self.layout.component_slices)
+
+    def _adopt_tensors(self, model: torch.nn.Module, flat_dtype: torch.dtype) -> torch.Tensor:
+        """Re-point every mixed tensor at its slice of one flat buffer (starting from the model's
+        current values), so writing the buffer writes the model in place."""
+        flat = torch.empty(self.layout.n_params, dtype=flat_dtype, device=self.device)
+        tensors = mixable_tensors(model)
+        with torch.no_grad():
+            for name, offset, shape in zip(self.layout.names, self.layout.offsets, self.layout.shapes):
+                view = flat[offset:offset + shape.numel()].view(shape)
+                view.copy_(tensors[name])
+                tensors[name].data = view
+        model.to(self.device)  # the other buffers; mixed tensors are already there
+        for name, offset, shape in zip(self.layout.names, self.layout.offsets, self.layout.shapes):
+            if shape.numel() and tensors[name].data_ptr() != flat[offset:].data_ptr():
+                raise RuntimeError(f"{name!r} no longer views the evaluator's buffer after model.to()")
+        return flat

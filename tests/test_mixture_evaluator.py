@@ -1,0 +1,371 @@
+"""The fast mixture evaluator against plain fusion (pipeline.soup.mixture.fuse, then
+load_state_dict into a fresh model and run it).
+
+Tiny open_clip classifiers (random init, no download): a ViT, and a ModifiedResNet whose
+BatchNorm statistics are mixed too. Ingredients are random perturbations of the model; labels
+are partly one ingredient's own predictions, so ingredients and mixtures score differently."""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+open_clip = pytest.importorskip("open_clip")
+
+from pipeline.evaluate.mixture import (  # noqa: E402
+    EvaluatorInputError,
+    EvaluatorMemoryError,
+    MixtureEvaluator,
+    check_fits,
+    required_bytes,
+)
+from pipeline.model.classifier import Classifier  # noqa: E402
+from pipeline.model.components import Component, components  # noqa: E402
+from pipeline.soup.mixture import fuse, one_hot, uniform  # noqa: E402
+
+torch.set_num_threads(1)
+N_CLASSES = 10
+N_IMAGES = 100
+BATCH = 32  # 100 images: three full batches and a remainder
+TEXT_CFG = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
+VISION_CFGS = {
+    "vit": dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0),
+    "resnet": dict(image_size=32, layers=(1, 1, 1, 1), width=8, head_width=8),
+}
+
+
+class World(NamedTuple):
+    base: Classifier
+    ingredients: list[dict]
+    components: list[Component]
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def tiny_classifier(arch: str) -> Classifier:
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(embed_dim=16, vision_cfg=VISION_CFGS[arch], text_cfg=TEXT_CFG)
+    return Classifier(clip.visual, torch.nn.Linear(16, N_CLASSES)).eval()
+
+
+def perturbed(state: dict, seed: int, scale: float) -> dict:
+    """Parameters and running means move additively, running variances multiplicatively (they
+    must stay positive); integer buffers stay as they are."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, v in state.items():
+        if not v.is_floating_point():
+            out[key] = v.clone()
+        elif key.endswith("running_var"):
+            out[key] = v * torch.exp(scale * torch.randn(v.shape, generator=gen))
+        else:
+            spread = v.std().item() if v.numel() > 1 and v.std() > 0 else 1.0
+            out[key] = v + scale * spread * torch.randn(v.shape, generator=gen)
+    return out
+
+
+def make_world(arch: str, level: int) -> World:
+    base = tiny_classifier(arch)
+    ingredients = [perturbed(base.state_dict(), seed, 0.3) for seed in range(1, 5)]
+    size = VISION_CFGS[arch]["image_size"]
+    gen = torch.Generator().manual_seed(7)
+    images = torch.randn(N_IMAGES, 3, size, size, generator=gen)
+    # two thirds agree with ingredient 0, the rest are random: ingredients score differently
+    teacher = copy.deepcopy(base)
+    teacher.load_state_dict(ingredients[0])
+    with torch.no_grad():
+        labels = teacher(images).argmax(1)
+    n_random = N_IMAGES - N_IMAGES * 2 // 3
+    labels[-n_random:] = torch.randint(0, N_CLASSES, (n_random,), generator=gen)
+    return World(base, ingredients, components(base, level), images, labels)
+
+
+def plain_accuracy(base: torch.nn.Module, state: dict, images, labels, class_mask=None) -> float:
+    """The slow way: a fresh copy of the model, load_state_dict, forward in the same batches."""
+    model = copy.deepcopy(base)
+    model.load_state_dict(state)
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(images), BATCH):
+            logits = model(images[s:s + BATCH])
+            if class_mask is not None:
+                logits[:, ~class_mask] = float("-inf")
+            correct += (logits.argmax(1) == labels[s:s + BATCH]).sum().item()
+    return correct / len(images)
+
+
+def random_mixture(k: int, c: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).dirichlet(np.ones(k), size=c).T
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return make_world("vit", level=1)  # stem / transformer / head
+
+
+@pytest.fixture(scope="module", params=["vit", "resnet"])
+def any_world(request) -> World:
+    return make_world(request.param, level=2)  # stem / one per block / head
+
+
+def make_evaluator(world: World, **kw) -> MixtureEvaluator:
+    kw.setdefault("batch_size", BATCH)
+    return MixtureEvaluator(copy.deepcopy(world.base), world.ingredients, world.components,
+                            world.images, world.labels, device="cpu", threads=1, **kw)
+
+
+def test_one_hot_is_bit_exact_and_scores_like_a_plain_load(any_world):
+    w = any_world
+    ev = make_evaluator(w)
+    k, c = ev.beta_shape
+    assert (k, c) == (4, len(w.components))
+    accuracies = ev.evaluate([one_hot(k, c, j) for j in range(k)])
+    for j, ingredient in enumerate(w.ingredients):
+        fused = ev.fused_state_dict(one_hot(k, c, j))
+        assert fused.keys() == ingredient.keys()
+        for key in ingredient:
+            assert torch.equal(fused[key], ingredient[key]), (j, key)
+        assert accuracies[j] == plain_accuracy(w.base, ingredient, w.images, w.labels)
+    assert len(set(accuracies)) > 1, "ingredients must score differently for this test to mean anything"
+
+
+def test_uniform_mixture_is_the_average_state_dict(any_world):
+    w = any_world
+    ev = make_evaluator(w)
+    fused = ev.fused_state_dict(uniform(*ev.beta_shape))
+    for key, ref in w.ingredients[0].items():
+        if ref.is_floating_point():
+            average = torch.stack([ing[key] for ing in w.ingredients]).mean(0)
+            torch.testing.assert_close(fused[key], average, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(fused[key], w.base.state_dict()[key])
+
+
+def test_per_component_mixture_scores_like_plain_fusion(any_world):
+    w = any_world
+    ev = make_evaluator(w)
+    betas = [random_mixture(*ev.beta_shape, seed) for seed in range(3)]
+    accuracies = ev.evaluate(betas)
+    for beta, accuracy in zip(betas, accuracies):
+        plain = fuse(w.ingredients, beta, w.components)
+        fused = ev.fused_state_dict(beta)
+        for key in plain:
+            torch.testing.assert_close(fused[key], plain[key], rtol=1e-6, atol=1e-6)
+        assert accuracy == plain_accuracy(w.base, plain, w.images, w.labels)
+
+
+def test_components_mix_independently(world):
+    ev = make_evaluator(world)
+    k, c = ev.beta_shape
+    beta = one_hot(k, c, 1)
+    beta[:, 1] = [0.0, 0.0, 0.0, 1.0]  # the transformer comes from ingredient 3, the rest from 1
+    fused = ev.fused_state_dict(beta)
+    assert world.components[1].name == "transformer"
+    for key in world.ingredients[0]:
+        source = 3 if key in world.components[1].params else 1
+        assert torch.equal(fused[key], world.ingredients[source][key]), key
+
+
+def test_bfloat16_ingredients(any_world):
+    w = any_world
+    ev = make_evaluator(w, dtype="bfloat16")
+    k, c = ev.beta_shape
+    for j in (0, 2):
+        fused = ev.fused_state_dict(one_hot(k, c, j))
+        rounded = {key: v.to(torch.bfloat16).float() if v.is_floating_point() else v
+                   for key, v in w.ingredients[j].items()}
+        for key in rounded:
+            assert torch.equal(fused[key], rounded[key]), (j, key)
+        assert ev.evaluate([one_hot(k, c, j)]) == [plain_accuracy(w.base, rounded, w.images, w.labels)]
+    beta = random_mixture(k, c, 11)
+    fused = ev.fused_state_dict(beta)
+    # the weights are rounded to bfloat16, the mixture itself is summed in float32
+    rounded = [{key: v.to(torch.bfloat16).to(v.dtype) for key, v in ing.items()} for ing in w.ingredients]
+    of_rounded = fuse(rounded, beta, w.components)
+    of_float32 = fuse(w.ingredients, beta, w.components)
+    for key in of_rounded:
+        torch.testing.assert_close(fused[key], of_rounded[key], rtol=1e-6, atol=1e-6)
+        scale = max(ing[key].abs().max().item() for ing in w.ingredients) if of_float32[key].numel() else 0.0
+        assert (fused[key].double() - of_float32[key].double()).abs().max() <= 2 ** -8 * scale, key
+    assert ev.evaluate([beta]) == [plain_accuracy(w.base, fused, w.images, w.labels)]
+
+
+def test_memory_check_numbers():
+    # 72 ViT-B/32 ingredients (~88M params) in float32: ~25 GB, as the brief says
+    fp32 = required_bytes(72, 88_000_000, "float32", None)
+    assert 25.3e9 < fp32 < 25.8e9
+    bf16 = required_bytes(72, 88_000_000, "bfloat16", None)
+    assert bf16 < 0.55 * fp32
+    images = torch.empty(26_000, 3, 224, 224, device="meta")  # sized, never allocated
+    assert required_bytes(72, 88_000_000, "float32", images) == fp32 + images.numel() * 4
+    with pytest.raises(EvaluatorMemoryError, match=r"needs 23\.9 GiB, over the limit of 8 GiB"):
+        check_fits(fp32, "cpu", limit_gb=8)
+    with pytest.raises(EvaluatorMemoryError, match="available"):
+        check_fits(1 << 62, "cpu")
+    check_fits(1 << 20, "cpu")  # a megabyte fits anywhere
+    with pytest.raises(EvaluatorInputError, match="float16"):
+        required_bytes(1, 1, "float16", None)
+
+
+def test_evaluator_refuses_an_oversize_request_before_touching_the_model(world):
+    base, ingredients, components, images, labels = world
+    model = copy.deepcopy(base)
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    n_params = sum(p.numel() for p in model.parameters())
+    with pytest.raises(EvaluatorMemoryError) as err:
+        MixtureEvaluator(model, ingredients, components, images, labels, device="cpu", memory_limit_gb=1e-4)
+    message = str(err.value)
+    assert f"4 ingredients x {n_params:,} params in float32" in message
+    assert "GiB" in message and "limit" in message
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == before
+    assert isinstance(err.value, MemoryError)
+
+
+@pytest.mark.parametrize("break_it, words", [
+    (lambda sd: sd.pop("head.bias"), ["ingredient 2", "missing", "'head.bias'"]),
+    (lambda sd: sd.__setitem__("head.weight", torch.zeros(3, 16)), ["ingredient 2", "'head.weight'", "(3, 16)"]),
+    (lambda sd: sd.__setitem__("head.extra", torch.zeros(1)), ["ingredient 2", "'head.extra'"]),
+    (lambda sd: sd["visual.ln_post.bias"].__setitem__(0, float("nan")),
+     ["ingredient 2", "'visual.ln_post.bias'", "NaN"]),
+])
+def test_mismatched_ingredient_is_refused(world, break_it, words):
+    base, ingredients, components, images, labels = world
+    bad = [dict(sd) for sd in ingredients]
+    bad[2] = {k: v.clone() for k, v in bad[2].items()}
+    break_it(bad[2])
+    with pytest.raises(ValueError) as err:
+        MixtureEvaluator(copy.deepcopy(base), bad, components, images, labels, device="cpu")
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_components_must_cover_every_parameter_once(world):
+    base, ingredients, components, images, labels = world
+
+    def build(comps):
+        return MixtureEvaluator(copy.deepcopy(base), ingredients, comps, images, labels, device="cpu")
+
+    with pytest.raises(EvaluatorInputError, match="no component"):
+        build(components[:2])
+    with pytest.raises(EvaluatorInputError, match="'head.bias' is in components 'head' and 'again'"):
+        build(components + [Component("again", ("head.bias",))])
+    with pytest.raises(EvaluatorInputError, match="'nope'"):
+        build(components + [Component("typo", ("nope",))])
+
+
+def test_bad_mixtures_are_refused_before_any_is_run(world):
+    ev = make_evaluator(world)
+    k, c = ev.beta_shape
+    good = np.full((k, c), 1.0 / k)
+    not_summing = good.copy()
+    not_summing[0, 2] += 0.1
+    negative = good.copy()
+    negative[0, 0], negative[1, 0] = -0.25, good[1, 0] + 0.5
+    with pytest.raises(EvaluatorInputError, match=r"mixture 1: shape \(3, 3\)"):
+        ev.evaluate([good, np.full((3, c), 1 / 3)])
+    with pytest.raises(EvaluatorInputError, match="mixture 1: column 2 \\('head'\\) sums to 1.1"):
+        ev.evaluate([good, not_summing])
+    with pytest.raises(EvaluatorInputError, match=">= 0"):
+        ev.evaluate([negative])
+
+
+def test_repeated_evaluation_is_deterministic(world):
+    ev = make_evaluator(world)
+    a, b = random_mixture(*ev.beta_shape, 1), random_mixture(*ev.beta_shape, 2)
+    first = ev.fused_state_dict(a)
+    results = ev([a, b, a])
+    assert results[0] == results[2]
+    assert ev.evaluate([b]) == [results[1]]
+    again = ev.fused_state_dict(a)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_forward_accuracy_scores_the_resident_weights(world):
+    base, ingredients, _, images, labels = world
+    ev = make_evaluator(world)
+    assert ev.forward_accuracy() == plain_accuracy(base, base.state_dict(), images, labels)
+    k, c = ev.beta_shape
+    [acc] = ev.evaluate([one_hot(k, c, 3)])
+    assert ev.forward_accuracy() == acc == plain_accuracy(base, ingredients[3], images, labels)
+
+
+def test_class_mask_scores_only_the_subset(world):
+    base, ingredients, _, images, labels = world
+    mask = torch.zeros(N_CLASSES, dtype=torch.bool)
+    mask[[0, 2, 3, 5, 7, 8]] = True
+    ev = make_evaluator(world, class_mask=mask)
+    k, c = ev.beta_shape
+    masked = ev.evaluate([one_hot(k, c, j) for j in range(k)])
+    unmasked = make_evaluator(world).evaluate([one_hot(k, c, j) for j in range(k)])
+    assert masked == [plain_accuracy(base, ing, images, labels, class_mask=mask) for ing in ingredients]
+    assert masked != unmasked
+
+
+def test_class_map_scores_like_a_projection_of_logits(world):
+    """ObjectNet style: 4 dataset classes, each the union of some model classes; model classes
+    4 and 9 are not in the dataset. Reference: model soups' projection (max logit per dataset
+    class, then argmax over dataset classes)."""
+    base, ingredients, _, images, labels = world
+    class_map = torch.tensor([0, 0, 1, 2, -1, 1, 3, 3, 2, -1])
+    dataset_labels = class_map[labels].clamp(min=0)  # images of unmapped classes get label 0
+    world_mapped = world._replace(labels=dataset_labels)
+    ev = make_evaluator(world_mapped, class_map=class_map)
+    k, c = ev.beta_shape
+    got = ev.evaluate([one_hot(k, c, j) for j in range(k)])
+    for j, ingredient in enumerate(ingredients):
+        model = copy.deepcopy(base)
+        model.load_state_dict(ingredient)
+        with torch.no_grad():
+            logits = model(images)
+        projected = torch.stack([logits[:, class_map == d].max(1).values for d in range(4)], dim=1)
+        expected = (projected.argmax(1) == dataset_labels).sum().item() / N_IMAGES
+        assert got[j] == expected
+
+
+def test_scoring_options_are_checked(world):
+    with pytest.raises(EvaluatorInputError, match="bool"):
+        make_evaluator(world, class_mask=torch.ones(N_CLASSES))
+    with pytest.raises(EvaluatorInputError, match="3 classes"):
+        make_evaluator(world, class_mask=torch.ones(3, dtype=torch.bool)).forward_accuracy()
+    with pytest.raises(EvaluatorInputError, match="labels"):
+        base, ingredients, components, images, labels = world
+        MixtureEvaluator(copy.deepcopy(base), ingredients, components, images, labels[:5], device="cpu")
+
+
+@pytest.mark.parametrize("mix_statistics", [False, True])
+def test_any_module_and_its_buffers(mix_statistics):
+    """A plain Sequential with BatchNorm. Running statistics a component lists are mixed like
+    parameters; those no component lists stay the resident model's, whatever the ingredients
+    carry."""
+    torch.manual_seed(3)
+    base = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.BatchNorm1d(8),
+                               torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    with torch.no_grad():
+        base[2].running_mean.uniform_(-1, 1)
+        base[2].running_var.uniform_(0.5, 2)
+    base.eval()
+    statistics = ("2.running_mean", "2.running_var") if mix_statistics else ()
+    comps = [Component("first", ("1.weight", "1.bias", "2.weight", "2.bias"), statistics),
+             Component("last", ("4.weight", "4.bias"))]
+    ingredients = [perturbed(base.state_dict(), s, 0.5) for s in range(3)]
+    images = torch.randn(40, 3, 4)
+    labels = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(0))
+    ev = MixtureEvaluator(copy.deepcopy(base), ingredients, comps, images, labels,
+                          device="cpu", batch_size=16, threads=1)
+    mixed = {n for c in comps for n in c.params + c.buffers}
+    for j, ingredient in enumerate(ingredients):
+        fused = ev.fused_state_dict(one_hot(3, 2, j))
+        expected_state = {k: ingredient[k] if k in mixed else v for k, v in base.state_dict().items()}
+        assert fused.keys() == expected_state.keys()
+        assert all(torch.equal(fused[k], expected_state[k]) for k in expected_state)
+        assert not torch.equal(ingredient["2.running_mean"], base[2].running_mean)
+        model = copy.deepcopy(base)
+        model.load_state_dict(expected_state)
+        with torch.no_grad():
+            expected = sum((model(images[s:s + 16]).argmax(1) == labels[s:s + 16]).sum().item()
+                           for s in range(0, 40, 16)) / 40
+        assert ev.evaluate([one_hot(3, 2, j)]) == [expected]
