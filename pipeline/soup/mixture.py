@@ -1,0 +1,168 @@
+"""Mixture maths. A mixture is a float64 matrix ``beta[j, c]`` (ingredient j, component c) with
+columns >= 0 summing to 1; the fused model is ``fused[p] = sum_j beta[j, comp(p)] * W_j[p]``.
+Every soup is a mixture: best individual = one-hot, uniform = 1/K, greedy = 1/|S| on a
+subset, MMMS = lambdas (phase 1) or mu (phase 2) turned into a beta. See docs/algorithm.md."""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+# a column may miss 1 by this much (products of a few dozen lambdas are exact to ~1e-15)
+COLUMN_SUM_TOLERANCE = 1e-9
+
+
+class MixtureError(UserError, ValueError):
+    """A beta matrix (or mixing factors) that is not a valid mixture; the message says why."""
+
+
+def validate(beta) -> np.ndarray:
+    """Check a mixture and return it as a C-contiguous float64 array."""
+    b = np.ascontiguousarray(beta, dtype=np.float64)
+    if b.ndim != 2 or b.shape[0] < 1 or b.shape[1] < 1:
+        raise MixtureError(f"mixture must be a (ingredients, components) matrix, got shape {b.shape}")
+    if not np.isfinite(b).all():
+        raise MixtureError("mixture holds NaN or inf")
+    if (b < 0).any():
+        j, c = np.argwhere(b < 0)[0]
+        raise MixtureError(f"mixture weight beta[{j}, {c}] = {b[j, c]} is negative")
+    sums = b.sum(axis=0)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > COLUMN_SUM_TOLERANCE)
+    if bad.size:
+        raise MixtureError(f"mixture column {bad[0]} sums to {sums[bad[0]]!r}, not 1")
+    return b
+
+
+def one_hot(K: int, C: int, j: int) -> np.ndarray:
+    """Ingredient j alone, in every component."""
+    return subset(K, C, [j])
+
+
+def uniform(K: int, C: int) -> np.ndarray:
+    return np.full((K, C), 1.0 / K)
+
+
+def subset(K: int, C: int, indices: Sequence[int]) -> np.ndarray:
+    """The uniform soup of ``indices``: 1/|S| on each of them, 0 elsewhere."""
+    chosen = sorted(set(int(i) for i in indices))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= K:
+        raise MixtureError(f"subset {list(indices)} must name ingredients in 0..{K - 1}")
+    beta = np.zeros((K, C))
+    beta[chosen] = 1.0 / len(chosen)
+    return beta
+
+
+def pairwise(beta_A: np.ndarray, lam: np.ndarray, j_new: int) -> np.ndarray:
+    """``lam ⊙ A + (1 - lam) ⊙ C_j`` as a beta over all K: A is a mixture, C_j one ingredient."""
+    lam = np.asarray(lam, dtype=np.float64)
+    if lam.shape != (beta_A.shape[1],):
+        raise MixtureError(f"lambda has shape {lam.shape}, expected ({beta_A.shape[1]},)")
+    if ((lam < 0) | (lam > 1)).any() or not np.isfinite(lam).all():
+        raise MixtureError(f"lambda must lie in [0, 1], got {lam}")
+    beta = lam * beta_A
+    beta[j_new] += 1.0 - lam
+    return beta
+
+
+def lambdas_to_beta(lambdas: Sequence[np.ndarray], chosen: Sequence[int], K: int,
+                    n_components: int | None = None) -> np.ndarray:
+    """Phase 1's lambdas as a beta (ALGORITHM.md):
+    beta[chosen[0]] = prod_t L[t];  beta[chosen[j]] = (1 - L[j-1]) * prod_{t>=j} L[t].
+    ``n_components`` is needed only when there are no lambdas (a single ingredient)."""
+    if len(lambdas) != len(chosen) - 1:
+        raise MixtureError(f"{len(chosen)} chosen ingredients need {len(chosen) - 1} lambdas, got {len(lambdas)}")
+    C = len(lambdas[0]) if lambdas else n_components
+    if C is None:
+        raise MixtureError("lambdas_to_beta: pass n_components when there are no lambdas")
+    beta = np.zeros((K, C))
+    for j, ingredient in enumerate(chosen):
+        weight = np.ones(C) if j == 0 else 1.0 - np.asarray(lambdas[j - 1], dtype=np.float64)
+        # multiply in the order phase 1 applied the lambdas: bit-identical to folding pairwise()
+        for lam in lambdas[j:]:
+            weight = np.asarray(lam, dtype=np.float64) * weight
+        beta[ingredient] = weight
+    return beta
+
+
+def mu_to_beta(beta: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """Phase 2's reweighting: beta'[j, c] = mu[j, c] * beta[j, c] / P_c, P_c = sum_j mu * beta."""
+    mu = np.asarray(mu, dtype=np.float64)
+    if mu.shape != beta.shape:
+        raise MixtureError(f"mu has shape {mu.shape}, beta has {beta.shape}")
+    if not (np.isfinite(mu).all() and (mu > 0).all()):
+        raise MixtureError("mu must be finite and > 0")
+    weighted = mu * beta
+    return weighted / weighted.sum(axis=0)
+
+
+def mixture_key(beta) -> str:
+    """Journal key: sha256 of the shape and the float64 C-contiguous bytes."""
+    b = np.ascontiguousarray(beta, dtype=np.float64) + 0.0  # + 0.0 turns -0.0 into 0.0
+    h = hashlib.sha256(f"{b.shape[0]}x{b.shape[1]}:".encode())
+    h.update(b.tobytes())
+    return h.hexdigest()
+
+
+def check_accuracies(accs, n: int, source: str = "evaluate") -> list[float]:
+    """An evaluator's answer: n finite accuracies in [0, 1], in order."""
+    accs = [float(a) for a in accs]
+    if len(accs) != n:
+        raise ValueError(f"{source} returned {len(accs)} accuracies for {n} mixtures")
+    for i, a in enumerate(accs):
+        if not (math.isfinite(a) and 0.0 <= a <= 1.0):
+            raise ValueError(f"{source} returned accuracy {a!r} for mixture {i}: expected a number in [0, 1]")
+    return accs
+
+
+# ---- the plain reference fusion -------------------------------------------------------------
+
+def _tensors_of(component) -> tuple[str, ...]:
+    return tuple(component.params) + tuple(getattr(component, "buffers", ()))
+
+
+def _component_of(state_dict_keys, components) -> dict[str, int]:
+    owner: dict[str, int] = {}
+    for c, comp in enumerate(components):
+        for name in _tensors_of(comp):
+            if name in owner:
+                raise MixtureError(f"tensor {name!r} is in components {components[owner[name]].name!r} and {comp.name!r}")
+            if name not in state_dict_keys:
+                raise MixtureError(f"component {comp.name!r} names {name!r}, which ingredient 0 does not have")
+            owner[name] = c
+    return owner
+
+
+def fuse(state_dicts: Sequence[dict[str, torch.Tensor]], beta, components) -> dict[str, torch.Tensor]:
+    """The fused state dict, tensor by tensor (slow and obvious; the evaluator has the fast one).
+    Tensors in no component (integer buffers) must agree across ingredients and are copied."""
+    beta = validate(beta)
+    K, C = beta.shape
+    if len(state_dicts) != K or len(components) != C:
+        raise MixtureError(f"beta is {K}x{C} but there are {len(state_dicts)} ingredients and {len(components)} components")
+    keys = list(state_dicts[0])
+    owner = _component_of(set(keys), components)
+    fused = {}
+    for name in keys:
+        tensors = []
+        for j, sd in enumerate(state_dicts):
+            if name not in sd or sd[name].shape != state_dicts[0][name].shape:
+                raise MixtureError(f"ingredient {j}: tensor {name!r} is missing or has another shape than ingredient 0's")
+            tensors.append(sd[name])
+        if name not in owner:
+            if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
+                raise MixtureError(f"tensor {name!r} is in no component but differs between ingredients")
+            fused[name] = tensors[0].clone()
+            continue
+        weights = beta[:, owner[name]]
+        acc_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        total = torch.zeros(tensors[0].shape, dtype=acc_dtype)
+        for w, t in zip(weights, tensors):
+            if w != 0.0:  # an absent ingredient costs nothing (and 0 * inf cannot poison the sum)
+                total += float(w) * t.to(acc_dtype)
+        fused[name] = total.to(tensors[0].dtype)
+    return fused
