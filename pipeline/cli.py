@@ -97,10 +97,12 @@ def _dispatch(args) -> int:
 
         run_soup(cfg, force=args.force)
     elif cmd == "run":
-        from .run import dry_run, run_all
-
         if args.dry_run:
+            from .dryrun import dry_run
+
             return 0 if dry_run(cfg) else 1
+        from .run import run_all
+
         run_all(cfg, force=args.force)
     return 0
 

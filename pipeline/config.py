@@ -148,6 +148,9 @@ class RayConfig(Strict):
     # None: join the cluster `ray job submit` gives us, or start a local one
     address: str | None = None
     num_cpus: int | None = None
+    # the cluster adds nodes on demand: the dry run warns instead of failing when a requested
+    # resource (e.g. a GPU) is on no node yet
+    autoscaling: bool = False
 
 
 class Config(Strict):

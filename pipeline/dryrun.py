@@ -1,0 +1,170 @@
+"""`frankensoup run --dry-run`: check the config, that every URI is reachable (and output_uri
+writable), that the cluster has the resources the config asks for, and print the plan — the
+number of evaluations and the memory per evaluator — before anyone pays for GPUs."""
+from __future__ import annotations
+
+import math
+import uuid
+
+from . import layout, storage
+from .config import Config
+
+
+class Checks:
+    def __init__(self, log):
+        self.log = log
+        self.failed = 0
+
+    def ok(self, what: str) -> None:
+        self.log(f"  ok    {what}")
+
+    def warn(self, what: str) -> None:
+        self.log(f"  warn  {what}")
+
+    def fail(self, what: str) -> None:
+        self.failed += 1
+        self.log(f"  FAIL  {what}")
+
+
+def check_output_writable(cfg: Config, c: Checks) -> None:
+    probe = storage.join(cfg.output_uri, f".frankensoup-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        storage.write_bytes(probe, b"probe")
+        if storage.read_bytes(probe) != b"probe":
+            raise storage.StorageError(f"{probe!r} read back differently")
+        storage.delete(probe)
+        c.ok(f"output_uri {cfg.output_uri} is writable")
+    except Exception as e:  # every failure here is the URI's; say which and why
+        c.fail(f"output_uri {cfg.output_uri} is not writable: {e}")
+
+
+def check_splits(cfg: Config, c: Checks) -> dict[str, int]:
+    from .data.shards import split_info
+
+    rows = {}
+    made_by_prepare = cfg.data.source == "demo"
+    for name, split in layout.splits(cfg).items():
+        try:
+            rows[name] = split_info(split.uri)["num_rows"]
+            c.ok(f"split {name} ({split.role}) readable at {split.uri}: {rows[name]} rows")
+        except Exception as e:
+            if made_by_prepare and split.uri.startswith(storage.join(cfg.output_uri, "data")):
+                c.ok(f"split {name} ({split.role}) will be made by prepare")
+            else:
+                c.fail(f"split {name} ({split.role}) at {split.uri}: {e}")
+    return rows
+
+
+def check_pretrained(cfg: Config, c: Checks) -> None:
+    p = cfg.model.pretrained
+    if p == "demo":
+        c.ok("model.pretrained=demo: prepare trains the base model offline")
+    elif "/" in p or "://" in p or p.endswith((".safetensors", ".pt", ".pth", ".bin")):
+        if storage.exists(p):
+            c.ok(f"model.pretrained {p} reachable")
+        else:
+            c.fail(f"model.pretrained {p} does not exist or is unreachable")
+    else:
+        c.ok(f"model.pretrained={p}: an open_clip pretrained tag (downloaded by open_clip on first use)")
+
+
+def _requests(cfg: Config) -> dict[str, dict[str, float]]:
+    return {
+        f"finetune trial (x{cfg.finetune.max_concurrent} at once)": cfg.finetune.resources.model_dump(),
+        f"evaluate actor (x{cfg.evaluate.num_actors})": cfg.evaluate.resources.model_dump(),
+        f"soup evaluator (x{cfg.soup.num_evaluators})": cfg.soup.evaluator_resources.model_dump(),
+    }
+
+
+def check_cluster(cfg: Config, c: Checks) -> None:
+    from .raycluster import init_ray
+
+    try:
+        ray = init_ray(cfg)
+    except Exception as e:
+        c.fail(f"cannot connect to Ray ({cfg.ray.address or 'auto'}): {e}")
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    c.ok(f"Ray cluster: {len(nodes)} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU")
+    for what, req in _requests(cfg).items():
+        fits = any(n.get("CPU", 0) >= req["cpu"] and n.get("GPU", 0) >= req["gpu"] for n in nodes)
+        text = f"{what} asks for {req['cpu']:g} CPU, {req['gpu']:g} GPU"
+        if fits:
+            c.ok(text + ": fits a node now")
+        elif cfg.ray.autoscaling:
+            c.warn(text + ": no node has it now; the autoscaler must add one")
+        else:
+            c.fail(text + ": no node of this cluster has it (set ray.autoscaling=true if an autoscaler adds nodes)")
+
+
+def evaluation_budget(cfg: Config, n_ingredients: int, n_components: int) -> dict[str, int]:
+    """Upper bounds on mixture evaluations per method (phase 1 stops early on skipped candidates)."""
+    s = cfg.soup
+    per_pass = n_components * s.max_func_evals_per_dim
+    phase1 = 1 + max(0, n_ingredients - 1) * (1 + 3 * per_pass)
+    phase2 = n_ingredients * n_components * s.phase2.evals_per_dim if s.phase2.enabled else 0
+    return {"greedy_soup": n_ingredients + 1, "uniform_soup": 1, "mmms_phase1": phase1, "mmms_phase2": phase2}
+
+
+def plan(cfg: Config, rows: dict[str, int], log) -> bool:
+    import torch
+
+    from .evaluate.mixture import required_bytes
+    from .model.classifier import init_classifier
+    from .model.components import components
+    from .model.factory import model_config
+
+    n_classes = 10
+    try:
+        from .prepare import class_names
+
+        n_classes = len(class_names(cfg))
+    except Exception:
+        pass
+    clf = init_classifier(cfg.model.name, n_classes)
+    n_params = sum(p.numel() for p in clf.parameters())
+    comps = components(clf, cfg.soup.granularity)
+    K = cfg.finetune.num_trials
+    if storage.exists(layout.registry_uri(cfg)):
+        reg = storage.read_json(layout.registry_uri(cfg))
+        K = sum(1 for i in reg["ingredients"] if i.get("status") == "ok")
+    size = model_config(cfg.model.name)["vision_cfg"]["image_size"]
+    size = size if isinstance(size, int) else size[0]
+    _, val = layout.split_of_role(cfg, "val")
+    n_val = rows.get(next(n for n, s in layout.splits(cfg).items() if s.uri == val.uri), 0)
+    images = torch.empty((n_val, 3, size, size), dtype=torch.float32, device="meta")
+    need = required_bytes(K, n_params, cfg.evaluate.ingredient_dtype, images)
+    budget = evaluation_budget(cfg, K, len(comps))
+    log("plan:")
+    for stage in layout.STAGES:
+        done = layout.stage_done(cfg, stage)
+        log(f"  {stage:<9} {'done, will be skipped' if done else 'will run'}")
+    log(f"  finetune  {cfg.finetune.num_trials} trials, {cfg.finetune.max_concurrent} at once")
+    log(f"  model     {cfg.model.name}: {n_params / 1e6:.2f}M classifier parameters, "
+        f"{len(comps)} components at granularity {cfg.soup.granularity}")
+    log(f"  soup      K={K} ingredients, W={cfg.soup.num_workers} asks in flight, "
+        f"E={cfg.soup.num_evaluators} evaluators, optimizer {cfg.soup.optimizer}")
+    total = sum(budget.values())
+    log("  evaluations (upper bounds): " + ", ".join(f"{k} {v}" for k, v in budget.items()) + f"; total {total}")
+    log(f"  rounds of W: about {math.ceil(total / cfg.soup.num_workers)}")
+    log(f"  memory per evaluator: {need / 2**30:.2f} GiB ({K} ingredients x {n_params / 1e6:.2f}M params in "
+        f"{cfg.evaluate.ingredient_dtype} + {n_val} val images at {size}px)")
+    if cfg.evaluate.memory_limit_gb is not None and need > cfg.evaluate.memory_limit_gb * 2**30:
+        log(f"  FAIL  that exceeds evaluate.memory_limit_gb={cfg.evaluate.memory_limit_gb}")
+        return False
+    return True
+
+
+def dry_run(cfg: Config, log=print) -> bool:
+    log(f"dry run: output_uri={cfg.output_uri}")
+    c = Checks(log)
+    c.ok("config valid")
+    check_output_writable(cfg, c)
+    rows = check_splits(cfg, c)
+    check_pretrained(cfg, c)
+    check_cluster(cfg, c)
+    if c.failed == 0 and not plan(cfg, rows, log):
+        c.failed += 1
+    log(f"dry run: {'ready' if c.failed == 0 else f'{c.failed} problem(s) found'}")
+    return c.failed == 0
