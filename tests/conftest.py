@@ -70,7 +70,9 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
+    """One local Ray for the session. It starts after the moto server, so its workers inherit
+    AWS_ENDPOINT_URL and can read s3:// outputs (a worker never sees env set after ray.init)."""
     import ray
 
     if not ray.is_initialized():
@@ -121,3 +123,22 @@ def clone_output(cfg, dst, *extra: str):
 
     shutil.copytree(cfg.output_uri, dst)
     return tiny_config(str(dst), *extra)
+
+
+# ---- the shared small demo, finetuned and evaluated ---------------------------------------
+
+# the finetune setting evaluated_demo was made with; pass it to clone_output(evaluated_demo, ...)
+EVALUATED_OVERRIDES = ("finetune.num_trials=3",)
+
+
+@pytest.fixture(scope="session")
+def evaluated_demo(prepared_demo, tmp_path_factory, ray_local):
+    """prepared_demo + a finished finetune (3 one-epoch trials) and evaluate stage, shared
+    read-only: clone it with ``clone_output(evaluated_demo, dst, *EVALUATED_OVERRIDES)``."""
+    from pipeline.evaluate.stage import run_evaluate
+    from pipeline.finetune.sweep import run_finetune
+
+    cfg = clone_output(prepared_demo, tmp_path_factory.mktemp("evaluated") / "out", *EVALUATED_OVERRIDES)
+    run_finetune(cfg, log=lambda *_: None)
+    run_evaluate(cfg, log=lambda *_: None)
+    return cfg

@@ -1,0 +1,14 @@
+"""The finetune stage: a Ray Tune sweep of finetuning trials (`sweep.run_finetune`) and the
+ingredient registry it writes (`registry`), or imported checkpoints
+(`registry.import_ingredients`). `trainable.run_trial` is the plain training loop."""
+from .registry import RegistryError, import_ingredients, read_registry, usable, write_registry
+
+__all__ = ["RegistryError", "import_ingredients", "read_registry", "usable", "write_registry",
+           "run_finetune"]
+
+
+def run_finetune(cfg, force: bool = False, log=print) -> dict:
+    """See `pipeline.finetune.sweep.run_finetune` (imported lazily: it pulls in Ray)."""
+    from .sweep import run_finetune as _run
+
+    return _run(cfg, force=force, log=log)

@@ -1,0 +1,128 @@
+"""The mixture evaluator built from a run's URIs, in-process (`build_mixture_evaluator`) and as
+a Ray actor (`MixtureEvaluatorActor`) wrapping the very same class. The soup search
+dispatches its candidate mixtures to these actors (pipeline/soup/search.py)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import ray
+import torch
+
+from .. import layout, storage
+from ..config import Config, ConfigError
+from ..data.shards import decode_split, read_split
+from ..model import components, image_transform, load_classifier
+from ..model.weights import CheckpointError, decode_metadata
+from .mixture import MixtureEvaluator
+from .stream import scoring_tensors, split_scoring
+
+# what every ingredient must share with the first one for their weights to be mixed
+SAME_METADATA = ("model_name", "class_names", "preprocess")
+
+
+def chosen_ingredients(cfg: Config, ingredient_ids: Sequence[str] | None) -> list[dict]:
+    """Registry rows of the ingredients to mix: ``ingredient_ids`` in that order, or every ``ok``
+    one in registry order."""
+    from ..finetune.registry import read_registry, usable
+
+    rows = usable(read_registry(cfg))
+    if ingredient_ids is None:
+        chosen = rows
+    else:
+        by_id = {r["id"]: r for r in rows}
+        unknown = [i for i in ingredient_ids if i not in by_id]
+        if unknown:
+            raise ConfigError(f"ingredients {unknown} are not 'ok' ingredients of {layout.registry_uri(cfg)}")
+        chosen = [by_id[i] for i in ingredient_ids]
+    if not chosen:
+        raise ConfigError(f"no ingredients to mix in {layout.registry_uri(cfg)}")
+    return chosen
+
+
+def _read_verified(uri: str, sha256: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """An ingredient's tensors and decoded metadata, checked against the registry's sha256."""
+    from safetensors.torch import load
+
+    data = storage.read_bytes(uri)
+    if sha256 and storage.sha256(data) != sha256:
+        raise CheckpointError(f"{uri!r}: sha256 differs from the registry's (the file changed after it was registered)")
+    try:
+        tensors = load(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    except Exception as e:  # safetensors raises its own types; one message naming the file
+        raise CheckpointError(f"{uri!r} is not a valid safetensors file: {e}") from None
+    return tensors, decode_metadata(dict(header.get("__metadata__") or {}), uri)
+
+
+class IngredientCheckpoints(Sequence):
+    """The ingredients' state dicts, read when indexed: the evaluator stacks them one at a time,
+    so host memory holds one checkpoint, not K."""
+
+    def __init__(self, rows: Sequence[dict], reference: dict):
+        self.rows, self.reference = list(rows), reference
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        if not 0 <= j < len(self.rows):
+            raise IndexError(j)
+        row = self.rows[j]
+        tensors, meta = _read_verified(row["checkpoint_uri"], row.get("sha256"))
+        for key in SAME_METADATA:
+            if meta[key] != self.reference[key]:
+                raise CheckpointError(f"ingredient {row['id']!r} ({row['checkpoint_uri']}) has another {key} "
+                                      f"than ingredient {self.rows[0]['id']!r}: they cannot be mixed")
+        return tensors
+
+
+def build_mixture_evaluator(cfg: Config, split_name: str = "val", ingredient_ids: Sequence[str] | None = None,
+                            *, device: str | torch.device | None = None) -> MixtureEvaluator:
+    """A MixtureEvaluator over the registry's ingredients (rows of beta in ``ingredient_ids``
+    order) on ``split_name``, decoded once with the eval transform, with components at
+    ``cfg.soup.granularity`` and the split's class_subset / class_map."""
+    rows = chosen_ingredients(cfg, ingredient_ids)
+    splits = layout.splits(cfg)
+    if split_name not in splits:
+        raise ConfigError(f"no split named {split_name!r}; the run's splits are {sorted(splits)}")
+    torch.set_num_threads(cfg.evaluate.threads)  # decoding too, not only the evaluator's arithmetic
+    model, meta = load_classifier(rows[0]["checkpoint_uri"])
+    split = read_split(splits[split_name].uri)
+    images, labels = decode_split(split, image_transform(meta["preprocess"], train=False))
+    scoring = split_scoring(split_name, splits[split_name], split.class_names, meta["class_names"])
+    target_of_label, class_mask, class_map = scoring_tensors(scoring, "cpu")
+    ev = cfg.evaluate
+    return MixtureEvaluator(model, IngredientCheckpoints(rows, meta), components(model, cfg.soup.granularity),
+                            images, target_of_label[labels], dtype=ev.ingredient_dtype, device=device,
+                            batch_size=ev.batch_size, class_mask=class_mask, class_map=class_map,
+                            threads=ev.threads, memory_limit_gb=ev.memory_limit_gb)
+
+
+def evaluator_device(cfg: Config) -> str:
+    """The actor's device: a GPU only when the actor was given one."""
+    return "cuda" if cfg.soup.evaluator_resources.gpu > 0 and torch.cuda.is_available() else "cpu"
+
+
+class EvaluatorHost:
+    """What a MixtureEvaluatorActor holds: one MixtureEvaluator, built once from URIs."""
+
+    def __init__(self, cfg: Config, split_name: str = "val", ingredient_ids: Sequence[str] | None = None):
+        torch.set_num_threads(cfg.evaluate.threads)  # pinned: results never depend on the node's load
+        self.ids = [r["id"] for r in chosen_ingredients(cfg, ingredient_ids)]
+        self.split_name = split_name
+        self.evaluator = build_mixture_evaluator(cfg, split_name, self.ids, device=evaluator_device(cfg))
+
+    def evaluate(self, betas: Sequence) -> list[float]:
+        return self.evaluator.evaluate(list(betas))
+
+    def info(self) -> dict:
+        ev = self.evaluator
+        return {"ingredient_ids": self.ids, "split": self.split_name, "beta_shape": list(ev.beta_shape),
+                "component_names": list(ev.component_names), "n_images": int(ev.images.shape[0]),
+                "device": str(ev.device), "dtype": str(ev.dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads()}
+
+
+# resources come from the caller: .options(num_cpus=..., num_gpus=...) (soup.evaluator_resources)
+MixtureEvaluatorActor = ray.remote(EvaluatorHost)

@@ -1,0 +1,316 @@
+"""Streaming scoring with Ray Data: every model on every split in one pass over the shards.
+
+``read_parquet`` streams the shards; ``map_batches`` hands each batch to a pool of scorer
+actors that loaded the models once. A batch is decoded once and run through every model; the
+actor returns per-row correctness per model and the driver adds it up. Scoring (class subsets,
+class maps) uses the same functions as the mixture evaluator, so both report the same accuracy
+for the same weights. See docs/evaluate.md.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .. import storage
+from ..config import Resources, SplitConfig
+from ..data.shards import DataError, split_info
+from ..errors import UserError
+from ..model.weights import CheckpointError, decode_metadata
+
+# the few metadata keys every scored model must agree on
+SHARED_METADATA = ("preprocess", "class_names")
+
+
+# ---- what a split is scored against ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scoring:
+    """How one split's labels meet the models' logits (plain numpy, so it pickles to actors)."""
+    target_of_label: np.ndarray   # dataset label -> what a correct prediction equals
+    class_mask: np.ndarray | None  # bool over model classes: which may win the argmax
+    class_map: np.ndarray | None   # model class -> dataset class, or -1 (ObjectNet style)
+
+
+def _unknown(names, known, what: str, where: str, of: str, hint: str = "") -> None:
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise DataError(f"{where}: {what} {missing[:5]} not among the {len(known)} class names of the {of}{hint}")
+
+
+def split_scoring(name: str, split: SplitConfig, data_classes: list[str], model_classes: list[str]) -> Scoring:
+    """Check a split's class_subset / class_map against the split's and the models' class names."""
+    where = f"split {name!r} ({split.uri})"
+    model_index = {c: i for i, c in enumerate(model_classes)}
+    mask = None
+    if split.class_subset is not None:
+        _unknown(split.class_subset, model_index, "class_subset names", where, "model")
+        mask = np.isin(np.array(model_classes, dtype=object), np.array(split.class_subset, dtype=object))
+    if split.class_map is None:
+        # labels name the split's classes; a correct prediction is the model class of that name
+        _unknown(data_classes, model_index, "the split's classes", where, "model", "; declare a class_map")
+        target = np.array([model_index[c] for c in data_classes], dtype=np.int64)
+        if mask is not None:
+            outside = [c for c in data_classes if not mask[model_index[c]]]
+            if outside:
+                raise DataError(f"{where}: classes {outside[:5]} are outside class_subset, so their "
+                                f"images could never be scored correct")
+        return Scoring(target, mask, None)
+    data_index = {c: i for i, c in enumerate(data_classes)}
+    _unknown(split.class_map, data_index, "class_map keys", where, "split")
+    unmapped = [c for c in data_classes if c not in split.class_map]
+    if unmapped:
+        raise DataError(f"{where}: class_map lacks the split's classes {unmapped[:5]}")
+    model_to_data = np.full(len(model_classes), -1, dtype=np.int64)
+    for data_class, targets in split.class_map.items():
+        _unknown(targets, model_index, f"class_map[{data_class!r}] names", where, "model")
+        for t in targets:
+            if model_to_data[model_index[t]] >= 0:
+                raise DataError(f"{where}: model class {t!r} appears under two class_map keys")
+            model_to_data[model_index[t]] = data_index[data_class]
+    return Scoring(np.arange(len(data_classes), dtype=np.int64), mask, model_to_data)
+
+
+def scoring_tensors(scoring: Scoring, device):
+    """(target_of_label, class_mask, class_map) as tensors on ``device``, checked like the mixture
+    evaluator checks them."""
+    import torch
+
+    from .mixture import scoring_mask
+
+    mask = None if scoring.class_mask is None else torch.as_tensor(scoring.class_mask, dtype=torch.bool)
+    class_map = None if scoring.class_map is None else torch.as_tensor(scoring.class_map, dtype=torch.long)
+    mask = scoring_mask(mask, class_map)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(torch.as_tensor(scoring.target_of_label)), to(mask), to(class_map)
+
+
+# ---- the models -----------------------------------------------------------------------------
+
+def checkpoint_metadata(uri: str) -> dict:
+    """A classifier checkpoint's decoded metadata, reading only the safetensors header."""
+    if not uri.lower().endswith(".safetensors"):
+        raise CheckpointError(f"{uri!r}: only frankensoup .safetensors classifiers can be scored")
+    loc = storage.resolve(uri)
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            n = int.from_bytes(f.read_at(8, 0), "little")
+            header = json.loads(f.read_at(n, 8))
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri!r} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{uri!r} is not a readable safetensors file: {e}") from None
+    return decode_metadata(dict(header.get("__metadata__") or {}), uri)
+
+
+def shared_metadata(checkpoint_uris: Mapping[str, str], class_names: list[str] | None = None) -> dict:
+    """The preprocess and class names every model shares; models that differ are refused, since a
+    batch is decoded once for all of them."""
+    if not checkpoint_uris:
+        raise ValueError("no models to score")
+    shared: dict | None = None
+    first = ""
+    for name, uri in checkpoint_uris.items():
+        meta = {k: checkpoint_metadata(uri)[k] for k in SHARED_METADATA}
+        if class_names is not None and meta["class_names"] != list(class_names):
+            raise CheckpointError(f"model {name!r} ({uri}) has other class names than the registry's")
+        if shared is None:
+            shared, first = meta, f"{name!r} ({uri})"
+            continue
+        for key in SHARED_METADATA:
+            if meta[key] != shared[key]:
+                raise CheckpointError(f"model {name!r} ({uri}) has another {key} than model {first}: "
+                                      f"models scored together must share it")
+    return shared
+
+
+def _device(gpu: float):
+    import torch
+
+    return torch.device("cuda" if gpu > 0 and torch.cuda.is_available() else "cpu")
+
+
+class BatchScorer:
+    """A Ray Data actor: holds every model, decodes each batch once, returns per-row correctness
+    (column ``correct_<i>`` for model i) and the row's split."""
+
+    def __init__(self, checkpoint_uris: list[str], scorings: dict[str, Scoring],
+                 shard_of_path: dict[str, tuple[str, str]], preprocess: dict, threads: int, gpu: float,
+                 autocast_bf16: bool):
+        import torch
+
+        from ..model import image_transform, load_classifier
+
+        torch.set_num_threads(threads)
+        self.device = _device(gpu)
+        self.models = [load_classifier(uri)[0].to(self.device).eval() for uri in checkpoint_uris]
+        self.transform = image_transform(preprocess, train=False)
+        self.scoring = {name: scoring_tensors(s, self.device) for name, s in scorings.items()}
+        self.shard_of_path = shard_of_path  # Ray's row path -> (split, shard URI)
+        self.autocast = self.device.type == "cuda" and autocast_bf16
+
+    def decode(self, images, paths):
+        import torch
+
+        from ..data.shards import decode_image
+
+        return torch.stack([self.transform(decode_image(b, source=f"shard {self.shard_of_path[p][1]}"))
+                            for b, p in zip(images, paths)])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from .mixture import predictions
+
+        paths = batch["path"]
+        splits = np.array([self.shard_of_path[p][0] for p in paths], dtype=object)
+        try:
+            images = self.decode(batch["image"], paths).to(self.device, non_blocking=True)
+        except DataError as e:
+            # Ray's wrapping of a failed UDF loses the message that names the shard: send it as data
+            return {"split": splits, "error": np.full(len(paths), str(e), dtype=object),
+                    **{f"correct_{i}": np.zeros(len(paths), dtype=bool) for i in range(len(self.models))}}
+        labels = torch.as_tensor(batch["label"].astype(np.int64), device=self.device)
+        rows = {s: torch.as_tensor(np.flatnonzero(splits == s), device=self.device) for s in set(splits)}
+        out = {"split": splits, "error": np.full(len(paths), "", dtype=object)}
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            for i, model in enumerate(self.models):
+                logits = model(images)
+                correct = torch.zeros(len(paths), dtype=torch.bool, device=self.device)
+                for s, idx in rows.items():
+                    target, mask, class_map = self.scoring[s]
+                    predicted = predictions(logits[idx], mask, class_map)
+                    correct[idx] = predicted == target[labels[idx]]
+                out[f"correct_{i}"] = correct.cpu().numpy()
+        return out
+
+
+# ---- the pass over the shards ---------------------------------------------------------------
+
+def check_shard_footers(split_uri: str) -> list[str]:
+    """Every shard's parquet footer is readable and its row count matches dataset.json; reads
+    only the footers, so a truncated or foreign file is named before any actor starts."""
+    import pyarrow.parquet as pq
+
+    uris = []
+    for shard in split_info(split_uri)["shards"]:
+        uri = storage.join(split_uri, shard["file"])
+        loc = storage.resolve(uri)
+        try:
+            with loc.fs.open_input_file(loc.path) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+        except Exception as e:  # pyarrow raises several types; one message naming the shard
+            raise DataError(f"shard {uri} is unreadable: {e}") from None
+        if rows != shard["num_rows"]:
+            raise DataError(f"shard {uri} has {rows} rows, dataset.json says {shard['num_rows']}")
+        uris.append(uri)
+    return uris
+
+
+def _read_splits(shards: dict[str, list[str]]):
+    """One dataset over every split's shards, each row tagged with its file's path. One
+    read_parquet per filesystem: a union of per-split reads runs several times slower."""
+    import ray.data
+
+    groups: list[tuple[object, list[str]]] = []  # (filesystem, paths on it)
+    for uri in (u for uris in shards.values() for u in uris):
+        loc = storage.resolve(uri)
+        group = next((g for g in groups if g[0].equals(loc.fs)), None)
+        if group is None:
+            groups.append(group := (loc.fs, []))
+        group[1].append(loc.path)
+    datasets = [ray.data.read_parquet(paths, filesystem=fs, include_paths=True).select_columns(["image", "label", "path"])
+                for fs, paths in groups]
+    return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of Ray's wrappers (RayTaskError.cause, then __cause__)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
+
+
+def clear_error(error: BaseException, shard_of_path: dict[str, str]) -> BaseException:
+    """One clear error for a failed pass: a UserError raised in an actor as it was, else the
+    shard Ray names in its message, else the error itself."""
+    cause = _root_cause(error)
+    if isinstance(cause, UserError):
+        return cause
+    text = str(error)
+    for path, uri in shard_of_path.items():
+        if path in text:
+            reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            return DataError(f"shard {uri} is unreadable: {reason}")
+    return error
+
+
+def _fail_fast() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    # a corrupt shard fails on the first read and is named, instead of being retried
+    ctx.retried_io_errors = []
+    ctx.max_errored_blocks = 0
+
+
+def score_splits(checkpoint_uris: Mapping[str, str], splits: Mapping[str, SplitConfig], *, batch_size: int,
+                 num_actors: int, resources: Resources, class_names: list[str] | None = None,
+                 threads: int = 1, autocast_bf16: bool = True) -> dict[str, dict[str, dict]]:
+    """{split: {model: {"correct", "n", "accuracy"}}} for every model on every split, in one
+    streaming pass. ``checkpoint_uris`` maps a model's name to its classifier checkpoint."""
+    names = list(checkpoint_uris)
+    shared = shared_metadata(checkpoint_uris, class_names)
+    shards = {s: check_shard_footers(cfg.uri) for s, cfg in splits.items()}
+    infos = {s: split_info(cfg.uri) for s, cfg in splits.items()}
+    scorings = {s: split_scoring(s, cfg, infos[s]["class_names"], shared["class_names"])
+                for s, cfg in splits.items()}
+    shard_of_path = {storage.resolve(u).path: (s, u) for s, uris in shards.items() for u in uris}
+    if len(shard_of_path) != sum(len(u) for u in shards.values()):
+        raise DataError(f"splits {sorted(splits)} share shard files: score them separately")
+
+    import ray.data
+
+    _fail_fast()
+    scored = _read_splits(shards).map_batches(
+        BatchScorer, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=resources.cpu, num_gpus=resources.gpu,
+        fn_constructor_kwargs=dict(checkpoint_uris=[checkpoint_uris[n] for n in names], scorings=scorings,
+                                   shard_of_path=shard_of_path, preprocess=shared["preprocess"],
+                                   threads=threads, gpu=resources.gpu, autocast_bf16=autocast_bf16))
+    correct = {s: np.zeros(len(names), dtype=np.int64) for s in splits}
+    seen = dict.fromkeys(splits, 0)
+    try:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            failed = [e for e in batch["error"] if e]
+            if failed:
+                raise DataError(failed[0])
+            for s in set(batch["split"]):
+                rows = batch["split"] == s
+                seen[s] += int(rows.sum())
+                correct[s] += [int(batch[f"correct_{i}"][rows].sum()) for i in range(len(names))]
+    except DataError:
+        raise
+    except Exception as e:  # Ray wraps what failed in a worker; surface the culprit
+        raise clear_error(e, {path: uri for path, (_, uri) in shard_of_path.items()}) from None
+    for s, cfg in splits.items():
+        if seen[s] != infos[s]["num_rows"]:
+            raise DataError(f"split {s!r} ({cfg.uri}): scored {seen[s]} rows, dataset.json says {infos[s]['num_rows']}")
+    return {s: {name: {"correct": int(c), "n": seen[s], "accuracy": float(c) / seen[s]}
+                for name, c in zip(names, correct[s])} for s in splits}
+
+
+def score_models(checkpoint_uris: Mapping[str, str], split: SplitConfig, *, batch_size: int, num_actors: int,
+                 resources: Resources, class_names: list[str] | None = None, threads: int = 1,
+                 autocast_bf16: bool = True, name: str = "split") -> dict[str, dict]:
+    """{model: {"correct", "n", "accuracy"}} of every model on one split."""
+    return score_splits(checkpoint_uris, {name: split}, batch_size=batch_size, num_actors=num_actors,
+                        resources=resources, class_names=class_names, threads=threads,
+                        autocast_bf16=autocast_bf16)[name]

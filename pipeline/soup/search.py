@@ -1,0 +1,142 @@
+"""The soup's ``evaluate(list of beta) -> list of accuracies`` on Ray: one list is spread over
+a pool of E mixture evaluator actors and gathered back in list order.
+
+E and the order in which actors finish never change a result: every actor holds the same
+ingredients and val tensors with a pinned torch thread count, each mixture is scored by
+exactly one actor, and answers are placed by their index in the list. The number of
+candidates per call (the core's W, ``soup.num_workers``) is the search's business."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ..config import Config
+from ..errors import UserError
+
+# how long to wait for the first evaluator to start (an autoscaling cluster adds a node first)
+START_TIMEOUT_S = 900.0
+
+OnBatch = Callable[[int, float | None, float], None]
+
+
+class EvaluatorStartError(UserError, RuntimeError):
+    """No evaluator actor could start (resources the cluster does not have, or bad inputs)."""
+
+
+class EvaluatorPool:
+    """``pool(betas) -> accuracies`` over Ray actors answering ``evaluate.remote([beta])``.
+
+    Actors join as soon as they are ready (the first call waits for at least one), each idle
+    actor is handed the next mixture of the list, and answers are stored by index. Counters
+    (``evaluations``, ``best_val``, ``seconds``) and the ``on_batch(n, best_val, seconds)`` hooks
+    are updated after every call, one call being one batch."""
+
+    def __init__(self, actors: Sequence, on_batch: Sequence[OnBatch] = (), start_timeout_s: float = START_TIMEOUT_S):
+        import ray
+
+        if not actors:
+            raise ValueError("EvaluatorPool needs at least one actor")
+        self._ray = ray
+        self._all = list(actors)
+        self._starting = {a.info.remote(): a for a in self._all}  # info() answers once built
+        self._ready: list = []
+        self.infos: list[dict] = []  # each started actor's info(), in start order
+        self.start_timeout_s = start_timeout_s
+        self.on_batch: list[OnBatch] = list(on_batch)
+        self.evaluations = 0
+        self.best_val: float | None = None
+        self.seconds = 0.0
+
+    @property
+    def size(self) -> int:
+        return len(self._all)
+
+    def _admit_ready(self, at_least: int = 1) -> None:
+        """Put every started actor into service, waiting (bounded) until ``at_least`` are."""
+        if not self._starting:
+            return
+        refs = list(self._starting)
+        short = at_least - len(self._ready)
+        done, _ = self._ray.wait(refs, num_returns=short if short > 0 else len(refs),
+                                 timeout=self.start_timeout_s if short > 0 else 0)
+        if len(done) < short:
+            raise EvaluatorStartError(
+                f"only {len(self._ready) + len(done)} of {self.size} mixture evaluators started within "
+                f"{self.start_timeout_s:.0f}s: does the cluster have the resources of soup.evaluator_resources?")
+        for ref in done:
+            actor = self._starting.pop(ref)
+            self.infos.append(self._ray.get(ref))  # raises the actor's construction error
+            self._ready.append(actor)
+
+    def wait_ready(self, count: int = 1) -> dict:
+        """Block until ``count`` actors (at most all) are in service; returns the first one's info()."""
+        self._admit_ready(min(count, self.size))
+        return self.infos[0]
+
+    def _scatter_gather(self, betas: list[np.ndarray]) -> list[float]:
+        results: list[float | None] = [None] * len(betas)
+        idle = list(self._ready)
+        pending: dict = {}
+        next_index = 0
+        while next_index < len(betas) or pending:
+            while idle and next_index < len(betas):
+                actor = idle.pop(0)
+                pending[actor.evaluate.remote([betas[next_index]])] = (next_index, actor)
+                next_index += 1
+            done, _ = self._ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                index, actor = pending.pop(ref)
+                (results[index],) = self._ray.get(ref)
+                idle.append(actor)
+        return results  # type: ignore[return-value]
+
+    def __call__(self, betas: Sequence) -> list[float]:
+        betas = [np.ascontiguousarray(b, dtype=np.float64) for b in betas]
+        if not betas:
+            return []
+        self._admit_ready()
+        t0 = time.perf_counter()
+        accs = [float(a) for a in self._scatter_gather(betas)]
+        seconds = time.perf_counter() - t0
+        self.evaluations += len(accs)
+        self.seconds += seconds
+        finite = [a for a in accs if math.isfinite(a)]
+        if finite:
+            self.best_val = max(finite + ([] if self.best_val is None else [self.best_val]))
+        for hook in self.on_batch:
+            hook(len(accs), self.best_val, seconds)
+        return accs
+
+    def close(self) -> None:
+        """Stop every actor (their CPUs/GPUs go back to the cluster for the next step)."""
+        for actor in self._all:
+            self._ray.kill(actor)
+        self._all, self._ready, self._starting = [], [], {}
+
+    def __enter__(self) -> "EvaluatorPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_evaluators(cfg: Config, split_name: str, ingredient_ids: Sequence[str], *,
+                     num_evaluators: int | None = None, actor_class=None, **actor_kwargs) -> list:
+    """E mixture evaluator actors on ``split_name`` with soup.evaluator_resources each.
+    ``actor_class`` defaults to the evaluate stage's MixtureEvaluatorActor."""
+    if actor_class is None:
+        from ..evaluate.actor import MixtureEvaluatorActor as actor_class  # noqa: N813
+    res = cfg.soup.evaluator_resources
+    n = num_evaluators or cfg.soup.num_evaluators
+    options = {"num_cpus": res.cpu, "num_gpus": res.gpu}
+    return [actor_class.options(**options).remote(cfg, split_name, list(ingredient_ids), **actor_kwargs)
+            for _ in range(n)]
+
+
+def evaluator_pool(cfg: Config, split_name: str, ingredient_ids: Sequence[str], *,
+                   on_batch: Sequence[OnBatch] = (), **kwargs) -> EvaluatorPool:
+    """The Ray-backed ``evaluate`` for the soup: E actors behind one callable."""
+    return EvaluatorPool(start_evaluators(cfg, split_name, ingredient_ids, **kwargs), on_batch=on_batch)

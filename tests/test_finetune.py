@@ -1,0 +1,253 @@
+"""The finetune stage: the trial loop resumes exactly, a sweep writes the registry and retries
+an injected failure from its checkpoint, a killed sweep on s3 is restored instead of restarted,
+and existing checkpoints (model-soups ViT-B/32 layout included) are imported or refused."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES, clone_output, tiny_config
+from pipeline import layout, storage
+from pipeline.model import CheckpointError, load_classifier
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trial_config(cfg, trial=0, **hparams):
+    from pipeline.finetune.sweep import trial_setup
+
+    return {"trial": trial, "lr": 1e-3, "weight_decay": 0.05, "epochs": 2, "label_smoothing": 0.1,
+            "randaugment_magnitude": 5, "mix_prob": 0.5, **hparams, "setup": trial_setup(cfg)}
+
+
+def test_a_resumed_trial_replays_the_uninterrupted_one(prepared_demo, tmp_path):
+    from pipeline.finetune.trainable import InjectedFailure, run_trial
+
+    def keep(into):
+        def report(metrics, ckpt_dir):
+            into.append(metrics)
+            shutil.copytree(ckpt_dir, tmp_path / f"{id(into)}-{metrics['epoch']}")
+        return report
+
+    whole, broken, resumed = [], [], []
+    run_trial(trial_config(prepared_demo), keep(whole))
+    config = trial_config(prepared_demo)
+    config["setup"]["inject_failure"] = "0:2"
+    with pytest.raises(InjectedFailure):
+        run_trial(config, keep(broken))
+    assert [m["epoch"] for m in broken] == [1]
+    run_trial(config, keep(resumed), resume_dir=str(tmp_path / f"{id(broken)}-1"))
+
+    assert [m["epoch"] for m in resumed] == [2] and resumed[0]["restored_from_epoch"] == 1
+    assert resumed[0]["val_acc"] == whole[-1]["val_acc"]
+    a, _ = load_classifier(str(tmp_path / f"{id(whole)}-2" / "model.safetensors"))
+    b, _ = load_classifier(str(tmp_path / f"{id(resumed)}-2" / "model.safetensors"))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def trial_rows(experiment_dir: str) -> dict[int, list[dict]]:
+    """Every result row Tune logged, by trial index (works for local and s3:// experiments)."""
+    rows: dict[int, list[dict]] = {}
+    for trial_dir in storage.listdir(experiment_dir):
+        uri = storage.join(experiment_dir, trial_dir, "result.json")
+        if trial_dir.startswith("train_ingredient") and storage.exists(uri):
+            for line in storage.read_bytes(uri).decode().splitlines():
+                row = json.loads(line)
+                rows.setdefault(row["config"]["trial"], []).append(row)
+    return rows
+
+
+def test_sweep_registers_ingredients_and_resumes_a_failed_trial(ray_local, prepared_demo, tmp_path, capsys):
+    from pipeline.finetune import read_registry
+    from pipeline.finetune.sweep import experiment_location, run_finetune
+
+    # quoted: YAML reads a bare 1:2 as the number 62
+    cfg = clone_output(prepared_demo, tmp_path / "out", "finetune.space.epochs=[2]",
+                       "finetune.inject_failure='1:2'", "finetune.max_failures=1")
+    registry = run_finetune(cfg)
+
+    assert [r["id"] for r in registry["ingredients"]] == ["ft-000", "ft-001"]
+    assert registry == read_registry(cfg)
+    for row in registry["ingredients"]:
+        data = storage.read_bytes(row["checkpoint_uri"])
+        assert storage.sha256(data) == row["sha256"] and row["status"] == "ok" and row["source"] == "tune"
+        clf, meta = load_classifier(row["checkpoint_uri"])
+        assert meta["hparams"] == row["hparams"] and meta["epoch"] == 2 and 0 < row["val_acc"] <= 1
+    assert layout.stage_done(cfg, "finetune")["source"] == "tune"
+
+    rows = trial_rows(experiment_location(cfg)[2])
+    # trial 1 failed at the start of epoch 2 and was retried from its epoch-1 checkpoint
+    assert [r["epoch"] for r in rows[1]] == [1, 2]
+    assert [r["restored_from_epoch"] for r in rows[1]] == [0, 1]
+    assert [r["restored_from_epoch"] for r in rows[0]] == [0, 0]
+
+    capsys.readouterr()
+    assert run_finetune(cfg) == registry
+    assert "already done" in capsys.readouterr().out
+
+
+def upload(local_dir: str, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    loc = storage.resolve(uri)
+    pafs.copy_files(local_dir, loc.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)
+
+
+def finetune_command(output_uri: str, *extra: str) -> list[str]:
+    sets = [*TINY_OVERRIDES, f"output_uri={output_uri}", *extra]
+    return [sys.executable, "-m", "pipeline", "finetune"] + [a for s in sets for a in ("--set", s)]
+
+
+def test_a_killed_sweep_on_s3_is_restored_not_restarted(prepared_demo, s3_bucket):
+    from pipeline.finetune import read_registry
+
+    out = f"{s3_bucket}/killed-sweep"
+    upload(prepared_demo.output_uri, out)
+    extra = ["finetune.num_trials=2", "finetune.max_concurrent=1", "finetune.space.epochs=[2]"]
+    cfg = tiny_config(out, *extra)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # unbuffered, so we see Tune's lines as they come; snapshot the sweep state every step
+    env.update(PYTHONUNBUFFERED="1", TUNE_GLOBAL_CHECKPOINT_S="0")
+
+    proc = subprocess.Popen(finetune_command(out, *extra), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    finished, lines = None, []
+    try:
+        deadline = time.time() + 240
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"Trial train_ingredient_(\S+) completed after", line)
+            if found:
+                finished = found.group(1)
+                break
+            assert time.time() < deadline, "no trial finished in time:\n" + "".join(lines[-30:])
+        time.sleep(2)  # let the driver record the finished trial, as a crash a moment later would
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, like a crash
+        proc.wait()
+    assert finished, "".join(lines[-30:])
+    assert not layout.stage_done(cfg, "finetune")
+
+    rerun = subprocess.run(finetune_command(out, *extra), cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "restoring the interrupted sweep" in rerun.stdout
+
+    registry = read_registry(cfg)
+    assert [r["id"] for r in registry["ingredients"]] == ["ft-000", "ft-001"]
+    by_trial = {r["trial_id"]: r for r in registry["ingredients"]}
+    assert finished in by_trial  # the same trial (same id) is still the one in the registry
+    from pipeline.finetune.sweep import experiment_name
+
+    rows = trial_rows(storage.join(layout.tune_storage(cfg), experiment_name(cfg)))
+    trial = int(finished.rsplit("_", 1)[-1])
+    first_run = [r for r in rows[trial] if r["restored_from_epoch"] == 0]
+    assert [r["epoch"] for r in first_run] == [1, 2]
+    # after the restore it trained nothing: at most it said its final result once more
+    assert all(r["restored_from_epoch"] == 2 and r["epoch"] == 2 for r in rows[trial][2:])
+    assert by_trial[finished]["val_acc"] == first_run[-1]["val_acc"]
+
+
+# ---- import-ingredients --------------------------------------------------------------------
+
+def test_import_registers_our_own_checkpoints(prepared_demo, tmp_path):
+    from pipeline.finetune import import_ingredients, read_registry
+    from pipeline.prepare import zeroshot_uri
+
+    cfg = clone_output(prepared_demo, tmp_path / "out")
+    clf, _ = load_classifier(zeroshot_uri(cfg))
+    plain = tmp_path / "plain_state.safetensors"  # a bare state dict, no metadata
+    storage.save_tensors(str(plain), clf.state_dict())
+    registry = import_ingredients(cfg, [zeroshot_uri(cfg), str(plain)])
+
+    rows = registry["ingredients"]
+    assert [r["id"] for r in rows] == ["zeroshot", "plain_state"]
+    assert rows[0]["val_acc"] == rows[1]["val_acc"] > 0  # the same weights, the same accuracy
+    assert read_registry(cfg) == registry and layout.stage_done(cfg, "finetune")["source"] == "import"
+    imported, meta = load_classifier(rows[1]["checkpoint_uri"])
+    assert meta["source"] == "import" and torch.equal(imported.head.weight, clf.head.weight)
+
+
+def test_import_refuses_a_checkpoint_of_another_architecture(prepared_demo, tmp_path):
+    from pipeline.finetune import import_ingredients
+    from pipeline.model import init_classifier, model_config
+    from pipeline.prepare import zeroshot_uri
+
+    cfg = clone_output(prepared_demo, tmp_path / "out")
+    wider = model_config(cfg.model.name)
+    wider = {**wider, "vision_cfg": {**wider["vision_cfg"], "width": 32}}
+    bad = tmp_path / "wider.safetensors"
+    storage.save_tensors(str(bad), init_classifier(cfg.model.name, 10, wider).state_dict())
+
+    with pytest.raises(CheckpointError, match=r"wider\.safetensors.*wrong shape"):
+        import_ingredients(cfg, [zeroshot_uri(cfg), str(bad)])
+    # checked before anything was written
+    assert not storage.exists(layout.registry_uri(cfg))
+    assert not storage.exists(layout.stage_dir(cfg, "finetune"))
+
+    soups_like = tmp_path / "no_head.pt"
+    torch.save({"model.visual.conv1.weight": torch.zeros(3)}, soups_like)
+    with pytest.raises(CheckpointError, match="no_head.pt"):
+        import_ingredients(cfg, [str(soups_like)])
+
+
+def vit_b32_prepared(tmp_path, class_names):
+    """A prepared output for ViT-B-32 on four tiny images: the shards, and a zero-shot
+    checkpoint of the right architecture and classes (made without any download)."""
+    from pipeline.config import load_config
+    from pipeline.data import encode_png, write_split
+    from pipeline.model import init_classifier, save_classifier
+    from pipeline.prepare import zeroshot_uri
+
+    out = tmp_path / "vit"
+    rng = np.random.default_rng(0)
+    sets = []
+    for role in ("train", "val", "id_test"):
+        uri = str(out / "data" / role)
+        write_split(uri, [encode_png(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)],
+                    [0, 1, 0, 1], name=role, role=role, class_names=class_names)
+        sets += [f"data.splits.{role}.uri={uri}", f"data.splits.{role}.role={role}"]
+    cfg = load_config(None, [f"output_uri={out}", "model.name=ViT-B-32", "model.pretrained=openai",
+                             "data.source=shards", *sets])
+    preprocess = {"size": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
+                  "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
+    save_classifier(zeroshot_uri(cfg), init_classifier("ViT-B-32", len(class_names)), model_name="ViT-B-32",
+                    class_names=class_names, preprocess=preprocess)
+    layout.mark_done(cfg, "prepare")
+    return cfg
+
+
+def test_import_maps_the_model_soups_vit_b32_layout(tmp_path):
+    import open_clip
+
+    from pipeline.finetune import import_ingredients
+
+    torch.manual_seed(0)
+    cfg = vit_b32_prepared(tmp_path, ["cat", "dog"])
+    clip = open_clip.create_model("ViT-B-32")  # random init, no download
+    # model-soups' ModelWrapper: the CLIP as `model` (its text transformer deleted) + the head
+    state = {f"model.{k}": v for k, v in clip.state_dict().items() if not k.startswith("transformer.")}
+    state["classification_head.weight"] = torch.randn(2, 512)
+    state["classification_head.bias"] = torch.randn(2)
+    torch.save(state, tmp_path / "model_7.pt")
+
+    registry = import_ingredients(cfg, [str(tmp_path / "model_7.pt")])
+    row = registry["ingredients"][0]
+    assert row["id"] == "model_7" and row["source"] == "import" and row["val_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    imported, meta = load_classifier(row["checkpoint_uri"])
+    assert meta["model_name"] == "ViT-B-32" and meta["class_names"] == ["cat", "dog"]
+    for name, value in clip.visual.state_dict().items():
+        assert torch.equal(imported.visual.state_dict()[name], value), name
+    assert torch.equal(imported.head.weight, state["classification_head.weight"])
+    assert torch.equal(imported.head.bias, state["classification_head.bias"])

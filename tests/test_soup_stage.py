@@ -1,0 +1,402 @@
+"""The soup stage on Ray: the result does not depend on the number of evaluators or the order
+they finish in; a crashed search resumes from its journal; the published model (loaded with
+open_clip) and every baseline rebuilt from its beta reproduce the report's numbers; publishing
+is atomic; s3:// works end to end; unusable ingredients are refused by name."""
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import EVALUATED_OVERRIDES, clone_output, tiny_config
+from pipeline import layout, storage
+from pipeline.evaluate.actor import EvaluatorHost
+from pipeline.soup import publish, search, stage
+from pipeline.soup.journal import Journal
+from pipeline.soup.mixture import fuse, mixture_key
+
+QUIET = {"log": lambda *_: None}
+# 4 candidates per batch, so up to 4 evaluators share each batch
+SOUP = (*EVALUATED_OVERRIDES, "soup.num_workers=4")
+# half a CPU each, so 4 evaluators fit the 2-CPU test cluster together
+SHARED_CPUS = "soup.evaluator_resources.cpu=0.5"
+METHODS = ["zero_shot", "best_individual", "uniform_soup", "greedy_soup", "mmms_phase1", "mmms"]
+
+
+def soup_clone(evaluated_demo, dst, *extra):
+    return clone_output(evaluated_demo, dst, *SOUP, *extra)
+
+
+def search_inputs(cfg):
+    inputs = stage.load_inputs(cfg)
+    val, _, _ = stage._split_names(cfg)
+    val_accs = [inputs.evaluations[i][val]["accuracy"] for i in inputs.ids]
+    return inputs, val, val_accs
+
+
+def search_with(cfg, num_evaluators, actor_class=None, **actor_kwargs):
+    inputs, val, val_accs = search_inputs(cfg)
+    with search.evaluator_pool(cfg, val, inputs.ids, num_evaluators=num_evaluators, actor_class=actor_class,
+                               **actor_kwargs) as pool:
+        pool.wait_ready(num_evaluators)  # every actor takes part from the first batch
+        result = stage.run_search(cfg, pool, val_accs, len(inputs.components), None, QUIET["log"])
+    return result, pool
+
+
+class ShuffledHost(EvaluatorHost):
+    """The real evaluator, answering after a random pause: actors finish out of order."""
+
+    def __init__(self, cfg, split_name, ingredient_ids, seed: int, finish_log: str):
+        super().__init__(cfg, split_name, ingredient_ids)
+        self.rng = random.Random(seed)
+        self.finish_log = finish_log
+
+    def evaluate(self, betas):
+        time.sleep(self.rng.uniform(0.0, 0.08))
+        accs = super().evaluate(betas)
+        with open(self.finish_log, "a") as f:
+            f.writelines(f"{time.time()!r} {mixture_key(b)}\n" for b in betas)
+        return accs
+
+
+@pytest.fixture(scope="module")
+def reference_search(evaluated_demo):
+    """The search with one evaluator: what every other way of running it must reproduce."""
+    cfg = tiny_config(evaluated_demo.output_uri, *SOUP)
+    return search_with(cfg, 1)[0]
+
+
+def assert_same_search(a, b):
+    assert a.betas.keys() == b.betas.keys()
+    for name in a.betas:
+        np.testing.assert_array_equal(a.betas[name], b.betas[name], err_msg=name)
+    assert a.search_val == b.search_val
+    assert a.phase1.chosen == b.phase1.chosen and a.phase2_kept == b.phase2_kept
+
+
+@pytest.mark.parametrize("num_evaluators", [2, 4])
+def test_the_number_of_evaluators_never_changes_the_result(evaluated_demo, reference_search, num_evaluators):
+    cfg = tiny_config(evaluated_demo.output_uri, *SOUP, SHARED_CPUS)
+    result, pool = search_with(cfg, num_evaluators)
+    assert len(pool.infos) == num_evaluators
+    assert_same_search(result, reference_search)
+
+
+def test_the_order_evaluators_finish_in_never_changes_the_result(evaluated_demo, reference_search, tmp_path):
+    cfg = tiny_config(evaluated_demo.output_uri, *SOUP, SHARED_CPUS)
+    requested: list[str] = []
+    inputs, val, val_accs = search_inputs(cfg)
+    actors = [search.start_evaluators(cfg, val, inputs.ids, num_evaluators=1, actor_class=search_ray_class(),
+                                      seed=seed, finish_log=str(tmp_path / f"actor{seed}.log"))[0]
+              for seed in range(3)]
+    with search.EvaluatorPool(actors) as pool:
+        pool.wait_ready(len(actors))
+
+        def evaluate(betas):
+            requested.extend(mixture_key(b) for b in betas)
+            return pool(betas)
+
+        result = stage.run_search(cfg, evaluate, val_accs, len(inputs.components), None, QUIET["log"])
+    assert_same_search(result, reference_search)
+    finished = [line.split() for p in tmp_path.glob("actor*.log") for line in p.read_text().splitlines()]
+    finish_order = [key for _, key in sorted(finished, key=lambda r: float(r[0]))]
+    assert sorted(finish_order) == sorted(requested)
+    assert finish_order != requested  # the answers really did come back shuffled
+
+
+def search_ray_class():
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    # the workers cannot import this test module: ship ShuffledHost's code with it
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray.remote(ShuffledHost)
+
+
+# ---- one run, crashed and resumed, then published -------------------------------------------
+
+class CrashAfter(search.EvaluatorPool):
+    """The real pool, crashing once it has evaluated ``limit`` mixtures; records every mixture
+    it was asked to evaluate."""
+
+    def __init__(self, actors, limit: int | None, seen: list):
+        super().__init__(actors)
+        self.limit, self.seen = limit, seen
+
+    def __call__(self, betas):
+        self.seen.extend(mixture_key(b) for b in betas)
+        if self.limit is not None and self.evaluations + len(betas) > self.limit:
+            raise RuntimeError("injected crash")
+        return super().__call__(betas)
+
+
+def patched_pool(monkeypatch, limit, seen):
+    monkeypatch.setattr(stage, "evaluator_pool",
+                        lambda cfg, split, ids, **kw: CrashAfter(search.start_evaluators(cfg, split, ids), limit, seen))
+
+
+@pytest.fixture(scope="module")
+def souped(evaluated_demo, tmp_path_factory):
+    """A soup run that crashed after 12 evaluations, then was rerun to the end."""
+    cfg = soup_clone(evaluated_demo, tmp_path_factory.mktemp("souped") / "out")
+    mp = pytest.MonkeyPatch()
+    patched_pool(mp, 12, [])
+    with pytest.raises(RuntimeError, match="injected crash"):
+        stage.run_soup(cfg, **QUIET)
+    assert not storage.exists(layout.latest_pointer(cfg))  # nothing published
+    journal_dirs = storage.listdir(layout.journal_root(cfg))
+    journaled = {json.loads(line)["key"] for d in journal_dirs
+                 for part in storage.listdir(storage.join(layout.journal_root(cfg), d)) if part.startswith("part-")
+                 for line in storage.read_bytes(storage.join(layout.journal_root(cfg), d, part)).decode().splitlines()}
+    second: list[str] = []
+    patched_pool(mp, None, second)
+    report = stage.run_soup(cfg, **QUIET)
+    mp.undo()
+    return {"cfg": cfg, "report": report, "journaled": journaled, "second": second}
+
+
+def test_a_crashed_search_resumes_from_its_journal(souped, reference_search):
+    assert len(souped["journaled"]) >= 4  # the crash came mid-search, after some batches were journaled
+    assert not souped["journaled"] & set(souped["second"])  # nothing journaled was evaluated again
+    report = souped["report"]
+    for name, beta in reference_search.betas.items():  # the same result as an uninterrupted run
+        np.testing.assert_array_equal(np.array(report["methods"][name]["beta"]), beta, err_msg=name)
+    assert report["evaluations"]["replayed"] >= len(souped["journaled"])
+
+
+def test_the_report_has_every_method_and_its_mixture(souped):
+    report, cfg = souped["report"], souped["cfg"]
+    assert list(report["methods"]) == METHODS
+    ids = [r["id"] for r in storage.read_json(layout.registry_uri(cfg))["ingredients"] if r["status"] == "ok"]
+    assert report["methods"]["zero_shot"]["beta"] == []
+    for name in METHODS[1:]:
+        m = report["methods"][name]
+        assert m["ingredients"] == sorted(ids)
+        beta = np.array(m["beta"])
+        assert beta.shape == (len(ids), len(report["components"]))
+        np.testing.assert_allclose(beta.sum(axis=0), 1.0, atol=1e-9)
+        assert m["ood_avg"] == pytest.approx(np.mean(list(m["ood"].values())))
+    assert report["seed"] == cfg.soup.seed and report["config"]["soup"] == cfg.soup.model_dump(mode="json")
+    assert isinstance(report["phase2_kept"], bool) and "torch" in report["versions"]
+    assert set(report["ingredient_scores"]) == set(ids)
+    evals = [n for n, _ in report["search_trace"]]
+    assert evals == sorted(evals) and report["search_trace"][-1][1] >= report["methods"]["mmms"]["search_val"]
+    # mmms never loses to the ingredient it starts from
+    assert report["methods"]["mmms"]["val"] >= report["methods"]["best_individual"]["val"]
+
+
+def test_the_run_directory_is_published_and_verified(souped):
+    cfg, report = souped["cfg"], souped["report"]
+    run_id = storage.read_pointer(layout.latest_pointer(cfg))
+    assert run_id == report["run_id"] and layout.stage_done(cfg, "soup")["run_id"] == run_id
+    run = publish.run_uri(cfg, run_id)
+    manifest = storage.verify(run)
+    assert {"fused/open_clip_config.json", "fused/open_clip_model.safetensors", "fused/head.safetensors",
+            "fused/classnames.json", "report.json", "report.md", "id_vs_ood.png", "beta_mmms.png",
+            "search_trace.png"} <= set(manifest["files"])
+    assert storage.read_json(storage.join(run, "report.json")) == report
+    md = storage.read_bytes(storage.join(run, "report.md")).decode()
+    assert "| mmms |" in md and "[" in md  # the table with intervals
+    assert [n for n in storage.listdir(layout.soup_root(cfg)) if n.startswith("scratch")] == []
+
+
+def decoded_splits(cfg, preprocess):
+    from pipeline.data.shards import decode_split, read_split
+
+    out = {}
+    for name, split in layout.splits(cfg).items():
+        if split.role in ("val", "id_test", "ood"):
+            out[name] = decode_split(read_split(split.uri), preprocess)
+    return out
+
+
+def accuracies(classifier, splits) -> dict[str, float]:
+    with torch.inference_mode():
+        return {name: int((classifier(x).argmax(-1) == y).sum()) / len(y) for name, (x, y) in splits.items()}
+
+
+def report_accuracies(method: dict, report: dict) -> dict[str, float]:
+    s = report["splits"]
+    return {s["val"]: method["val"], s["id_test"]: method["id_test"], **method["ood"]}
+
+
+def test_the_published_model_reproduces_the_mmms_numbers(souped):
+    import open_clip
+
+    from pipeline import load_fused
+
+    cfg, report = souped["cfg"], souped["report"]
+    classifier, preprocess, class_names = load_fused(cfg.output_uri)
+    fused_dir = storage.join(publish.run_uri(cfg, report["run_id"]), "fused")
+    clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{fused_dir}")
+    for name, tensor in clip.visual.state_dict().items():  # what load_fused gave is open_clip's own model
+        assert torch.equal(tensor, classifier.visual.state_dict()[name]), name
+    assert class_names == storage.read_json(layout.registry_uri(cfg))["class_names"]
+    splits = decoded_splits(cfg, preprocess)
+    assert accuracies(classifier, splits) == report_accuracies(report["methods"]["mmms"], report)
+
+
+def test_every_baseline_rebuilt_from_its_beta_matches_its_numbers(souped):
+    from pipeline.model import components, image_transform, load_classifier
+    from pipeline.model.classifier import classifier_from_state
+
+    cfg, report = souped["cfg"], souped["report"]
+    rows = {r["id"]: r for r in storage.read_json(layout.registry_uri(cfg))["ingredients"]}
+    ref, meta = load_classifier(rows[report["methods"]["mmms"]["ingredients"][0]]["checkpoint_uri"])
+    comps = components(ref, cfg.soup.granularity)
+    splits = decoded_splits(cfg, image_transform(meta["preprocess"]))
+    for name in ["best_individual", "uniform_soup", "greedy_soup", "mmms_phase1"]:
+        m = report["methods"][name]
+        states = [load_classifier(rows[i]["checkpoint_uri"])[0].state_dict() for i in m["ingredients"]]
+        clf = classifier_from_state(meta["model_name"], fuse(states, np.array(m["beta"]), comps),
+                                    len(meta["class_names"])).eval()
+        assert accuracies(clf, splits) == report_accuracies(m, report), name
+    zs = report["methods"]["zero_shot"]
+    evaluated = stage.read_evaluations(cfg)["zero_shot"]
+    assert report_accuracies(zs, report) == {s: v["accuracy"] for s, v in evaluated.items()}
+
+
+def test_a_finished_soup_is_skipped(souped, monkeypatch):
+    cfg = souped["cfg"]
+    monkeypatch.setattr(stage, "evaluator_pool", lambda *a, **k: pytest.fail("a finished soup started evaluators"))
+    runs = [n for n in storage.listdir(layout.soup_root(cfg)) if n[:1].isdigit()]
+    assert stage.run_soup(cfg, **QUIET) == souped["report"]
+    assert [n for n in storage.listdir(layout.soup_root(cfg)) if n[:1].isdigit()] == runs
+
+
+def test_another_config_never_reuses_the_journal(souped):
+    cfg = souped["cfg"]
+    inputs, val, _ = search_inputs(cfg)
+    uri = layout.splits(cfg)[val].uri
+
+    def journal(c):
+        return Journal.open(layout.journal_root(c), stage.journal_header(c, inputs.ingredients,
+                                                                         inputs.component_names, val, uri))
+
+    assert len(journal(cfg)) > 0  # the run's own journal
+    # how many evaluators run it is not part of the search: the journal is reused
+    assert len(journal(tiny_config(cfg.output_uri, *SOUP, "soup.num_evaluators=3", SHARED_CPUS))) == len(journal(cfg))
+    for override in ["soup.tau=0.99", "soup.num_workers=3", "soup.granularity=2", "evaluate.ingredient_dtype=bfloat16"]:
+        other = journal(tiny_config(cfg.output_uri, *SOUP, override))
+        assert other.uri != journal(cfg).uri and len(other) == 0, override
+
+
+# ---- publishing -----------------------------------------------------------------------------
+
+def test_a_crash_mid_upload_leaves_the_previous_result_in_force(tmp_path, monkeypatch):
+    cfg = tiny_config(str(tmp_path / "out"))
+    files = {"fused/a.bin": b"a" * 100, "fused/b.bin": b"b" * 50, "report.json": b"{}", "report.md": b"# r\n"}
+    publish.publish_run(cfg, "run-1", files)
+    assert storage.read_pointer(layout.latest_pointer(cfg)) == "run-1"
+
+    real_write = storage.write_bytes
+    writes = []
+
+    def failing_write(uri, data):
+        writes.append(uri)
+        if len(writes) == 3:
+            raise storage.StorageError(f"injected failure writing {uri}")
+        real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", failing_write)
+    with pytest.raises(storage.StorageError, match="injected failure"):
+        publish.publish_run(cfg, "run-2", {**files, "report.json": b'{"new": 1}'})
+    monkeypatch.undo()
+    assert storage.read_pointer(layout.latest_pointer(cfg)) == "run-1"
+    storage.verify(publish.run_uri(cfg, "run-1"))
+    assert not storage.exists(publish.run_uri(cfg, "run-2"))
+    with pytest.raises(storage.StorageError, match="never reused"):
+        publish.publish_run(cfg, "run-1", files)
+
+
+def test_a_crash_before_the_pointer_moves_keeps_latest(tmp_path, monkeypatch):
+    cfg = tiny_config(str(tmp_path / "out"))
+    files = {"report.json": b"{}"}
+    publish.publish_run(cfg, "run-1", files)
+    real_verify = storage.verify
+    monkeypatch.setattr(storage, "verify", lambda *a: (_ for _ in ()).throw(storage.StorageError("injected verify")))
+    with pytest.raises(storage.StorageError, match="injected verify"):
+        publish.publish_run(cfg, "run-2", files)
+    monkeypatch.setattr(storage, "verify", real_verify)
+    assert storage.read_pointer(layout.latest_pointer(cfg)) == "run-1"
+    assert not storage.exists(publish.run_uri(cfg, "run-2"))
+
+
+# ---- s3 -------------------------------------------------------------------------------------
+
+def upload(local_dir: str, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    loc = storage.resolve(uri)
+    pafs.copy_files(local_dir, loc.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)
+
+
+def test_s3_round_trip(evaluated_demo, s3_bucket, tmp_path):
+    from pipeline import load_fused
+    from pipeline.finetune.registry import read_registry, write_registry
+
+    uri = f"{s3_bucket}/soup-s3"
+    upload(evaluated_demo.output_uri, uri)
+    cfg = tiny_config(uri, *SOUP)
+    registry = read_registry(cfg)
+    for row in registry["ingredients"]:  # the copied ingredients, not the local originals
+        row["checkpoint_uri"] = layout.ingredient_uri(cfg, row["id"])
+    write_registry(cfg, registry)
+    report = stage.run_soup(cfg, **QUIET)
+    run_id = storage.read_pointer(layout.latest_pointer(cfg))
+    assert run_id == report["run_id"]
+    storage.verify(publish.run_uri(cfg, run_id))
+    classifier, preprocess, _ = load_fused(uri)
+    val = decoded_splits(cfg, preprocess)
+    assert accuracies(classifier, val)["val"] == report["methods"]["mmms"]["val"]
+    for where in [publish.run_uri(cfg, run_id), storage.join(publish.run_uri(cfg, run_id), "fused")]:
+        other, _, _ = load_fused(where)
+        assert torch.equal(other.head.weight, classifier.head.weight)
+
+
+# ---- refusals -------------------------------------------------------------------------------
+
+def test_an_ingredient_of_another_architecture_is_refused_by_name(evaluated_demo, tmp_path):
+    from pipeline.finetune.registry import read_registry, write_registry
+    from pipeline.model import save_classifier
+    from pipeline.model.classifier import init_classifier
+    from pipeline.model.factory import model_config
+
+    cfg = soup_clone(evaluated_demo, tmp_path / "out")
+    registry = read_registry(cfg)
+    name = registry["model_name"]
+    narrow = model_config(name)
+    narrow = {**narrow, "vision_cfg": {**narrow["vision_cfg"], "width": 32}}
+    odd = init_classifier(name, len(registry["class_names"]), narrow)
+    uri = layout.ingredient_uri(cfg, "ft-odd")
+    data = save_classifier(uri, odd, model_name=name, class_names=registry["class_names"], preprocess={"size": 16,
+                           "mean": [0.5] * 3, "std": [0.5] * 3})
+    registry["ingredients"].append({**registry["ingredients"][0], "id": "ft-odd", "checkpoint_uri": uri,
+                                    "sha256": storage.sha256(data)})
+    write_registry(cfg, registry)
+    with pytest.raises(stage.SoupInputError, match=r"ingredient 'ft-odd' .* architecture"):
+        stage.run_soup(cfg, **QUIET)
+    assert not storage.exists(layout.journal_root(cfg))  # refused before anything was evaluated
+
+
+def test_a_changed_checkpoint_is_refused(evaluated_demo, tmp_path):
+    from pipeline.finetune.registry import read_registry, write_registry
+
+    cfg = soup_clone(evaluated_demo, tmp_path / "out")
+    registry = read_registry(cfg)
+    registry["ingredients"][1]["sha256"] = "0" * 64
+    write_registry(cfg, registry)
+    with pytest.raises(stage.SoupInputError, match=f"ingredient '{registry['ingredients'][1]['id']}'.*sha256"):
+        stage.run_soup(cfg, **QUIET)
+
+
+def test_the_soup_needs_a_finished_evaluate_stage(prepared_demo, tmp_path):
+    cfg = clone_output(prepared_demo, tmp_path / "out")
+    with pytest.raises(stage.SoupInputError, match="frankensoup evaluate"):
+        stage.run_soup(cfg, **QUIET)
