@@ -3,13 +3,14 @@ an injected failure from its checkpoint, a killed sweep on s3 is restored instea
 and existing checkpoints (model-soups ViT-B/32 layout included) are imported or refused."""
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -50,22 +51,31 @@ def test_a_resumed_trial_replays_the_uninterrupted_one(prepared_demo, tmp_path):
 
     assert [m["epoch"] for m in resumed] == [2] and resumed[0]["restored_from_epoch"] == 1
     assert resumed[0]["val_acc"] == whole[-1]["val_acc"]
+    # resumed at its last checkpoint (a finished trial Tune had not recorded): trains nothing
+    again = []
+    run_trial(config, lambda metrics, ckpt: again.append((metrics, ckpt)), resume_dir=str(tmp_path / f"{id(whole)}-2"))
+    assert [(m["epoch"], m["restored_from_epoch"], m["val_acc"], ckpt) for m, ckpt in again] == \
+        [(2, 2, whole[-1]["val_acc"], None)]
+
     a, _ = load_classifier(str(tmp_path / f"{id(whole)}-2" / "model.safetensors"))
     b, _ = load_classifier(str(tmp_path / f"{id(resumed)}-2" / "model.safetensors"))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
 
 
-def trial_rows(experiment_dir: str) -> dict[int, list[dict]]:
-    """Every result row Tune logged, by trial index (works for local and s3:// experiments)."""
-    rows: dict[int, list[dict]] = {}
-    for trial_dir in storage.listdir(experiment_dir):
-        uri = storage.join(experiment_dir, trial_dir, "result.json")
-        if trial_dir.startswith("train_ingredient") and storage.exists(uri):
-            for line in storage.read_bytes(uri).decode().splitlines():
-                row = json.loads(line)
-                rows.setdefault(row["config"]["trial"], []).append(row)
-    return rows
+def trial_checkpoints(experiment_dir: str, trial_id: str) -> dict[str, dict]:
+    """Checkpoint name -> its state.json, for the trial Tune calls ``trial_id``. Checkpoints
+    are the trial's own record: workers write them before reporting (Tune's result.json is
+    the driver's, and may miss a row reported just before a crash)."""
+    [trial_dir] = [d for d in storage.listdir(experiment_dir) if d.startswith(f"train_ingredient_{trial_id}_")]
+    folder = storage.join(experiment_dir, trial_dir)
+    return {name: storage.read_json(storage.join(folder, name, "state.json"))
+            for name in storage.listdir(folder) if name.startswith("checkpoint_")}
+
+
+def final_state(experiment_dir: str, trial_id: str) -> dict:
+    checkpoints = trial_checkpoints(experiment_dir, trial_id)
+    return checkpoints[max(checkpoints)]
 
 
 def test_sweep_registers_ingredients_and_resumes_a_failed_trial(ray_local, prepared_demo, tmp_path, capsys):
@@ -86,11 +96,12 @@ def test_sweep_registers_ingredients_and_resumes_a_failed_trial(ray_local, prepa
         assert meta["hparams"] == row["hparams"] and meta["epoch"] == 2 and 0 < row["val_acc"] <= 1
     assert layout.stage_done(cfg, "finetune")["source"] == "tune"
 
-    rows = trial_rows(experiment_location(cfg)[2])
-    # trial 1 failed at the start of epoch 2 and was retried from its epoch-1 checkpoint
-    assert [r["epoch"] for r in rows[1]] == [1, 2]
-    assert [r["restored_from_epoch"] for r in rows[1]] == [0, 1]
-    assert [r["restored_from_epoch"] for r in rows[0]] == [0, 0]
+    experiment = experiment_location(cfg)[2]
+    ft0, ft1 = (final_state(experiment, r["trial_id"])["metrics"] for r in registry["ingredients"])
+    # trial 1 failed at the start of epoch 2 and its retry went on from the epoch-1 checkpoint
+    assert (ft1["epoch"], ft1["restored_from_epoch"]) == (2, 1)
+    assert (ft0["epoch"], ft0["restored_from_epoch"]) == (2, 0)
+    assert ft1["val_acc"] == registry["ingredients"][1]["val_acc"]
 
     capsys.readouterr()
     assert run_finetune(cfg) == registry
@@ -117,27 +128,32 @@ def test_a_killed_sweep_on_s3_is_restored_not_restarted(prepared_demo, s3_bucket
     extra = ["finetune.num_trials=2", "finetune.max_concurrent=1", "finetune.space.epochs=[2]"]
     cfg = tiny_config(out, *extra)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # unbuffered, so we see Tune's lines as they come; snapshot the sweep state every step
-    env.update(PYTHONUNBUFFERED="1", TUNE_GLOBAL_CHECKPOINT_S="0")
+    env["PYTHONUNBUFFERED"] = "1"  # so we see Tune's lines as they come
 
     proc = subprocess.Popen(finetune_command(out, *extra), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    watchdog = threading.Timer(240, os.killpg, (proc.pid, signal.SIGKILL))  # never hang the suite
+    watchdog.start()
     finished, lines = None, []
     try:
-        deadline = time.time() + 240
         for line in proc.stdout:
             lines.append(line)
             found = re.search(r"Trial train_ingredient_(\S+) completed after", line)
             if found:
                 finished = found.group(1)
                 break
-            assert time.time() < deadline, "no trial finished in time:\n" + "".join(lines[-30:])
         time.sleep(2)  # let the driver record the finished trial, as a crash a moment later would
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, like a crash
+        watchdog.cancel()
+        with contextlib.suppress(ProcessLookupError):  # the watchdog may have done it
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, like a crash
         proc.wait()
     assert finished, "".join(lines[-30:])
     assert not layout.stage_done(cfg, "finetune")
+    from pipeline.finetune.sweep import experiment_name
+
+    experiment = storage.join(layout.tune_storage(cfg), experiment_name(cfg))
+    before = trial_checkpoints(experiment, finished)
 
     rerun = subprocess.run(finetune_command(out, *extra), cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
@@ -147,16 +163,12 @@ def test_a_killed_sweep_on_s3_is_restored_not_restarted(prepared_demo, s3_bucket
     registry = read_registry(cfg)
     assert [r["id"] for r in registry["ingredients"]] == ["ft-000", "ft-001"]
     by_trial = {r["trial_id"]: r for r in registry["ingredients"]}
-    assert finished in by_trial  # the same trial (same id) is still the one in the registry
-    from pipeline.finetune.sweep import experiment_name
-
-    rows = trial_rows(storage.join(layout.tune_storage(cfg), experiment_name(cfg)))
-    trial = int(finished.rsplit("_", 1)[-1])
-    first_run = [r for r in rows[trial] if r["restored_from_epoch"] == 0]
-    assert [r["epoch"] for r in first_run] == [1, 2]
-    # after the restore it trained nothing: at most it said its final result once more
-    assert all(r["restored_from_epoch"] == 2 and r["epoch"] == 2 for r in rows[trial][2:])
-    assert by_trial[finished]["val_acc"] == first_run[-1]["val_acc"]
+    # the finished trial was kept, not retrained: the same checkpoints, nothing new, and its
+    # registered result is the one it had before the kill
+    assert trial_checkpoints(experiment, finished) == before
+    last = before[max(before)]["metrics"]
+    assert (last["epoch"], last["restored_from_epoch"]) == (2, 0)
+    assert by_trial[finished]["val_acc"] == last["val_acc"]
 
 
 # ---- import-ingredients --------------------------------------------------------------------

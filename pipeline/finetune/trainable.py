@@ -152,9 +152,9 @@ def train_epoch(clf, opt, sched, data: TrialData, config: dict, augment, mix) ->
     setup = config["setup"]
     clf.train()
     order = torch.randperm(len(data.train_labels))
-    total_loss, seen, seconds = 0.0, 0, 0.0
+    total_loss, seen, seconds, cpu_seconds = 0.0, 0, 0.0, 0.0
     for start in range(0, len(order), setup["batch_size"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         idx = order[start : start + setup["batch_size"]]
         images = data.train_images[idx]
         if augment is not None:
@@ -171,10 +171,11 @@ def train_epoch(clf, opt, sched, data: TrialData, config: dict, augment, mix) ->
         sched.step()
         loss_value = float(loss.detach())  # syncs the device, so the timing is honest
         seconds += time.perf_counter() - t0
+        cpu_seconds += time.thread_time() - c0  # this thread's CPU: the rate minus waiting for a core
         total_loss += loss_value * len(idx)
         seen += len(idx)
     return {"train_loss": total_loss / seen, "train_images": seen, "train_seconds": seconds,
-            "images_per_s": seen / seconds if seconds > 0 else 0.0}
+            "train_cpu_seconds": cpu_seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0}
 
 
 @torch.inference_mode()
@@ -261,8 +262,7 @@ def restore_trial(directory: str, clf, opt, sched) -> dict:
 Report = Callable[[dict, "str | None"], None]
 
 
-def run_trial(config: dict, report: Report, *, resume_dir: str | None = None,
-              data: TrialData | None = None) -> dict:
+def run_trial(config: dict, report: Report, *, resume_dir: str | None = None) -> dict:
     """Finetune the zero-shot classifier with ``config`` (sampled hparams + ``setup``); after
     every epoch call ``report(metrics, checkpoint_dir)`` (the directory lives only during the
     call). ``resume_dir``: a checkpoint to continue from. Returns the last metrics."""
@@ -271,7 +271,7 @@ def run_trial(config: dict, report: Report, *, resume_dir: str | None = None,
     torch.manual_seed(trial_seed(setup["seed"], config["trial"]))
     clf, meta = load_classifier(setup["zeroshot_uri"])
     clf = clf.to(device_of())
-    data = data or load_trial_data(setup["train_uri"], setup["val_uri"], meta["preprocess"])
+    data = load_trial_data(setup["train_uri"], setup["val_uri"], meta["preprocess"])
     epochs = int(config["epochs"])
     opt, sched = build_optimizer(clf, config, epochs * steps_per_epoch(len(data.train_labels), setup["batch_size"]))
     augment = build_augment(config["randaugment_magnitude"])
