@@ -2,7 +2,7 @@
 implementation's way, for the demo model and a randomly initialised ViT-B-32 at 224 px.
 
     python bench/mixture_eval.py [--k 4] [--images-demo 512] [--images-vit 32]
-                                 [--dtype float32|bfloat16] [--device cpu|cuda] [--repeats 5]
+                                 [--dtype float32|bfloat16] [--device cpu|cuda]
 
 Per model, on the same K ingredients (random perturbations of the base weights) and images:
 - ours: ``MixtureEvaluator.evaluate([beta])``: fuse into the resident model, forward over the
@@ -136,7 +136,7 @@ def bench_model(name: str, k: int, n_images: int, dtype: str, device: torch.devi
                            "bare": lambda: count_correct(fixed, ev.images, ev.labels, batch_size, device, dtype),
                            "reference": reference}, repeats, device)
     ours, bare, ref = t["ours"], t["bare"], t["reference"]
-    return {"model": name, "params": n_params, "k": k, "components": len(comps), "images": n_images,
+    return {"model": name, "params": n_params, "k": k, "repeats": repeats, "components": len(comps), "images": n_images,
             "ours_s": ours, "bare_s": bare, "reference_s": ref, "images_per_s": n_images / ours,
             "overhead_ratio": ours / bare, "reference_speedup": ref / ours}
 
@@ -150,7 +150,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="ingredient dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (each way once per round, median reported), after one warm-up")
+    p.add_argument("--repeats-demo", type=int, default=15,
+                   help="timed rounds for the demo model (each way once per round, median reported; default 15)")
+    p.add_argument("--repeats-vit", type=int, default=3, help="timed rounds for ViT-B-32 (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--models", default=f"{DEMO_MODEL},ViT-B-32")
     args = p.parse_args(argv)
@@ -162,15 +164,16 @@ def main(argv=None) -> None:
         p.error(f"--models: unknown {unknown}; choose from {list(N_CLASSES)}")
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, threads {args.threads}, dtype {args.dtype}, K {args.k}, "
-          f"batch {args.batch_size}, repeats {args.repeats}, granularity {GRANULARITY}")
+          f"batch {args.batch_size}, granularity {GRANULARITY}")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-mixture-") as workdir:
         for name in names:
-            images = args.images_demo if name == DEMO_MODEL else args.images_vit
-            r = bench_model(name, args.k, images, args.dtype, device, args.batch_size, args.repeats, workdir)
+            images, repeats = ((args.images_demo, args.repeats_demo) if name == DEMO_MODEL
+                               else (args.images_vit, args.repeats_vit))
+            r = bench_model(name, args.k, images, args.dtype, device, args.batch_size, repeats, workdir)
             results.append(r)
             print(f"{r['model']}: {r['params']:,} params, K={r['k']}, {r['components']} components, "
-                  f"{r['images']} images | ours {r['ours_s'] * 1e3:.1f} ms/eval ({r['images_per_s']:.0f} images/s), "
+                  f"{r['images']} images, {r['repeats']} rounds | ours {r['ours_s'] * 1e3:.1f} ms/eval ({r['images_per_s']:.0f} images/s), "
                   f"bare forward {r['bare_s'] * 1e3:.1f} ms, reference {r['reference_s'] * 1e3:.1f} ms | "
                   f"overhead_ratio {r['overhead_ratio']:.3f}, reference_speedup {r['reference_speedup']:.2f}",
                   flush=True)

@@ -124,3 +124,8 @@ def mark_done(cfg: Config, stage: str, info: dict | None = None, key: str | None
     storage.write_json(_marker(cfg, stage), {"stage": stage, "key": key or stage_key(cfg, stage),
                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                              **(info or {})})
+
+
+def clear_done(cfg: Config, stage: str) -> None:
+    """Withdraw a stage's marker before rewriting its outputs, so a crash midway reads as unfinished."""
+    storage.delete(_marker(cfg, stage))

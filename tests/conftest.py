@@ -127,18 +127,22 @@ def clone_output(cfg, dst, *extra: str):
 
 # ---- the shared small demo, finetuned and evaluated ---------------------------------------
 
-# the finetune setting evaluated_demo was made with; pass it to clone_output(evaluated_demo, ...)
-EVALUATED_OVERRIDES = ("finetune.num_trials=3",)
+# evaluated_demo's settings (pass them to clone_output): a base pretrained long enough that its
+# finetunes stay close together, so soups of them behave as soups do (the 60-step base's do not)
+EVALUATED_OVERRIDES = ("model.demo_base.steps=200", "finetune.num_trials=3")
 
 
 @pytest.fixture(scope="session")
-def evaluated_demo(prepared_demo, tmp_path_factory, ray_local):
-    """prepared_demo + a finished finetune (3 one-epoch trials) and evaluate stage, shared
-    read-only: clone it with ``clone_output(evaluated_demo, dst, *EVALUATED_OVERRIDES)``."""
+def evaluated_demo(tmp_path_factory, ray_local):
+    """A finished prepare (200-step base), finetune (3 one-epoch trials) and evaluate stage,
+    shared read-only: clone it with ``clone_output(evaluated_demo, dst, *EVALUATED_OVERRIDES)``."""
     from pipeline.evaluate.stage import run_evaluate
     from pipeline.finetune.sweep import run_finetune
+    from pipeline.prepare import run_prepare
 
-    cfg = clone_output(prepared_demo, tmp_path_factory.mktemp("evaluated") / "out", *EVALUATED_OVERRIDES)
-    run_finetune(cfg, log=lambda *_: None)
-    run_evaluate(cfg, log=lambda *_: None)
+    cfg = tiny_config(str(tmp_path_factory.mktemp("evaluated") / "out"), *EVALUATED_OVERRIDES)
+    quiet = {"log": lambda *_: None}
+    run_prepare(cfg, **quiet)
+    run_finetune(cfg, **quiet)
+    run_evaluate(cfg, **quiet)
     return cfg

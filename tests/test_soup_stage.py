@@ -242,6 +242,30 @@ def test_the_published_model_reproduces_the_mmms_numbers(souped):
     assert accuracies(classifier, splits) == report_accuracies(report["methods"]["mmms"], report)
 
 
+def test_predict_classifies_image_files(souped, tmp_path):
+    from pipeline.data.shards import read_split
+    from pipeline.errors import UserError
+    from pipeline.fused import predict_files
+
+    cfg = souped["cfg"]
+    split = read_split(layout.splits(cfg)["val"].uri)
+    paths = []
+    for i, data in enumerate(split.table.column("image").to_pylist()[:3]):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        (tmp_path / f"img{i}.png").write_bytes(data)
+    out = predict_files(cfg.output_uri, paths, top=3)
+    assert [p for p, _ in out] == paths
+    for _, preds in out:
+        assert len(preds) == 3 and all(name in split.class_names for name, _ in preds)
+        probs = [p for _, p in preds]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="notes.txt"):
+        predict_files(cfg.output_uri, [str(tmp_path / "notes.txt")])
+    with pytest.raises(UserError, match="holds no fused model"):
+        predict_files(str(tmp_path), paths)
+
+
 def test_every_baseline_rebuilt_from_its_beta_matches_its_numbers(souped):
     from pipeline.model import components, image_transform, load_classifier
     from pipeline.model.classifier import classifier_from_state

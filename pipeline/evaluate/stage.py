@@ -18,7 +18,6 @@ from .stream import score_splits
 Log = Callable[[str], None]
 # the model name results.parquet gives prepare's zero-shot classifier (the soup reads it by this name)
 ZERO_SHOT = "zero_shot"
-COLUMNS = ("model", "split", "role", "accuracy", "correct", "n")
 
 
 class EvaluateInputError(UserError, ValueError):
@@ -90,6 +89,18 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def progress_printer(log: Log, every_s: float = 10.0) -> Callable[[int, int], None]:
+    """A line every ``every_s`` seconds while images are scored, and one at the end."""
+    last = [time.time()]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or time.time() - last[0] >= every_s:
+            last[0] = time.time()
+            log(f"evaluate: {done:,} / {total:,} images scored")
+
+    return progress
+
+
 def read_results(cfg: Config) -> list[dict]:
     """evaluate/results.parquet as a list of rows."""
     import pyarrow.parquet as pq
@@ -111,6 +122,9 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
     from ..raycluster import init_ray
 
     init_ray(cfg)
+    # the old marker goes first: if scoring fails, the stage reads as not done (old results stay
+    # behind, but nothing vouches for them)
+    storage.delete(storage.join(layout.stage_dir(cfg, "evaluate"), "_DONE.json"))
     t0 = time.time()
     log(f"evaluate: {len(models)} models x {len(splits)} splits ({', '.join(splits)}), "
         f"{cfg.evaluate.num_actors} scoring actor(s)")
@@ -119,11 +133,9 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
                           resources=ev.resources, class_names=registry["class_names"],
                           threads=ev.threads,
                           # the mixture evaluator's precision, so one-hot scores in the soup equal this table
-                          autocast_bf16=ev.ingredient_dtype == "bfloat16")
+                          autocast_bf16=ev.ingredient_dtype == "bfloat16", progress=progress_printer(log))
     rows = result_rows(scores, splits)
     table = markdown_table(rows)
-    # the old marker goes first: until the new one is written the stage reads as not done
-    storage.delete(storage.join(layout.stage_dir(cfg, "evaluate"), "_DONE.json"))
     storage.write_bytes(layout.evaluations_uri(cfg), parquet_bytes(rows))
     storage.write_bytes(layout.evaluations_uri(cfg, "md"),
                         f"# Top-1 accuracy (%)\n\n{table}\n".encode())

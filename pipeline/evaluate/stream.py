@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -221,8 +221,9 @@ def _read_splits(shards: dict[str, list[str]]):
         if group is None:
             groups.append(group := (loc.fs, []))
         group[1].append(loc.path)
-    datasets = [ray.data.read_parquet(paths, filesystem=fs, include_paths=True).select_columns(["image", "label", "path"])
-                for fs, paths in groups]
+    # one block per shard: the scorers start on the first shard while the next ones are read
+    datasets = [ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label"], include_paths=True,
+                                      override_num_blocks=len(paths)) for fs, paths in groups]
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
 
 
@@ -238,9 +239,22 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def first_unreadable_shard(shard_uris: list[str]) -> DataError | None:
+    """Read each shard in full until one fails (only after a pass failed without naming one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for uri in shard_uris:
+        try:
+            pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=["image", "label"])
+        except Exception as e:  # pyarrow raises several types; one message naming the shard
+            return DataError(f"shard {uri} is unreadable: {e}")
+    return None
+
+
 def clear_error(error: BaseException, shard_of_path: dict[str, str]) -> BaseException:
     """One clear error for a failed pass: a UserError raised in an actor as it was, else the
-    shard Ray names in its message, else the error itself."""
+    shard Ray names in its message, else the first shard that does not read, else the error."""
     cause = _root_cause(error)
     if isinstance(cause, UserError):
         return cause
@@ -249,23 +263,44 @@ def clear_error(error: BaseException, shard_of_path: dict[str, str]) -> BaseExce
         if path in text:
             reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             return DataError(f"shard {uri} is unreadable: {reason}")
-    return error
+    return first_unreadable_shard(list(shard_of_path.values())) or error
 
 
-def _fail_fast() -> None:
+def _reader_settings() -> None:
+    """This process's Ray Data settings for scoring reads (set before the dataset is made)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     # a corrupt shard fails on the first read and is named, instead of being retried
     ctx.retried_io_errors = []
     ctx.max_errored_blocks = 0
+    # the V1 parquet reader makes one read task and block per shard, so scoring starts on the
+    # first shard; V2 packs shards into 128 MiB read units (a whole demo split in one block,
+    # scored only once all of it is read) after starting an actor pool to read footers
+    ctx.use_datasource_v2 = False
+
+
+def _scored_batches(shards: dict[str, list[str]], actor_kwargs: dict, batch_size: int, num_actors: int,
+                    resources: Resources):
+    """The scorers' output batches as they come (the dataset is made lazily: reading a sample
+    of a corrupt shard fails already there)."""
+    import ray.data
+
+    _reader_settings()
+    scored = _read_splits(shards).map_batches(
+        BatchScorer, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=resources.cpu, num_gpus=resources.gpu, fn_constructor_kwargs=actor_kwargs)
+    yield from scored.iter_batches(batch_size=None, batch_format="numpy")
 
 
 def score_splits(checkpoint_uris: Mapping[str, str], splits: Mapping[str, SplitConfig], *, batch_size: int,
                  num_actors: int, resources: Resources, class_names: list[str] | None = None,
-                 threads: int = 1, autocast_bf16: bool = True) -> dict[str, dict[str, dict]]:
+                 threads: int = 1, autocast_bf16: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, dict]]:
     """{split: {model: {"correct", "n", "accuracy"}}} for every model on every split, in one
-    streaming pass. ``checkpoint_uris`` maps a model's name to its classifier checkpoint."""
+    streaming pass. ``checkpoint_uris`` maps a model's name to its classifier checkpoint.
+    ``autocast_bf16``: forward under bfloat16 autocast on CUDA (the mixture evaluator does so
+    with bfloat16 ingredients). ``progress(rows_done, rows_total)`` is called per gathered batch."""
     names = list(checkpoint_uris)
     shared = shared_metadata(checkpoint_uris, class_names)
     shards = {s: check_shard_footers(cfg.uri) for s, cfg in splits.items()}
@@ -276,19 +311,14 @@ def score_splits(checkpoint_uris: Mapping[str, str], splits: Mapping[str, SplitC
     if len(shard_of_path) != sum(len(u) for u in shards.values()):
         raise DataError(f"splits {sorted(splits)} share shard files: score them separately")
 
-    import ray.data
-
-    _fail_fast()
-    scored = _read_splits(shards).map_batches(
-        BatchScorer, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=resources.cpu, num_gpus=resources.gpu,
-        fn_constructor_kwargs=dict(checkpoint_uris=[checkpoint_uris[n] for n in names], scorings=scorings,
-                                   shard_of_path=shard_of_path, preprocess=shared["preprocess"],
-                                   threads=threads, gpu=resources.gpu, autocast_bf16=autocast_bf16))
+    actor_kwargs = dict(checkpoint_uris=[checkpoint_uris[n] for n in names], scorings=scorings,
+                        shard_of_path=shard_of_path, preprocess=shared["preprocess"], threads=threads,
+                        gpu=resources.gpu, autocast_bf16=autocast_bf16)
     correct = {s: np.zeros(len(names), dtype=np.int64) for s in splits}
     seen = dict.fromkeys(splits, 0)
+    total = sum(info["num_rows"] for info in infos.values())
     try:
-        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _scored_batches(shards, actor_kwargs, batch_size, num_actors, resources):
             failed = [e for e in batch["error"] if e]
             if failed:
                 raise DataError(failed[0])
@@ -296,6 +326,8 @@ def score_splits(checkpoint_uris: Mapping[str, str], splits: Mapping[str, SplitC
                 rows = batch["split"] == s
                 seen[s] += int(rows.sum())
                 correct[s] += [int(batch[f"correct_{i}"][rows].sum()) for i in range(len(names))]
+            if progress is not None:
+                progress(sum(seen.values()), total)
     except DataError:
         raise
     except Exception as e:  # Ray wraps what failed in a worker; surface the culprit
@@ -309,8 +341,9 @@ def score_splits(checkpoint_uris: Mapping[str, str], splits: Mapping[str, SplitC
 
 def score_models(checkpoint_uris: Mapping[str, str], split: SplitConfig, *, batch_size: int, num_actors: int,
                  resources: Resources, class_names: list[str] | None = None, threads: int = 1,
-                 autocast_bf16: bool = True, name: str = "split") -> dict[str, dict]:
-    """{model: {"correct", "n", "accuracy"}} of every model on one split."""
+                 autocast_bf16: bool = False, progress: Callable[[int, int], None] | None = None,
+                 name: str = "split") -> dict[str, dict]:
+    """{model: {"correct", "n", "accuracy"}} of every model on one split (see score_splits)."""
     return score_splits(checkpoint_uris, {name: split}, batch_size=batch_size, num_actors=num_actors,
                         resources=resources, class_names=class_names, threads=threads,
-                        autocast_bf16=autocast_bf16)[name]
+                        autocast_bf16=autocast_bf16, progress=progress)[name]

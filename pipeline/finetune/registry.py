@@ -65,7 +65,7 @@ def usable(registry: dict) -> list[dict]:
 
 def begin_publish(cfg: Config) -> None:
     """From here until the marker is rewritten the stage reads as not done."""
-    storage.delete(layout._marker(cfg, "finetune"))
+    layout.clear_done(cfg, "finetune")
 
 
 def finish_publish(cfg: Config, rows: list[dict], model_name: str, class_names: list[str]) -> dict:

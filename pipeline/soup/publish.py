@@ -40,7 +40,8 @@ def fused_clip(base_clip: torch.nn.Module, classifier_state: dict[str, torch.Ten
 def head_bytes(classifier_state: dict[str, torch.Tensor], model_name: str, class_names: list[str]) -> bytes:
     from safetensors.torch import save
 
-    tensors = {"weight": classifier_state["head.weight"].contiguous(), "bias": classifier_state["head.bias"].contiguous()}
+    tensors = {"weight": classifier_state["head.weight"].contiguous(),
+               "bias": classifier_state["head.bias"].contiguous()}
     return save(tensors, metadata={"format": HEAD_FORMAT, "model_name": model_name,
                                    "class_names": json.dumps(list(class_names))})
 

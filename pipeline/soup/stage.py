@@ -19,8 +19,8 @@ from .. import layout, storage
 from ..config import Config
 from ..errors import UserError
 from ..model import classifier as clf_lib
-from ..model.components import components as model_components
 from ..model import weights
+from ..model.components import components as model_components
 from . import baselines, mixture, mmms
 from . import publish as pub
 from . import report as rep
@@ -85,7 +85,8 @@ def check_ingredient(ing: Ingredient, reference: dict[str, torch.Tensor], model_
     data = storage.read_bytes(ing.uri)
     where = f"ingredient {ing.id!r} ({ing.uri})"
     if storage.sha256(data) != ing.sha256:
-        raise SoupInputError(f"{where}: sha256 differs from finetune/ingredients.json (file changed since it was registered)")
+        raise SoupInputError(f"{where}: sha256 differs from finetune/ingredients.json "
+                             "(the file changed after it was registered)")
     shapes, meta = _safetensors_header(data, ing.uri)
     if meta.get("model_name") not in (None, model_name):
         raise SoupInputError(f"{where} is a {meta['model_name']!r} model, this run mixes {model_name!r}")
@@ -93,8 +94,10 @@ def check_ingredient(ing: Ingredient, reference: dict[str, torch.Tensor], model_
     extra = sorted(set(shapes) - set(reference))
     wrong = [k for k in reference if k in shapes and shapes[k] != tuple(reference[k].shape)]
     if missing or extra or wrong:
-        detail = (f"{wrong[0]} has shape {shapes[wrong[0]]}, the model's is {tuple(reference[wrong[0]].shape)}" if wrong
-                  else f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}")
+        if wrong:
+            detail = f"{wrong[0]} has shape {shapes[wrong[0]]}, the model's is {tuple(reference[wrong[0]].shape)}"
+        else:
+            detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise SoupInputError(f"{where} does not have the architecture of {model_name!r}: {detail}")
     if "class_names" in meta and json.loads(meta["class_names"]) != class_names:
         raise SoupInputError(f"{where} was trained for other classes than this run's")
@@ -103,6 +106,44 @@ def check_ingredient(ing: Ingredient, reference: dict[str, torch.Tensor], model_
 def load_state(uri: str) -> dict[str, torch.Tensor]:
     tensors, _ = weights.read_checkpoint(uri)
     return tensors
+
+
+@dataclass
+class SoupInputs:
+    ingredients: list[Ingredient]   # beta row order
+    evaluations: dict                # evaluate/results.parquet by model and split
+    reference: torch.nn.Module       # the zero-shot classifier: architecture and components
+    meta: dict                       # its metadata: model_name, class_names, preprocess
+    components: list                 # beta column order
+
+    @property
+    def ids(self) -> list[str]:
+        return [i.id for i in self.ingredients]
+
+    @property
+    def component_names(self) -> list[str]:
+        return [c.name for c in self.components]
+
+
+def load_inputs(cfg: Config) -> SoupInputs:
+    """The finished stages' outputs, every ingredient checked before anything is evaluated."""
+    from ..evaluate.stage import ZERO_SHOT
+    from ..finetune.registry import read_registry
+    from ..prepare import load_zero_shot
+
+    _require_done(cfg, "evaluate", "evaluate")
+    ingredients = usable_ingredients(read_registry(cfg))
+    reference, meta = load_zero_shot(cfg)
+    ref_state = reference.state_dict()
+    for ing in ingredients:
+        check_ingredient(ing, ref_state, meta["model_name"], list(meta["class_names"]))
+    evaluations = read_evaluations(cfg)
+    val, _, _ = _split_names(cfg)
+    missing = [m for m in [ZERO_SHOT, *(i.id for i in ingredients)] if val not in evaluations.get(m, {})]
+    if missing:
+        raise SoupInputError(f"evaluate/results.parquet has no val accuracy for {missing}: "
+                             "rerun `frankensoup evaluate`")
+    return SoupInputs(ingredients, evaluations, reference, meta, model_components(reference, cfg.soup.granularity))
 
 
 # ---- the journal ----------------------------------------------------------------------------
@@ -202,7 +243,8 @@ def run_search(cfg: Config, evaluate, val_accs: Sequence[float], C: int, progres
         p2 = mmms.phase2(p1.beta, evaluate, cfg.soup, progress)
         timings["phase2"] = time.time() - t0
         kept = p2.val_acc > p1.val_acc  # phase 2 must earn its place on val
-        decision = f"phase 2 val {p2.val_acc:.4f} vs phase 1 {p1.val_acc:.4f}: {'kept' if kept else 'not better, phase 1 kept'}"
+        verdict = "kept" if kept else "not better, phase 1 kept"
+        decision = f"phase 2 val {p2.val_acc:.4f} vs phase 1 {p1.val_acc:.4f}: {verdict}"
     else:
         decision = "phase 2 disabled (soup.phase2.enabled=false)"
     log(f"soup: {decision}")
@@ -316,43 +358,6 @@ def report_files(report: dict) -> dict[str, bytes]:
     return files
 
 
-@dataclass
-class SoupInputs:
-    ingredients: list[Ingredient]   # beta row order
-    evaluations: dict                # evaluate/results.parquet by model and split
-    reference: torch.nn.Module       # the zero-shot classifier: architecture and components
-    meta: dict                       # its metadata: model_name, class_names, preprocess
-    components: list                 # beta column order
-
-    @property
-    def ids(self) -> list[str]:
-        return [i.id for i in self.ingredients]
-
-    @property
-    def component_names(self) -> list[str]:
-        return [c.name for c in self.components]
-
-
-def load_inputs(cfg: Config) -> SoupInputs:
-    """The finished stages' outputs, every ingredient checked before anything is evaluated."""
-    from ..evaluate.stage import ZERO_SHOT
-    from ..finetune.registry import read_registry
-    from ..prepare import load_zero_shot
-
-    _require_done(cfg, "evaluate", "evaluate")
-    ingredients = usable_ingredients(read_registry(cfg))
-    reference, meta = load_zero_shot(cfg)
-    ref_state = reference.state_dict()
-    for ing in ingredients:
-        check_ingredient(ing, ref_state, meta["model_name"], list(meta["class_names"]))
-    evaluations = read_evaluations(cfg)
-    val, _, _ = _split_names(cfg)
-    missing = [m for m in [ZERO_SHOT, *(i.id for i in ingredients)] if val not in evaluations.get(m, {})]
-    if missing:
-        raise SoupInputError(f"evaluate/results.parquet has no val accuracy for {missing}: rerun `frankensoup evaluate`")
-    return SoupInputs(ingredients, evaluations, reference, meta, model_components(reference, cfg.soup.granularity))
-
-
 def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tuple[SearchResult, dict]:
     """The search, its evaluations journaled and spread over E evaluator actors on val."""
     val, _, _ = _split_names(cfg)
@@ -418,7 +423,8 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
 
     t0 = time.time()
     base_clip, _ = load_base_clip(cfg)
-    files = pub.fused_files(base_clip, meta["model_name"], meta["preprocess"], fused["mmms"], list(meta["class_names"]))
+    files = pub.fused_files(base_clip, meta["model_name"], meta["preprocess"], fused["mmms"],
+                            list(meta["class_names"]))
     timings["total"] = time.time() - t_start
     report = build_report(cfg, run_id, ids, inputs.component_names, result, scores, inputs.evaluations,
                           timings, counts)
