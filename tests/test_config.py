@@ -65,3 +65,17 @@ def test_cli_reports_config_error_in_one_line(capsys):
     assert main(["prepare", "--set", "soup.tau=x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "soup.tau" in err[0]
+
+
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/imagenet-vit-b32.yaml", "configs/model-soups-72.yaml"])
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.soup.tau == 0.998 and cfg.soup.bounds_delta == 0.5
+
+
+def test_imagenet_config_keeps_the_reference_search():
+    cfg = load_config("configs/imagenet-vit-b32.yaml")
+    assert cfg.model.name == "ViT-B-32" and cfg.soup.max_func_evals_per_dim == 30
+    assert cfg.soup.seed == 123456789 and cfg.soup.optimizer == "NGOpt" and cfg.soup.num_workers == 1
+    roles = sorted(s.role for s in cfg.data.splits.values())
+    assert roles.count("ood") == 5 and "val" in roles and "id_test" in roles
