@@ -15,7 +15,8 @@ overhead_ratio = ours / bare (goal <= 1.15); reference_speedup = reference / our
 the demo model). The last line of stdout is
 ``overhead_ratio=<worst of the two models> reference_speedup=<demo model>``.
 
-Needs torch, open_clip, numpy, pyarrow, pillow, safetensors: no Ray (it runs on a GPU machine).
+Needs torch, open_clip (+ ftfy, wcwidth), numpy, pyarrow, pillow, safetensors: no Ray, pydantic
+or nevergrad (so it runs on a GPU machine with only those).
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.data.shards import decode_split, encode_png, read_split, write_split  # noqa: E402
+# only modules that need torch, open_clip, pyarrow, pillow, safetensors (not pipeline.data's or
+# pipeline.soup's package imports, which pull in pydantic and nevergrad)
 from pipeline.evaluate.mixture import MixtureEvaluator  # noqa: E402
 from pipeline.model import components, image_transform, init_classifier, model_config  # noqa: E402
+from pipeline.model.components import component_index  # noqa: E402
 from pipeline.model.factory import DEMO_MODEL  # noqa: E402
-from pipeline.soup.mixture import fuse  # noqa: E402
 
 N_CLASSES = {DEMO_MODEL: 10, "ViT-B-32": 1000}
 GRANULARITY = 2  # one component per block: the demo config's soup.granularity
@@ -48,14 +50,55 @@ def preprocess_of(name: str) -> dict:
     return {"size": model_config(name)["vision_cfg"]["image_size"], "mean": OPENAI_MEAN, "std": OPENAI_STD}
 
 
-def write_images(uri: str, name: str, n: int, seed: int) -> None:
-    """n random RGB images at the model's input size, as a shard set (PNG, like imported data)."""
+def write_images(path: str, name: str, n: int, seed: int, rows_per_shard: int = 256) -> list[str]:
+    """n random RGB images at the model's input size as PNG parquet shards (image, label)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
     size = preprocess_of(name)["size"]
-    images = [encode_png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
-    labels = rng.integers(0, N_CLASSES[name], n)
-    write_split(uri, images, labels, name=f"bench-{name}", role="val",
-                class_names=[f"class{i}" for i in range(N_CLASSES[name])], rows_per_shard=256)
+    os.makedirs(path)
+    files = []
+    for start in range(0, n, rows_per_shard):
+        pngs = []
+        for _ in range(min(rows_per_shard, n - start)):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        labels = rng.integers(0, N_CLASSES[name], len(pngs)).astype(np.int32)
+        files.append(os.path.join(path, f"part-{len(files):05d}.parquet"))
+        pq.write_table(pa.table({"image": pa.array(pngs, pa.binary()), "label": pa.array(labels)}), files[-1])
+    return files
+
+
+def decode_shards(files: list[str], transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the shards and decode every image with the eval transform."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    images, labels = [], []
+    for f in files:
+        table = pq.read_table(f)
+        images += [transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in table.column("image").to_pylist()]
+        labels.append(torch.from_numpy(table.column("label").to_numpy().astype(np.int64)))
+    return torch.stack(images), torch.cat(labels)
+
+
+def mix_per_tensor(states: list[dict], beta: np.ndarray, component_of: dict[str, int]) -> dict:
+    """The reference's fusion: a new state dict, tensor by tensor, on the CPU."""
+    fused = {}
+    for key, first in states[0].items():
+        if key not in component_of:  # integer buffers are not mixed
+            fused[key] = first.clone()
+            continue
+        c = component_of[key]
+        fused[key] = sum(float(beta[j, c]) * sd[key] for j, sd in enumerate(states))
+    return fused
 
 
 def perturbed(state: dict, seed: int, scale: float = 0.02) -> dict:
@@ -108,11 +151,11 @@ def bench_model(name: str, k: int, n_images: int, dtype: str, device: torch.devi
     torch.manual_seed(0)
     base = init_classifier(name, N_CLASSES[name])
     comps = components(base, GRANULARITY)
+    component_of = component_index(comps)
     states = [perturbed(base.state_dict(), seed) for seed in range(1, k + 1)]
-    shards = os.path.join(workdir, name)
-    write_images(shards, name, n_images, seed=0)
+    shards = write_images(os.path.join(workdir, name), name, n_images, seed=0)
     transform = image_transform(preprocess_of(name))
-    images, labels = decode_split(read_split(shards), transform)
+    images, labels = decode_shards(shards, transform)
     n_params = sum(p.numel() for p in base.parameters())
 
     ev = MixtureEvaluator(copy.deepcopy(base), states, comps, images, labels, dtype=dtype, device=device,
@@ -125,19 +168,19 @@ def bench_model(name: str, k: int, n_images: int, dtype: str, device: torch.devi
     betas = iter(random_betas(k, len(comps), 2 * (repeats + 1), seed=1))
 
     def reference() -> int:
-        fused = fuse(states, next(betas), comps)                # per-tensor CPU mixing
+        fused = mix_per_tensor(states, next(betas), component_of)  # per-tensor CPU mixing
         model = init_classifier(name, N_CLASSES[name])          # a newly built model
         model.load_state_dict(fused)
         model.to(device).eval()
-        x, y = decode_split(read_split(shards), transform)      # images decoded again
+        x, y = decode_shards(shards, transform)                 # images decoded again
         return count_correct(model, x.to(device), y.to(device), batch_size, device, dtype)
 
     t = timed_interleaved({"ours": lambda: ev.evaluate([next(betas)]),
                            "bare": lambda: count_correct(fixed, ev.images, ev.labels, batch_size, device, dtype),
                            "reference": reference}, repeats, device)
     ours, bare, ref = t["ours"], t["bare"], t["reference"]
-    return {"model": name, "params": n_params, "k": k, "repeats": repeats, "components": len(comps), "images": n_images,
-            "ours_s": ours, "bare_s": bare, "reference_s": ref, "images_per_s": n_images / ours,
+    return {"model": name, "params": n_params, "k": k, "repeats": repeats, "components": len(comps),
+            "images": n_images, "ours_s": ours, "bare_s": bare, "reference_s": ref, "images_per_s": n_images / ours,
             "overhead_ratio": ours / bare, "reference_speedup": ref / ours}
 
 
@@ -173,7 +216,8 @@ def main(argv=None) -> None:
             r = bench_model(name, args.k, images, args.dtype, device, args.batch_size, repeats, workdir)
             results.append(r)
             print(f"{r['model']}: {r['params']:,} params, K={r['k']}, {r['components']} components, "
-                  f"{r['images']} images, {r['repeats']} rounds | ours {r['ours_s'] * 1e3:.1f} ms/eval ({r['images_per_s']:.0f} images/s), "
+                  f"{r['images']} images, {r['repeats']} rounds | "
+                  f"ours {r['ours_s'] * 1e3:.1f} ms/eval ({r['images_per_s']:.0f} images/s), "
                   f"bare forward {r['bare_s'] * 1e3:.1f} ms, reference {r['reference_s'] * 1e3:.1f} ms | "
                   f"overhead_ratio {r['overhead_ratio']:.3f}, reference_speedup {r['reference_speedup']:.2f}",
                   flush=True)

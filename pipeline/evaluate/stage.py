@@ -124,7 +124,7 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
     init_ray(cfg)
     # the old marker goes first: if scoring fails, the stage reads as not done (old results stay
     # behind, but nothing vouches for them)
-    storage.delete(storage.join(layout.stage_dir(cfg, "evaluate"), "_DONE.json"))
+    layout.clear_done(cfg, "evaluate")
     t0 = time.time()
     log(f"evaluate: {len(models)} models x {len(splits)} splits ({', '.join(splits)}), "
         f"{cfg.evaluate.num_actors} scoring actor(s)")
