@@ -108,6 +108,28 @@ def test_the_order_evaluators_finish_in_never_changes_the_result(evaluated_demo,
     assert finish_order != requested  # the answers really did come back shuffled
 
 
+def test_a_lost_evaluator_hands_its_work_to_the_others(evaluated_demo, reference_search):
+    import ray
+
+    cfg = tiny_config(evaluated_demo.output_uri, *SOUP, SHARED_CPUS)
+    inputs, val, val_accs = search_inputs(cfg)
+    actors = search.start_evaluators(cfg, val, inputs.ids, num_evaluators=2)
+    calls = 0
+    with search.EvaluatorPool(actors) as pool:
+        pool.wait_ready(2)
+
+        def evaluate(betas):
+            nonlocal calls
+            calls += 1
+            if calls == 4:
+                ray.kill(actors[0])  # its node is lost mid-search
+            return pool(betas)
+
+        result = stage.run_search(cfg, evaluate, val_accs, len(inputs.components), None, QUIET["log"])
+        assert pool.in_service == 1
+    assert_same_search(result, reference_search)
+
+
 def search_ray_class():
     import sys
 

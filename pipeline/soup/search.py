@@ -22,15 +22,16 @@ START_TIMEOUT_S = 900.0
 OnBatch = Callable[[int, float | None, float], None]
 
 
-class EvaluatorStartError(UserError, RuntimeError):
-    """No evaluator actor could start (resources the cluster does not have, or bad inputs)."""
+class EvaluatorPoolError(UserError, RuntimeError):
+    """The pool has no evaluator to run on: none started (resources the cluster lacks), or all died."""
 
 
 class EvaluatorPool:
     """``pool(betas) -> accuracies`` over Ray actors answering ``evaluate.remote([beta])``.
 
     Actors join as soon as they are ready (the first call waits for at least one), each idle
-    actor is handed the next mixture of the list, and answers are stored by index. Counters
+    actor is handed the next mixture of the list, and answers are stored by index; a mixture
+    whose actor died is handed to another. Counters
     (``evaluations``, ``best_val``, ``seconds``) and the ``on_batch(n, best_val, seconds)`` hooks
     are updated after every call, one call being one batch."""
 
@@ -54,6 +55,11 @@ class EvaluatorPool:
     def size(self) -> int:
         return len(self._all)
 
+    @property
+    def in_service(self) -> int:
+        """Actors started and alive (as far as the pool has seen)."""
+        return len(self._ready)
+
     def _admit_ready(self, at_least: int = 1) -> None:
         """Put every started actor into service, waiting (bounded) until ``at_least`` are."""
         if not self._starting:
@@ -63,7 +69,7 @@ class EvaluatorPool:
         done, _ = self._ray.wait(refs, num_returns=short if short > 0 else len(refs),
                                  timeout=self.start_timeout_s if short > 0 else 0)
         if len(done) < short:
-            raise EvaluatorStartError(
+            raise EvaluatorPoolError(
                 f"only {len(self._ready) + len(done)} of {self.size} mixture evaluators started within "
                 f"{self.start_timeout_s:.0f}s: does the cluster have the resources of soup.evaluator_resources?")
         for ref in done:
@@ -77,21 +83,39 @@ class EvaluatorPool:
         return self.infos[0]
 
     def _scatter_gather(self, betas: list[np.ndarray]) -> list[float]:
+        """Hand each idle actor the next mixture; an actor that dies (its node lost) leaves the
+        pool and its mixture goes to another, so only losing every actor stops the search."""
+        from ray.exceptions import RayActorError
+
         results: list[float | None] = [None] * len(betas)
+        todo = list(range(len(betas)))
         idle = list(self._ready)
         pending: dict = {}
-        next_index = 0
-        while next_index < len(betas) or pending:
-            while idle and next_index < len(betas):
-                actor = idle.pop(0)
-                pending[actor.evaluate.remote([betas[next_index]])] = (next_index, actor)
-                next_index += 1
+        while todo or pending:
+            if not idle and not pending:
+                self._replace_lost()
+                idle = list(self._ready)
+            while idle and todo:
+                actor, index = idle.pop(0), todo.pop(0)
+                pending[actor.evaluate.remote([betas[index]])] = (index, actor)
             done, _ = self._ray.wait(list(pending), num_returns=1)
             for ref in done:
                 index, actor = pending.pop(ref)
-                (results[index],) = self._ray.get(ref)
+                try:
+                    (results[index],) = self._ray.get(ref)
+                except RayActorError:
+                    self._ready.remove(actor)
+                    todo.insert(0, index)
+                    continue
                 idle.append(actor)
         return results  # type: ignore[return-value]
+
+    def _replace_lost(self) -> None:
+        """Every actor in service died: wait for one still starting, or give up."""
+        if not self._starting:
+            raise EvaluatorPoolError(f"all {self.size} mixture evaluators died; rerun the soup to resume "
+                                      "from its journal")
+        self._admit_ready()
 
     def __call__(self, betas: Sequence) -> list[float]:
         betas = [np.ascontiguousarray(b, dtype=np.float64) for b in betas]
