@@ -407,7 +407,8 @@ class MixtureEvaluator:
     # -- internals --
 
     def _fuse(self, beta: np.ndarray) -> None:
-        beta_t = torch.as_tensor(beta.T, dtype=torch.float32).contiguous().to(self.device)
+        # torch.tensor copies: arrays that arrive through Ray are read-only
+        beta_t = torch.tensor(beta.T, dtype=torch.float32).contiguous().to(self.device)
         fuse_into(self.flat, self.weights, beta_t, self.layout.component_slices)
 
     def _adopt_tensors(self, model: torch.nn.Module, flat_dtype: torch.dtype) -> torch.Tensor:

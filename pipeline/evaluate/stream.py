@@ -80,11 +80,12 @@ def scoring_tensors(scoring: Scoring, device):
 
     from .mixture import scoring_mask
 
-    mask = None if scoring.class_mask is None else torch.as_tensor(scoring.class_mask, dtype=torch.bool)
-    class_map = None if scoring.class_map is None else torch.as_tensor(scoring.class_map, dtype=torch.long)
+    mask = None if scoring.class_mask is None else torch.tensor(scoring.class_mask, dtype=torch.bool)
+    class_map = None if scoring.class_map is None else torch.tensor(scoring.class_map, dtype=torch.long)
     mask = scoring_mask(mask, class_map)
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return to(torch.as_tensor(scoring.target_of_label)), to(mask), to(class_map)
+    # torch.tensor copies: arrays that arrive through Ray are read-only
+    return to(torch.tensor(scoring.target_of_label)), to(mask), to(class_map)
 
 
 # ---- the models -----------------------------------------------------------------------------

@@ -294,7 +294,8 @@ def score_fused(cfg: Config, fused: dict[str, dict], model_name: str, class_name
     splits = layout.splits(cfg)
     by_split = score_splits(uris, {s: splits[s] for s in split_names}, batch_size=cfg.evaluate.batch_size,
                             num_actors=cfg.evaluate.num_actors, resources=cfg.evaluate.resources,
-                            class_names=class_names, threads=cfg.evaluate.threads)
+                            class_names=class_names, threads=cfg.evaluate.threads,
+                            autocast_bf16=cfg.evaluate.ingredient_dtype == "bfloat16")
     return {name: {s: by_split[s][name] for s in split_names} for name in fused}
 
 
