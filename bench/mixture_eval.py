@@ -196,7 +196,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats-demo", type=int, default=15,
                    help="timed rounds for the demo model (each way once per round, median reported; default 15)")
     p.add_argument("--repeats-vit", type=int, default=3, help="timed rounds for ViT-B-32 (default 3)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch CPU threads, the same for every side (default: all cores)")
     p.add_argument("--models", default=f"{DEMO_MODEL},ViT-B-32")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
