@@ -38,12 +38,12 @@ def load_zero_shot(cfg: Config):
 def _accuracy(clf, split_uri: str, preprocess: dict) -> float:
     import torch
 
+    from .model.pretrain import zero_shot_accuracy
+
     split = shards.read_split(split_uri)
     images, labels = shards.decode_split(split, factory.image_transform(preprocess, train=False))
-    clf.eval()
     with torch.inference_mode():
-        pred = torch.cat([clf(images[i : i + 512]).argmax(-1) for i in range(0, len(images), 512)])
-    return float((pred == labels).float().mean())
+        return zero_shot_accuracy(clf, images, labels, batch_size=512)
 
 
 def _build_demo_base(cfg: Config, log=print):
