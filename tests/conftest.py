@@ -69,6 +69,16 @@ def s3_bucket(s3_server):
     return "s3://frankensoup-test"
 
 
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request, tmp_path):
+    """A fresh root URI, once on local disk and once on the moto S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    bucket = request.getfixturevalue("s3_bucket")
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    return f"{bucket}/{module}-{request.node.name.replace('[', '-').rstrip(']')}"
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """One local Ray for the session. It starts after the moto server, so its workers inherit

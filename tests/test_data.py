@@ -25,23 +25,15 @@ def some_images(n: int) -> tuple[list[bytes], list[int]]:
     return [png(10 * i) for i in range(n)], [i % len(CLASSES) for i in range(n)]
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "root")
-    bucket = request.getfixturevalue("s3_bucket")
-    return f"{bucket}/data-{request.node.name.replace('[', '-').rstrip(']')}"
-
-
 def to_tensor(img):
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
 # ---- shards ----------------------------------------------------------------------------------
 
-def test_round_trip_over_several_shards(root):
+def test_round_trip_over_several_shards(storage_root):
     images, labels = some_images(7)
-    uri = storage.join(root, "split")
+    uri = storage.join(storage_root, "split")
     info = write_split(uri, images, labels, name="toy", role="val", class_names=CLASSES, rows_per_shard=3)
 
     assert info["num_rows"] == 7 and [s["num_rows"] for s in info["shards"]] == [3, 3, 1]
@@ -195,9 +187,9 @@ def test_import_refuses_empty_and_unknown_folders(tmp_path):
     assert not storage.exists(out)
 
 
-def test_import_to_remote_storage(tmp_path, root):
+def test_import_to_remote_storage(tmp_path, storage_root):
     src = image_folder(tmp_path / "src", {"cat": [1], "dog": [2, 3]})
-    out = storage.join(root, "imported")
+    out = storage.join(storage_root, "imported")
     import_image_folder(src, out, rows_per_shard=2)
     assert read_split(out).table.column("label").to_pylist() == [0, 1, 1]
 
