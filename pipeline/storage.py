@@ -177,6 +177,21 @@ def save_tensors(uri: str, tensors: dict, metadata: dict[str, Any] | None = None
     return data
 
 
+def safetensors_header(data: bytes) -> dict:
+    """The JSON header of safetensors bytes (tensor entries + ``__metadata__``); ValueError if malformed."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n])
+
+
+def read_safetensors_header(uri: str) -> dict:
+    """The header of a safetensors file, reading only the header's bytes (a ViT's weights need
+    not be fetched to learn its metadata). Raises OSError / ValueError for the caller to name."""
+    loc = resolve(uri)
+    with loc.fs.open_input_file(loc.path) as f:
+        n = int.from_bytes(f.read_at(8, 0), "little")
+        return json.loads(f.read_at(n, 8))
+
+
 def load_tensors(uri: str) -> tuple[dict, dict[str, str]]:
     """Read a safetensors file -> (tensors, raw string metadata)."""
     from safetensors.torch import load
@@ -184,9 +199,7 @@ def load_tensors(uri: str) -> tuple[dict, dict[str, str]]:
     data = read_bytes(uri)
     try:
         tensors = load(data)
-        # metadata is only reachable through the header; parse it without a second read
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + n])
+        header = safetensors_header(data)
     except Exception as e:
         raise StorageError(f"{uri!r} is not a valid safetensors file: {e}") from e
     return tensors, dict(header.get("__metadata__") or {})

@@ -3,7 +3,6 @@ a Ray actor (`MixtureEvaluatorActor`) wrapping the very same class. The soup sea
 dispatches its candidate mixtures to these actors (pipeline/soup/search.py)."""
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import ray
@@ -49,7 +48,7 @@ def _read_verified(uri: str, sha256: str | None) -> tuple[dict[str, torch.Tensor
         raise CheckpointError(f"{uri!r}: sha256 differs from the registry's (the file changed after it was registered)")
     try:
         tensors = load(data)
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        header = storage.safetensors_header(data)
     except Exception as e:  # safetensors raises its own types; one message naming the file
         raise CheckpointError(f"{uri!r} is not a valid safetensors file: {e}") from None
     return tensors, decode_metadata(dict(header.get("__metadata__") or {}), uri)

@@ -8,7 +8,6 @@ for the same weights. See docs/evaluate.md.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -94,11 +93,8 @@ def checkpoint_metadata(uri: str) -> dict:
     """A classifier checkpoint's decoded metadata, reading only the safetensors header."""
     if not uri.lower().endswith(".safetensors"):
         raise CheckpointError(f"{uri!r}: only frankensoup .safetensors classifiers can be scored")
-    loc = storage.resolve(uri)
     try:
-        with loc.fs.open_input_file(loc.path) as f:
-            n = int.from_bytes(f.read_at(8, 0), "little")
-            header = json.loads(f.read_at(n, 8))
+        header = storage.read_safetensors_header(uri)
     except FileNotFoundError:
         raise CheckpointError(f"{uri!r} does not exist") from None
     except (OSError, ValueError) as e:

@@ -2,7 +2,6 @@
 own ingredients: existing checkpoints, including the 72 public model-soups ViT-B/32 ones."""
 from __future__ import annotations
 
-import json
 import re
 import time
 import warnings
@@ -87,11 +86,8 @@ def zero_shot_metadata(cfg: Config) -> dict:
     from ..prepare import zeroshot_uri
 
     uri = zeroshot_uri(cfg)
-    loc = storage.resolve(uri)
     try:
-        with loc.fs.open_input_file(loc.path) as f:  # a ViT's weights need not be read for this
-            header = f.read(int.from_bytes(f.read(8), "little"))
-        raw = json.loads(header).get("__metadata__") or {}
+        raw = storage.read_safetensors_header(uri).get("__metadata__") or {}
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read the zero-shot checkpoint {uri!r}: {e}") from e
     return decode_metadata(raw, uri)

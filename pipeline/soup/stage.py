@@ -70,8 +70,7 @@ def read_evaluations(cfg: Config) -> dict[str, dict[str, dict]]:
 
 def _safetensors_header(data: bytes, uri: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     try:
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
+        header = storage.safetensors_header(data)
         meta = header.pop("__metadata__", None) or {}
         return {k: tuple(v["shape"]) for k, v in header.items()}, meta
     except (ValueError, KeyError, TypeError) as e:
