@@ -28,12 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="redo the stage even if finished")
 
-    p = sub.add_parser("import-images", help="turn DIR/<classname>/<image> into shards")
+    p = sub.add_parser("import-images", help="turn DIR/<class folder>/<image> into shards")
     p.add_argument("src", metavar="DIR")
     p.add_argument("--out", required=True, metavar="URI")
     p.add_argument("--name")
     p.add_argument("--role", default="ood", choices=["pretrain", "train", "val", "id_test", "ood"])
-    p.add_argument("--classes", metavar="FILE", help="class names, one per line (default: sorted folder names)")
+    p.add_argument("--classes", metavar="FILE",
+                   help="class names in label order, one per line, or 'FOLDER<TAB>CLASS' lines when folder "
+                        "names are not class names (default: the sorted folder names)")
+    p.add_argument("--objectnet-mappings", metavar="DIR",
+                   help="ObjectNet's mappings/ folder: import only the folders it maps to ImageNet classes")
     p.add_argument("--rows-per-shard", type=int, default=512)
 
     p = sub.add_parser("import-ingredients", help="register existing finetuned checkpoints as ingredients")
@@ -55,18 +59,29 @@ def _config(args):
 
 
 def _dispatch(args) -> int:
+    from .errors import UserError
+
     cmd = args.command
     if cmd == "import-images":
         from .data.images import import_image_folder
 
-        classes = None
+        classes, folders, only_listed = None, None, False
+        if args.classes and args.objectnet_mappings:
+            raise UserError("--classes and --objectnet-mappings: give one")
         if args.classes:
-            with open(args.classes) as f:
-                classes = [line.strip() for line in f if line.strip()]
-        info = import_image_folder(args.src, args.out, name=args.name, role=args.role,
-                                   class_names=classes, rows_per_shard=args.rows_per_shard)
+            from .data.images import read_class_list
+
+            classes, folders = read_class_list(args.classes)
+        if args.objectnet_mappings:
+            from .data.imagenet import objectnet_class_map
+
+            classes, only_listed = list(objectnet_class_map(args.objectnet_mappings)), True
+        info = import_image_folder(args.src, args.out, name=args.name, role=args.role, class_names=classes,
+                                   folder_classes=folders, only_listed=only_listed,
+                                   rows_per_shard=args.rows_per_shard)
+        skipped = f", {len(info['skipped_folders'])} folders of other classes skipped" if only_listed else ""
         print(f"wrote {info['num_rows']} images, {len(info['class_names'])} classes, "
-              f"role {info['role']} -> {args.out}")
+              f"role {info['role']} -> {args.out}{skipped}")
         return 0
     if cmd == "predict":
         from .fused import predict_files

@@ -9,7 +9,7 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -33,6 +33,15 @@ class SplitConfig(Strict):
     class_subset: list[str] | None = None
     # ObjectNet style: the set's own class name -> one or more class names of the model
     class_map: dict[str, list[str]] | None = None
+    # ObjectNet itself: the class_map is read from the `mappings/` folder ObjectNet ships
+    # (folder name -> ImageNet class ids); see docs/data.md
+    objectnet_mappings: str | None = None
+
+    @model_validator(mode="after")
+    def _one_class_map(self):
+        if self.class_map is not None and self.objectnet_mappings is not None:
+            raise ValueError("give class_map or objectnet_mappings, not both")
+        return self
 
 
 class DemoDataConfig(Strict):
@@ -70,6 +79,9 @@ class ModelConfig(Strict):
     # prompt templates for the zero-shot head: a list with "{}" for the class name,
     # or the name of a set: "demo", "openai_imagenet"
     templates: list[str] | str = "demo"
+    # the words the templates get for each class, when class names are ids: a mapping
+    # {class name: prompt name}, or "imagenet" (WordNet ids -> OpenAI's curated ImageNet names)
+    prompt_names: dict[str, str] | Literal["imagenet"] | None = None
     demo_base: DemoBaseConfig = DemoBaseConfig()
 
 

@@ -38,21 +38,48 @@ def check_output_writable(cfg: Config, c: Checks) -> None:
         c.fail(f"output_uri {cfg.output_uri} is not writable: {e}")
 
 
-def check_splits(cfg: Config, c: Checks) -> dict[str, int]:
+def check_splits(cfg: Config, c: Checks) -> dict[str, dict]:
+    """split name -> dataset.json of each readable split."""
     from .data.shards import split_info
 
-    rows = {}
+    infos = {}
     made_by_prepare = cfg.data.source == "demo"
     for name, split in layout.splits(cfg).items():
         try:
-            rows[name] = split_info(split.uri)["num_rows"]
-            c.ok(f"split {name} ({split.role}) readable at {split.uri}: {rows[name]} rows")
+            infos[name] = split_info(split.uri)
+            c.ok(f"split {name} ({split.role}) readable at {split.uri}: {infos[name]['num_rows']} rows")
         except Exception as e:
             if made_by_prepare and split.uri.startswith(storage.join(cfg.output_uri, "data")):
                 c.ok(f"split {name} ({split.role}) will be made by prepare")
             else:
                 c.fail(f"split {name} ({split.role}) at {split.uri}: {e}")
-    return rows
+    return infos
+
+
+def check_classes(cfg: Config, infos: dict[str, dict], c: Checks) -> None:
+    """The model's classes (the train split's) have prompt names, and every readable split can be
+    scored against them: its classes, class_subset, class_map or ObjectNet mappings."""
+    from .data.imagenet import prompt_names
+    from .evaluate.stream import split_scoring
+
+    train = next((n for n, s in layout.splits(cfg).items() if s.role == "train"), None)
+    if train not in infos:
+        return
+    model_classes = infos[train]["class_names"]
+    try:
+        prompt_names(model_classes, cfg.model.prompt_names)
+        c.ok(f"{len(model_classes)} classes, each with a prompt name")
+    except Exception as e:
+        c.fail(str(e))
+    for name, split in layout.splits(cfg).items():
+        if name in infos and split.role in ("val", "id_test", "ood"):
+            try:
+                split_scoring(name, split, infos[name]["class_names"], model_classes)
+            except Exception as e:
+                c.fail(str(e))
+            else:
+                if split.class_subset or split.class_map or split.objectnet_mappings:
+                    c.ok(f"split {name}: classes scored through its class subset/map")
 
 
 def check_pretrained(cfg: Config, c: Checks) -> None:
@@ -161,7 +188,9 @@ def dry_run(cfg: Config, log=print) -> bool:
     c = Checks(log)
     c.ok("config valid")
     check_output_writable(cfg, c)
-    rows = check_splits(cfg, c)
+    infos = check_splits(cfg, c)
+    check_classes(cfg, infos, c)
+    rows = {name: info["num_rows"] for name, info in infos.items()}
     check_pretrained(cfg, c)
     check_cluster(cfg, c)
     if c.failed == 0 and not plan(cfg, rows, log):

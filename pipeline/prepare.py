@@ -7,6 +7,7 @@ import time
 from . import layout, storage
 from .config import Config, ConfigError
 from .data import shards
+from .data.imagenet import prompt_names
 from .model import classifier as clf_lib
 from .model import factory, weights
 
@@ -28,6 +29,14 @@ def load_base_clip(cfg: Config):
 def class_names(cfg: Config) -> list[str]:
     _, train = layout.split_of_role(cfg, "train")
     return shards.split_info(train.uri)["class_names"]
+
+
+def build_zero_shot(cfg: Config, clip, names: list[str]):
+    """The zero-shot head over ``names``: each class's prompt name (``model.prompt_names``)
+    put into every template, embedded by the base CLIP's text tower."""
+    texts = prompt_names(names, cfg.model.prompt_names)
+    tokenizer = factory.tokenizer_for(cfg.model.name)
+    return clf_lib.build_classifier(clip, tokenizer, texts, clf_lib.resolve_templates(cfg.model.templates))
 
 
 def load_zero_shot(cfg: Config):
@@ -76,13 +85,12 @@ def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
         info = shards.split_info(split.uri)  # fails naming an unreadable or incomplete split
         rows[name] = {"role": split.role, "rows": info["num_rows"], "uri": split.uri}
     names = class_names(cfg)
-
+    prompt_names(names, cfg.model.prompt_names)  # a name without a prompt fails before any training
     if cfg.model.pretrained == "demo":
         clip, preprocess = _build_demo_base(cfg, log=log)
     else:
         clip, preprocess = load_base_clip(cfg)
-    tokenizer = factory.tokenizer_for(cfg.model.name)
-    zs = clf_lib.build_classifier(clip, tokenizer, names, clf_lib.resolve_templates(cfg.model.templates))
+    zs = build_zero_shot(cfg, clip, names)
     weights.save_classifier(zeroshot_uri(cfg), zs, model_name=cfg.model.name, class_names=names,
                             preprocess=preprocess, extra={"source": "zero-shot"})
     _, test = layout.split_of_role(cfg, "id_test")

@@ -1,4 +1,4 @@
-"""Import an image folder ``DIR/<classname>/<file>`` (png/jpg/jpeg) as a shard set.
+"""Import an image folder ``DIR/<class folder>/<file>`` (png/jpg/jpeg) as a shard set.
 
 Everything is checked before anything is written: every image must decode, every class folder
 must hold images and be a known class. Images are stored as their original encoded bytes.
@@ -59,20 +59,57 @@ def image_files(folder_uri: str) -> list[str]:
             and not storage.is_dir(storage.join(folder_uri, n))]
 
 
-def list_labelled_files(src_dir: str, class_names: list[str]) -> list[LabelledFile]:
-    """Every image under ``src_dir`` with its label (index in ``class_names``); checks the layout."""
+def list_labelled_files(src_dir: str, class_names: list[str], folder_classes: dict[str, str] | None = None,
+                        only_listed: bool = False) -> tuple[list[LabelledFile], list[str]]:
+    """Every image under ``src_dir`` with its label (index in ``class_names``), and the folders
+    skipped; checks the layout. A folder's class is its name, or its entry in ``folder_classes``;
+    a folder of no known class is an error, or skipped with ``only_listed``."""
     folders = class_folders(src_dir)
     index = {c: i for i, c in enumerate(class_names)}
     found: list[LabelledFile] = []
+    skipped: list[str] = []
     for folder in folders:
         folder_uri = storage.join(src_dir, folder)
-        if folder not in index:
-            raise DataError(f"class folder {folder_uri} is not one of the given class names")
+        cls = folder if folder_classes is None else folder_classes.get(folder)
+        if cls not in index:
+            if only_listed:
+                skipped.append(folder)
+                continue
+            raise DataError(f"class folder {folder_uri} is not one of the given "
+                            f"{'folders' if folder_classes is not None else 'class names'}")
         files = image_files(folder_uri)
         if not files:
             raise DataError(f"class folder {folder_uri} has no images ({'/'.join(IMAGE_SUFFIXES)})")
-        found += [LabelledFile(u, index[folder]) for u in files]
-    return found
+        found += [LabelledFile(u, index[cls]) for u in files]
+    if not found:
+        raise DataError(f"image folder {src_dir} has no folder of the given classes")
+    return found, skipped
+
+
+def read_class_list(uri: str) -> tuple[list[str], dict[str, str] | None]:
+    """A class list file: one class name per line (label order), or ``FOLDER<TAB>CLASS`` lines
+    (labels in the order classes first appear). Returns (class_names, folder_classes or None)."""
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+    except storage.StorageError as e:
+        raise DataError(f"class list: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"class list {uri} is not UTF-8 text: {e}") from None
+    lines = [(n, line.strip("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    tabbed = {"\t" in line for _, line in lines}
+    if len(tabbed) > 1:
+        raise DataError(f"class list {uri}: mixes 'CLASS' and 'FOLDER<TAB>CLASS' lines")
+    if tabbed != {True}:
+        return [line.strip() for _, line in lines], None
+    folders: dict[str, str] = {}
+    for n, line in lines:
+        parts = [p.strip() for p in line.split("\t")]
+        if len(parts) != 2 or not all(parts):
+            raise DataError(f"class list {uri} line {n}: expected 'FOLDER<TAB>CLASS', got {line!r}")
+        if parts[0] in folders:
+            raise DataError(f"class list {uri} line {n}: folder {parts[0]!r} is listed twice")
+        folders[parts[0]] = parts[1]
+    return list(dict.fromkeys(folders.values())), folders
 
 
 def verify_images(files: list[LabelledFile]) -> None:
@@ -82,17 +119,24 @@ def verify_images(files: list[LabelledFile]) -> None:
 
 
 def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, role: str = "ood",
-                        class_names: list[str] | None = None, rows_per_shard: int = 512) -> dict:
-    """Turn ``src_dir/<classname>/<image>`` into a shard set at ``out_uri``; returns its
-    dataset.json. Labels follow ``class_names`` (default: the sorted folder names), so folders
-    with the same classes get the same labels; with ``class_names`` given, a subset of the
-    classes may be present."""
+                        class_names: list[str] | None = None, folder_classes: dict[str, str] | None = None,
+                        only_listed: bool = False, rows_per_shard: int = 512) -> dict:
+    """Turn ``src_dir/<folder>/<image>`` into a shard set at ``out_uri``; returns its
+    dataset.json plus ``skipped_folders``. A folder's class is its name, or its entry in
+    ``folder_classes`` (e.g. ImageNet-V2's ``0`` .. ``999`` -> WordNet ids). Labels follow
+    ``class_names`` (default: the sorted classes found), so sets with the same class list get the
+    same labels; with ``class_names`` given, a subset of the classes may be present. With
+    ``only_listed``, folders of no given class are skipped instead of refused."""
     check_role(role, f"import {src_dir}")
     if class_names is None:
-        class_names = class_folders(src_dir)
+        if folder_classes is not None:
+            class_names = sorted(set(folder_classes.values()))
+        else:
+            class_names = class_folders(src_dir)
     class_names = check_class_names(class_names, f"import {src_dir}")
-    files = list_labelled_files(src_dir, class_names)
+    files, skipped = list_labelled_files(src_dir, class_names, folder_classes, only_listed)
     verify_images(files)
     name = name or posixpath.basename(src_dir.rstrip("/").rstrip("\\")) or "images"
-    return write_split(out_uri, FileBytes([f.uri for f in files]), [f.label for f in files],
+    info = write_split(out_uri, FileBytes([f.uri for f in files]), [f.label for f in files],
                        name=name, role=role, class_names=class_names, rows_per_shard=rows_per_shard)
+    return {**info, "skipped_folders": skipped}

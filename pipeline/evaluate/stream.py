@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import storage
 from ..config import Resources, SplitConfig
+from ..data.imagenet import objectnet_class_map
 from ..data.shards import DataError, split_info
 from ..errors import UserError
 from ..model.weights import CheckpointError, decode_metadata
@@ -47,7 +48,10 @@ def split_scoring(name: str, split: SplitConfig, data_classes: list[str], model_
     if split.class_subset is not None:
         _unknown(split.class_subset, model_index, "class_subset names", where, "model")
         mask = np.isin(np.array(model_classes, dtype=object), np.array(split.class_subset, dtype=object))
-    if split.class_map is None:
+    class_map = split.class_map
+    if split.objectnet_mappings is not None:
+        class_map = objectnet_class_map(split.objectnet_mappings)
+    if class_map is None:
         # labels name the split's classes; a correct prediction is the model class of that name
         _unknown(data_classes, model_index, "the split's classes", where, "model", "; declare a class_map")
         target = np.array([model_index[c] for c in data_classes], dtype=np.int64)
@@ -58,12 +62,14 @@ def split_scoring(name: str, split: SplitConfig, data_classes: list[str], model_
                                 f"images could never be scored correct")
         return Scoring(target, mask, None)
     data_index = {c: i for i, c in enumerate(data_classes)}
-    _unknown(split.class_map, data_index, "class_map keys", where, "split")
-    unmapped = [c for c in data_classes if c not in split.class_map]
+    _unknown(class_map, data_index, "class_map keys", where, "split")
+    unmapped = [c for c in data_classes if c not in class_map]
     if unmapped:
-        raise DataError(f"{where}: class_map lacks the split's classes {unmapped[:5]}")
+        hint = " (import ObjectNet with --objectnet-mappings to keep only mapped folders)" \
+            if split.objectnet_mappings is not None else ""
+        raise DataError(f"{where}: class_map lacks the split's classes {unmapped[:5]}{hint}")
     model_to_data = np.full(len(model_classes), -1, dtype=np.int64)
-    for data_class, targets in split.class_map.items():
+    for data_class, targets in class_map.items():
         _unknown(targets, model_index, f"class_map[{data_class!r}] names", where, "model")
         for t in targets:
             if model_to_data[model_index[t]] >= 0:
