@@ -179,6 +179,39 @@ def test_fuse_refuses_bad_components(tiny):
         mixture.fuse(sds[:2], mixture.uniform(3, 2), tiny.components)
 
 
+def test_fuse_many_holds_one_ingredient_at_a_time_and_equals_fuse(tiny):
+    import gc
+    import weakref
+
+    sds, comps = tiny.ingredients, tiny.components
+    betas = {"uniform": mixture.uniform(3, 2), "one": mixture.one_hot(3, 2, 2),
+             "pair": mixture.lambdas_to_beta([np.array([0.3, 0.8])], [0, 2], 3)}
+    loaded, alive = [], []
+
+    def lazily():
+        for j in (0, 1, 2):
+            copy = {k: v.clone() for k, v in sds[j].items()}  # as if read from a file
+            loaded.append(j)
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs))  # earlier copies still referenced
+            refs.append(weakref.ref(copy["0.weight"]))
+            yield j, copy
+
+    refs: list = []
+    fused = mixture.fuse_many(lazily(), betas, comps)
+    assert loaded == [0, 1, 2] and alive == [0, 0, 0]
+    for name, beta in betas.items():
+        plain = mixture.fuse(sds, beta, comps)
+        assert all(torch.equal(fused[name][k], plain[k]) for k in plain), name
+    # only the rows a mixture weights need to come by; a weighted one missing is named
+    only_two = mixture.fuse_many([(2, sds[2])], {"one": betas["one"]}, comps)["one"]
+    assert all(torch.equal(only_two[k], sds[2][k]) for k in sds[2])
+    with pytest.raises(mixture.MixtureError, match=r"ingredients \[1\] are weighted but were not given"):
+        mixture.fuse_many([(0, sds[0]), (2, sds[2])], {"u": betas["uniform"]}, comps)
+    with pytest.raises(mixture.MixtureError, match="rows must increase"):
+        mixture.fuse_many([(1, sds[1]), (0, sds[0])], {"u": betas["uniform"]}, comps)
+
+
 def test_phase1_on_a_real_model_is_at_least_the_best_ingredient(tiny):
     individual = tiny([mixture.one_hot(3, 2, j) for j in range(3)])
     result = mmms.phase1(individual, 2, tiny, small_cfg())

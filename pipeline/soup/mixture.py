@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -137,32 +137,64 @@ def _component_of(state_dict_keys, components) -> dict[str, int]:
     return owner
 
 
+def fuse_many(states: Iterable[tuple[int, dict[str, torch.Tensor]]], betas: Mapping[str, np.ndarray],
+              components) -> dict[str, dict[str, torch.Tensor]]:
+    """Several fused state dicts from one pass over the ingredients, slow and obvious (the
+    evaluator has the fast one). ``states`` yields ``(row, state_dict)`` in increasing row order
+    and may load each lazily: one ingredient is held at a time, plus one accumulator per
+    mixture, so 72 ingredients fuse in the memory of a few models. Every row a mixture weights
+    must come by. Tensors in no component (integer buffers) must agree across ingredients and
+    are copied. Each tensor is summed in row order, so the result does not depend on which other
+    rows or mixtures are in the pass."""
+    betas = {name: validate(beta) for name, beta in betas.items()}
+    shapes = {b.shape for b in betas.values()}
+    if len(shapes) != 1:
+        raise MixtureError(f"the mixtures' betas differ in shape: {sorted(shapes)}")
+    (K, C), = shapes
+    if len(components) != C:
+        raise MixtureError(f"beta is {K}x{C} but there are {len(components)} components")
+    needed = {int(j) for b in betas.values() for j in np.flatnonzero(b.any(axis=1))}
+    reference: dict[str, torch.Tensor] = {}  # the first ingredient's shared tensors and dtypes
+    owner: dict[str, int] = {}
+    totals: dict[str, dict[str, torch.Tensor]] = {name: {} for name in betas}
+    seen: list[int] = []
+    for j, sd in states:
+        if not 0 <= j < K or (seen and j <= seen[-1]):
+            raise MixtureError(f"ingredient rows must increase within [0, {K}): got {j} after {seen[-1:]}")
+        if not seen:
+            owner = _component_of(set(sd), components)
+            reference = {name: t if name not in owner else t.new_empty(0) for name, t in sd.items()}
+            shape_of = {name: t.shape for name, t in sd.items()}
+        seen.append(j)
+        for name, shape in shape_of.items():
+            t = sd.get(name)
+            if t is None or t.shape != shape:
+                raise MixtureError(f"ingredient {j}: tensor {name!r} is missing or has another shape than "
+                                   f"ingredient {seen[0]}'s")
+            if name not in owner:
+                if not torch.equal(t, reference[name]):
+                    raise MixtureError(f"tensor {name!r} is in no component but differs between ingredients")
+                continue
+            acc_dtype = torch.float64 if reference[name].dtype == torch.float64 else torch.float32
+            for method, beta in betas.items():
+                total = totals[method].setdefault(name, torch.zeros(shape, dtype=acc_dtype))
+                w = beta[j, owner[name]]
+                if w != 0.0:  # an absent ingredient costs nothing (and 0 * inf cannot poison the sum)
+                    total += float(w) * t.to(acc_dtype)
+        sd = t = None  # hold one ingredient at a time
+    if not seen:
+        raise MixtureError("no ingredients to fuse")
+    missing = sorted(needed - set(seen))
+    if missing:
+        raise MixtureError(f"ingredients {missing} are weighted but were not given")
+    return {method: {name: totals[method][name].to(reference[name].dtype) if name in owner
+                     else reference[name].clone() for name in shape_of}
+            for method in betas}
+
+
 def fuse(state_dicts: Sequence[dict[str, torch.Tensor]], beta, components) -> dict[str, torch.Tensor]:
-    """The fused state dict, tensor by tensor (slow and obvious; the evaluator has the fast one).
-    Tensors in no component (integer buffers) must agree across ingredients and are copied."""
+    """The fused state dict of one mixture over all of ``state_dicts`` (see ``fuse_many``)."""
     beta = validate(beta)
-    K, C = beta.shape
-    if len(state_dicts) != K or len(components) != C:
-        raise MixtureError(f"beta is {K}x{C} but there are {len(state_dicts)} ingredients and {len(components)} components")
-    keys = list(state_dicts[0])
-    owner = _component_of(set(keys), components)
-    fused = {}
-    for name in keys:
-        tensors = []
-        for j, sd in enumerate(state_dicts):
-            if name not in sd or sd[name].shape != state_dicts[0][name].shape:
-                raise MixtureError(f"ingredient {j}: tensor {name!r} is missing or has another shape than ingredient 0's")
-            tensors.append(sd[name])
-        if name not in owner:
-            if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
-                raise MixtureError(f"tensor {name!r} is in no component but differs between ingredients")
-            fused[name] = tensors[0].clone()
-            continue
-        weights = beta[:, owner[name]]
-        acc_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-        total = torch.zeros(tensors[0].shape, dtype=acc_dtype)
-        for w, t in zip(weights, tensors):
-            if w != 0.0:  # an absent ingredient costs nothing (and 0 * inf cannot poison the sum)
-                total += float(w) * t.to(acc_dtype)
-        fused[name] = total.to(tensors[0].dtype)
-    return fused
+    if len(state_dicts) != beta.shape[0]:
+        raise MixtureError(f"beta is {beta.shape[0]}x{beta.shape[1]} but there are {len(state_dicts)} ingredients")
+    return fuse_many(enumerate(state_dicts), {"fused": beta}, components)["fused"]

@@ -266,16 +266,10 @@ def search_trace(result: SearchResult) -> list[list[float]]:
 # ---- fusing and scoring the results ---------------------------------------------------------
 
 def fuse_methods(betas: dict[str, np.ndarray], ingredients: Sequence[Ingredient], components) -> dict[str, dict]:
-    """Each method's fused classifier state dict, with the core's reference ``fuse``; only the
-    ingredients a method uses are loaded (each once)."""
+    """Each method's fused classifier state dict, with the core's reference fusion, in one pass
+    that loads each ingredient a method uses once and holds one at a time."""
     used = sorted({int(j) for b in betas.values() for j in np.flatnonzero(b.any(axis=1))})
-    states = {j: load_state(ingredients[j].uri) for j in used}
-    fused = {}
-    for name, beta in betas.items():
-        rows = [int(j) for j in np.flatnonzero(beta.any(axis=1))]
-        # the same mixture over its non-zero rows (zero rows add nothing to fuse's sums)
-        fused[name] = mixture.fuse([states[j] for j in rows], beta[rows], components)
-    return fused
+    return mixture.fuse_many(((j, load_state(ingredients[j].uri)) for j in used), betas, components)
 
 
 def score_fused(cfg: Config, fused: dict[str, dict], model_name: str, class_names: list[str], preprocess: dict,
