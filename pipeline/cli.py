@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", metavar="FILE",
                    help="class names in label order, one per line, or 'FOLDER<TAB>CLASS' lines when folder "
                         "names are not class names (default: the sorted folder names)")
+    p.add_argument("--shuffle-seed", type=int, metavar="N",
+                   help="write the rows in an order shuffled with seed N (do this for train sets: "
+                        "finetuning streams large ones shard by shard)")
     p.add_argument("--objectnet-mappings", metavar="DIR",
                    help="ObjectNet's mappings/ folder: import only the folders it maps to ImageNet classes")
     p.add_argument("--rows-per-shard", type=int, default=512)
@@ -77,7 +80,7 @@ def _dispatch(args) -> int:
 
             classes, only_listed = list(objectnet_class_map(args.objectnet_mappings)), True
         info = import_image_folder(args.src, args.out, name=args.name, role=args.role, class_names=classes,
-                                   folder_classes=folders, only_listed=only_listed,
+                                   folder_classes=folders, only_listed=only_listed, shuffle_seed=args.shuffle_seed,
                                    rows_per_shard=args.rows_per_shard)
         skipped = f", {len(info['skipped_folders'])} folders of other classes skipped" if only_listed else ""
         print(f"wrote {info['num_rows']} images, {len(info['class_names'])} classes, "

@@ -111,6 +111,14 @@ class FinetuneConfig(Strict):
     max_failures: int = Field(2, ge=0)
     resources: Resources = Resources()
     space: SearchSpace = SearchSpace()
+    # how a trial reads the train split: "memory" decodes it once and keeps it (uint8 at the
+    # model's input size); "stream" reads shard by shard each epoch through `loader_workers`
+    # processes with a shuffle buffer of `shuffle_buffer` images; "auto" streams when keeping it
+    # would take more than `memory_limit_gb`
+    loader: Literal["auto", "memory", "stream"] = "auto"
+    memory_limit_gb: float = Field(4.0, gt=0)
+    loader_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(4096, gt=0)
     # test hook: fail trial N once at epoch E ("N:E"); never set in a real config
     inject_failure: str | None = None
 

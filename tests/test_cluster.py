@@ -8,7 +8,6 @@ import re
 import secrets
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request

@@ -256,3 +256,20 @@ def test_write_demo_splits(tmp_path):
     assert (train.role, train.class_names, train.num_rows) == ("train", demo.DIGIT_CLASSES, 629)
     assert len(shard_uris(uris["train"])) == 4
     assert read_split(uris["invert"]).role == "ood"
+
+
+def test_import_can_shuffle_the_rows_reproducibly(tmp_path):
+    src = image_folder(tmp_path / "src", {"cat": list(range(10)), "dog": list(range(10, 20))})
+    plain = import_image_folder(src, str(tmp_path / "plain"))
+    labels = read_split(str(tmp_path / "plain")).table.column("label").to_pylist()
+    assert labels == [0] * 10 + [1] * 10
+    runs = []
+    for out in ("a", "b"):
+        info = import_image_folder(src, str(tmp_path / out), shuffle_seed=3, rows_per_shard=8)
+        runs.append(read_split(str(tmp_path / out)).table)
+        assert info["num_rows"] == plain["num_rows"]
+    assert runs[0].equals(runs[1])  # the seed fixes the order
+    shuffled = runs[0].column("label").to_pylist()
+    assert shuffled != labels and sorted(shuffled) == labels
+    assert sorted(runs[0].column("image").to_pylist()) == \
+        sorted(read_split(str(tmp_path / "plain")).table.column("image").to_pylist())

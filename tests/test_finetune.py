@@ -31,8 +31,14 @@ def trial_config(cfg, trial=0, **hparams):
             "randaugment_magnitude": 5, "mix_prob": 0.5, **hparams, "setup": trial_setup(cfg)}
 
 
-def test_a_resumed_trial_replays_the_uninterrupted_one(prepared_demo, tmp_path):
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_resumed_trial_replays_the_uninterrupted_one(prepared_demo, tmp_path, loader):
     from pipeline.finetune.trainable import InjectedFailure, run_trial
+
+    def trial_config_(cfg):
+        config = trial_config(cfg)
+        config["setup"].update(loader=loader, loader_workers=2, shuffle_buffer=64)
+        return config
 
     def keep(into):
         def report(metrics, ckpt_dir):
@@ -41,8 +47,8 @@ def test_a_resumed_trial_replays_the_uninterrupted_one(prepared_demo, tmp_path):
         return report
 
     whole, broken, resumed = [], [], []
-    run_trial(trial_config(prepared_demo), keep(whole))
-    config = trial_config(prepared_demo)
+    run_trial(trial_config_(prepared_demo), keep(whole))
+    config = trial_config_(prepared_demo)
     config["setup"]["inject_failure"] = "0:2"
     with pytest.raises(InjectedFailure):
         run_trial(config, keep(broken))
@@ -61,6 +67,61 @@ def test_a_resumed_trial_replays_the_uninterrupted_one(prepared_demo, tmp_path):
     b, _ = load_classifier(str(tmp_path / f"{id(resumed)}-2" / "model.safetensors"))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_streamed_train_images_are_every_row_once_shuffled_across_shards(prepared_demo, tmp_path):
+    """Streaming reads a class-sorted split (as an image-folder import writes it) shard by shard,
+    yet each epoch gives every image once, batches mixing classes, in an order fixed by
+    (seed, epoch): the memory path's pixels, only the order differs."""
+    from pipeline.data.shards import read_split, write_split
+    from pipeline.finetune.stream import StreamTrain
+    from pipeline.finetune.trainable import decode_uint8, uint8_transform
+    from pipeline.prepare import load_zero_shot
+
+    _, train = layout.split_of_role(prepared_demo, "train")
+    split = read_split(train.uri)
+    labels = np.array(split.table.column("label").to_pylist())
+    by_class = np.argsort(labels, kind="stable")
+    sorted_uri = str(tmp_path / "sorted")
+    write_split(sorted_uri, [split.table.column("image")[int(i)].as_py() for i in by_class], labels[by_class].tolist(),
+                name="sorted", role="train", class_names=split.class_names, rows_per_shard=40)
+    _, meta = load_zero_shot(prepared_demo)
+    transform, _, _ = uint8_transform(meta["preprocess"])
+    kept_x, kept_y = decode_uint8(sorted_uri, meta["preprocess"])
+
+    def epoch(seed, e, workers=2):
+        stream = StreamTrain(sorted_uri, transform, seed=seed, workers=workers, buffer=128)
+        assert len(stream) == len(labels)
+        return list(stream.batches(50, e))
+
+    def rows(batches):
+        """Each image as (label, its pixels' bytes)."""
+        return [(int(y), x.numpy().tobytes()) for xs, ys in batches for x, y in zip(xs, ys)]
+
+    first = epoch(7, 1)
+    assert [len(y) for _, y in first] == [50] * (len(labels) // 50) + ([len(labels) % 50] if len(labels) % 50 else [])
+    assert all(x.dtype == torch.uint8 and x.shape[1:] == kept_x.shape[1:] for x, _ in first)
+    assert sorted(rows(first)) == sorted((int(y), x.numpy().tobytes()) for x, y in zip(kept_x, kept_y))
+    # the sorted split holds ~60 images a class: a batch drawn in file order would hold one or two
+    assert min(len(set(y.tolist())) for _, y in first[:-1]) >= 5
+    assert rows(epoch(7, 1)) == rows(first)              # replayable: what a resumed epoch needs
+    assert rows(epoch(7, 2)) != rows(first) != rows(epoch(8, 1))
+    assert sorted(rows(epoch(7, 1, workers=0))) == sorted(rows(first))
+
+
+def test_auto_loader_streams_what_would_not_fit_the_memory_limit(prepared_demo):
+    from pipeline.finetune.stream import MemoryTrain, StreamTrain
+    from pipeline.finetune.sweep import trial_setup
+    from pipeline.finetune.trainable import image_shape, train_images
+    from pipeline.prepare import load_zero_shot
+
+    _, meta = load_zero_shot(prepared_demo)
+    setup = trial_setup(prepared_demo)
+    n = storage.read_json(storage.join(setup["train_uri"], "dataset.json"))["num_rows"]
+    need_gb = n * int(np.prod(image_shape(meta["preprocess"]))) / 2**30
+    assert setup["loader"] == "auto"
+    for limit, kind in [(need_gb * 1.01, MemoryTrain), (need_gb * 0.99, StreamTrain)]:
+        assert type(train_images({**setup, "memory_limit_gb": limit}, meta["preprocess"], seed=0)) is kind
 
 
 def trial_checkpoints(experiment_dir: str, trial_id: str) -> dict[str, dict]:

@@ -6,6 +6,7 @@ must hold images and be a known class. Images are stored as their original encod
 from __future__ import annotations
 
 import posixpath
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -120,13 +121,16 @@ def verify_images(files: list[LabelledFile]) -> None:
 
 def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, role: str = "ood",
                         class_names: list[str] | None = None, folder_classes: dict[str, str] | None = None,
-                        only_listed: bool = False, rows_per_shard: int = 512) -> dict:
+                        only_listed: bool = False, shuffle_seed: int | None = None,
+                        rows_per_shard: int = 512) -> dict:
     """Turn ``src_dir/<folder>/<image>`` into a shard set at ``out_uri``; returns its
     dataset.json plus ``skipped_folders``. A folder's class is its name, or its entry in
     ``folder_classes`` (e.g. ImageNet-V2's ``0`` .. ``999`` -> WordNet ids). Labels follow
     ``class_names`` (default: the sorted classes found), so sets with the same class list get the
     same labels; with ``class_names`` given, a subset of the classes may be present. With
-    ``only_listed``, folders of no given class are skipped instead of refused."""
+    ``only_listed``, folders of no given class are skipped instead of refused. Rows are written
+    folder by folder, or in an order shuffled by ``shuffle_seed``: what a train set streamed
+    shard by shard needs (docs/finetune.md)."""
     check_role(role, f"import {src_dir}")
     if class_names is None:
         if folder_classes is not None:
@@ -136,6 +140,9 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
     class_names = check_class_names(class_names, f"import {src_dir}")
     files, skipped = list_labelled_files(src_dir, class_names, folder_classes, only_listed)
     verify_images(files)
+    if shuffle_seed is not None:
+        order = random.Random(shuffle_seed).sample(range(len(files)), len(files))
+        files = [files[i] for i in order]
     name = name or posixpath.basename(src_dir.rstrip("/").rstrip("\\")) or "images"
     info = write_split(out_uri, FileBytes([f.uri for f in files]), [f.label for f in files],
                        name=name, role=role, class_names=class_names, rows_per_shard=rows_per_shard)

@@ -213,6 +213,13 @@ def _read_shard(shard_uri: str, want_rows: int, class_names: list[str]) -> pa.Ta
     return table
 
 
+def read_shard(uri: str, index: int, info: dict | None = None) -> pa.Table:
+    """Shard ``index`` of the split at ``uri``, checked like ``read_split`` checks each."""
+    info = info or split_info(uri)
+    entry = info["shards"][index]
+    return _read_shard(storage.join(uri, entry["file"]), entry["num_rows"], info["class_names"])
+
+
 def read_split(uri: str) -> Split:
     """Read every shard listed in dataset.json into one table; each shard is checked."""
     info = split_info(uri)

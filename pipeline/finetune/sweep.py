@@ -33,7 +33,9 @@ def trial_setup(cfg: Config) -> dict:
     _, val = layout.split_of_role(cfg, "val")
     return {"zeroshot_uri": zeroshot_uri(cfg), "train_uri": train.uri, "val_uri": val.uri,
             "batch_size": ft.batch_size, "warmup_steps": ft.warmup_steps, "grad_clip": ft.grad_clip,
-            "threads": ft.threads, "seed": ft.seed, "inject_failure": ft.inject_failure}
+            "threads": ft.threads, "seed": ft.seed, "inject_failure": ft.inject_failure,
+            "loader": ft.loader, "memory_limit_gb": ft.memory_limit_gb, "loader_workers": ft.loader_workers,
+            "shuffle_buffer": ft.shuffle_buffer}
 
 
 def param_space(cfg: Config) -> dict:

@@ -24,6 +24,7 @@ from .. import storage
 from ..data import shards
 from ..model import image_transform, load_classifier, save_classifier
 from ..model.weights import load_state_strict
+from .stream import MemoryTrain, StreamTrain, memory_bytes
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -40,9 +41,9 @@ class InjectedFailure(RuntimeError):
 
 @dataclass
 class TrialData:
-    """Train and val images decoded once, as uint8 (N, C, H, W) at the model's input size."""
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
+    """The train images (kept or streamed, see stream.py) and the val images decoded once, as
+    uint8 (N, C, H, W) at the model's input size."""
+    train: MemoryTrain | StreamTrain
     val_images: torch.Tensor
     val_labels: torch.Tensor
     mean: torch.Tensor  # (1, C, 1, 1)
@@ -72,10 +73,30 @@ def mean_std(preprocess: dict) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
 
-def load_trial_data(train_uri: str, val_uri: str, preprocess: dict) -> TrialData:
-    train_x, train_y = decode_uint8(train_uri, preprocess)
-    val_x, val_y = decode_uint8(val_uri, preprocess)
-    return TrialData(train_x, train_y, val_x, val_y, *mean_std(preprocess))
+def image_shape(preprocess: dict) -> tuple[int, int, int]:
+    size = preprocess["size"]
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return 3, height, width
+
+
+def train_images(setup: dict, preprocess: dict, seed: int) -> MemoryTrain | StreamTrain:
+    """The train split kept in memory or streamed, as ``setup["loader"]`` says ("auto": stream
+    when keeping it would take more than ``memory_limit_gb``)."""
+    loader = setup.get("loader", "memory")
+    if loader == "auto":
+        rows = shards.split_info(setup["train_uri"])["num_rows"]
+        loader = "stream" if memory_bytes(rows, image_shape(preprocess)) > setup["memory_limit_gb"] * 2**30 else "memory"
+    if loader == "stream":
+        transform, _, _ = uint8_transform(preprocess)
+        return StreamTrain(setup["train_uri"], transform, seed=seed, workers=setup["loader_workers"],
+                           buffer=setup["shuffle_buffer"])
+    return MemoryTrain(*decode_uint8(setup["train_uri"], preprocess))
+
+
+def load_trial_data(setup: dict, preprocess: dict, seed: int) -> TrialData:
+    train = train_images(setup, preprocess, seed)
+    val_x, val_y = decode_uint8(setup["val_uri"], preprocess)
+    return TrialData(train, val_x, val_y, *mean_std(preprocess))
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -146,20 +167,18 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def train_epoch(clf, opt, sched, data: TrialData, config: dict, augment, mix) -> dict:
-    """One pass over the shuffled train set; returns mean loss and images/s of the steps alone."""
+def train_epoch(clf, opt, sched, data: TrialData, config: dict, augment, mix, epoch: int) -> dict:
+    """One pass over the shuffled train set; returns mean loss and images/s of the steps alone
+    (a streamed batch's wait for its images is not counted)."""
     device = next(clf.parameters()).device
     setup = config["setup"]
     clf.train()
-    order = torch.randperm(len(data.train_labels))
     total_loss, seen, seconds, cpu_seconds = 0.0, 0, 0.0, 0.0
-    for start in range(0, len(order), setup["batch_size"]):
+    for images, labels in data.train.batches(setup["batch_size"], epoch):
         t0, c0 = time.perf_counter(), time.thread_time()
-        idx = order[start : start + setup["batch_size"]]
-        images = data.train_images[idx]
         if augment is not None:
             images = torch.stack([augment(img) for img in images])
-        x, y = normalize(images.to(device), data.mean, data.std), data.train_labels[idx].to(device)
+        x, y = normalize(images.to(device), data.mean, data.std), labels.to(device)
         if mix is not None and float(torch.rand(())) < config["mix_prob"]:
             x, y = mix(x, y)  # y becomes soft targets
         with autocast(device):
@@ -172,8 +191,8 @@ def train_epoch(clf, opt, sched, data: TrialData, config: dict, augment, mix) ->
         loss_value = float(loss.detach())  # syncs the device, so the timing is honest
         seconds += time.perf_counter() - t0
         cpu_seconds += time.thread_time() - c0  # this thread's CPU: the rate minus waiting for a core
-        total_loss += loss_value * len(idx)
-        seen += len(idx)
+        total_loss += loss_value * len(labels)
+        seen += len(labels)
     return {"train_loss": total_loss / seen, "train_images": seen, "train_seconds": seconds,
             "train_cpu_seconds": cpu_seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0}
 
@@ -271,9 +290,9 @@ def run_trial(config: dict, report: Report, *, resume_dir: str | None = None) ->
     torch.manual_seed(trial_seed(setup["seed"], config["trial"]))
     clf, meta = load_classifier(setup["zeroshot_uri"])
     clf = clf.to(device_of())
-    data = load_trial_data(setup["train_uri"], setup["val_uri"], meta["preprocess"])
+    data = load_trial_data(setup, meta["preprocess"], trial_seed(setup["seed"], config["trial"]))
     epochs = int(config["epochs"])
-    opt, sched = build_optimizer(clf, config, epochs * steps_per_epoch(len(data.train_labels), setup["batch_size"]))
+    opt, sched = build_optimizer(clf, config, epochs * steps_per_epoch(len(data.train), setup["batch_size"]))
     augment = build_augment(config["randaugment_magnitude"])
     mix = build_mix(len(meta["class_names"])) if config["mix_prob"] > 0 else None
     failure = parse_failure(setup.get("inject_failure"))
@@ -290,7 +309,7 @@ def run_trial(config: dict, report: Report, *, resume_dir: str | None = None) ->
     for epoch in range(start_epoch + 1, epochs + 1):
         if failure == (config["trial"], epoch) and restored_from == 0:
             raise InjectedFailure(f"injected failure: trial {config['trial']} at epoch {epoch}")
-        train = train_epoch(clf, opt, sched, data, config, augment, mix)
+        train = train_epoch(clf, opt, sched, data, config, augment, mix, epoch)
         metrics = {**evaluate(clf, data.val_images, data.val_labels, data.mean, data.std), **train,
                    "epoch": epoch, "trial": config["trial"], "restored_from_epoch": restored_from}
         with tempfile.TemporaryDirectory(prefix="frankensoup-trial-") as ckpt:
