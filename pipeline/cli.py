@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-seed", type=int, metavar="N",
                    help="write the rows in an order shuffled with seed N (do this for train sets: "
                         "finetuning streams large ones shard by shard)")
+    p.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                   help="send this fraction of the images (drawn with --shuffle-seed) to a val split at "
+                        "--holdout-out, e.g. model soups' 0.02 of ImageNet train")
+    p.add_argument("--holdout-out", metavar="URI")
     p.add_argument("--objectnet-mappings", metavar="DIR",
                    help="ObjectNet's mappings/ folder: import only the folders it maps to ImageNet classes")
     p.add_argument("--rows-per-shard", type=int, default=512)
@@ -81,10 +85,13 @@ def _dispatch(args) -> int:
             classes, only_listed = list(objectnet_class_map(args.objectnet_mappings)), True
         info = import_image_folder(args.src, args.out, name=args.name, role=args.role, class_names=classes,
                                    folder_classes=folders, only_listed=only_listed, shuffle_seed=args.shuffle_seed,
+                                   holdout=args.holdout, holdout_uri=args.holdout_out,
                                    rows_per_shard=args.rows_per_shard)
         skipped = f", {len(info['skipped_folders'])} folders of other classes skipped" if only_listed else ""
         print(f"wrote {info['num_rows']} images, {len(info['class_names'])} classes, "
               f"role {info['role']} -> {args.out}{skipped}")
+        if info["holdout_rows"]:
+            print(f"wrote {info['holdout_rows']} held-out images, role val -> {args.holdout_out}")
         return 0
     if cmd == "predict":
         from .fused import predict_files

@@ -273,3 +273,26 @@ def test_import_can_shuffle_the_rows_reproducibly(tmp_path):
     assert shuffled != labels and sorted(shuffled) == labels
     assert sorted(runs[0].column("image").to_pylist()) == \
         sorted(read_split(str(tmp_path / "plain")).table.column("image").to_pylist())
+
+
+def test_import_holds_out_a_val_split_or_writes_neither(tmp_path, capsys):
+    from pipeline.cli import main
+
+    src = image_folder(tmp_path / "src", {"cat": list(range(0, 50)), "dog": list(range(50, 100))})
+    train, val = str(tmp_path / "train"), str(tmp_path / "val")
+    assert main(["import-images", src, "--out", train, "--role", "train", "--shuffle-seed", "1",
+                 "--holdout", "0.1", "--holdout-out", val]) == 0
+    assert "wrote 10 held-out images, role val" in capsys.readouterr().out
+    a, b = read_split(train), read_split(val)
+    assert (a.role, b.role, a.num_rows, b.num_rows) == ("train", "val", 90, 10)
+    images = lambda s: s.table.column("image").to_pylist()  # noqa: E731
+    assert not set(images(a)) & set(images(b)) and len(set(images(a)) | set(images(b))) == 100
+    import_image_folder(src, str(tmp_path / "val2"), shuffle_seed=1, holdout=0.1, holdout_uri=str(tmp_path / "v2"))
+    assert images(read_split(str(tmp_path / "v2"))) == images(b)  # the seed fixes the holdout
+    with pytest.raises(DataError, match="holdout must lie in"):
+        import_image_folder(src, str(tmp_path / "x"), holdout=0.1)
+    # the main split cannot be written (its place is a file): the holdout is undone too
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    with pytest.raises(Exception):
+        import_image_folder(src, str(tmp_path / "blocked"), holdout=0.1, holdout_uri=str(tmp_path / "val3"))
+    assert not storage.exists(str(tmp_path / "val3" / "dataset.json"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .. import storage
-from .shards import DataError, check_class_names, check_role, decode_image, write_split
+from .shards import DataError, check_class_names, check_role, decode_image, remove_split, write_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -122,6 +122,7 @@ def verify_images(files: list[LabelledFile]) -> None:
 def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, role: str = "ood",
                         class_names: list[str] | None = None, folder_classes: dict[str, str] | None = None,
                         only_listed: bool = False, shuffle_seed: int | None = None,
+                        holdout: float = 0.0, holdout_uri: str | None = None,
                         rows_per_shard: int = 512) -> dict:
     """Turn ``src_dir/<folder>/<image>`` into a shard set at ``out_uri``; returns its
     dataset.json plus ``skipped_folders``. A folder's class is its name, or its entry in
@@ -130,8 +131,13 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
     same labels; with ``class_names`` given, a subset of the classes may be present. With
     ``only_listed``, folders of no given class are skipped instead of refused. Rows are written
     folder by folder, or in an order shuffled by ``shuffle_seed``: what a train set streamed
-    shard by shard needs (docs/finetune.md)."""
+    shard by shard needs (docs/finetune.md). ``holdout``: this fraction of the images, drawn
+    with ``shuffle_seed`` (or 0), goes to a ``val`` split at ``holdout_uri`` instead (model
+    soups' 2 % of ImageNet train); both splits are written, or neither."""
     check_role(role, f"import {src_dir}")
+    if not 0.0 <= holdout < 1.0 or (holdout > 0) != (holdout_uri is not None):
+        raise DataError(f"import {src_dir}: holdout must lie in [0, 1) and come with a holdout URI "
+                        f"(got {holdout} and {holdout_uri!r})")
     if class_names is None:
         if folder_classes is not None:
             class_names = sorted(set(folder_classes.values()))
@@ -144,6 +150,20 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
         order = random.Random(shuffle_seed).sample(range(len(files)), len(files))
         files = [files[i] for i in order]
     name = name or posixpath.basename(src_dir.rstrip("/").rstrip("\\")) or "images"
-    info = write_split(out_uri, FileBytes([f.uri for f in files]), [f.label for f in files],
-                       name=name, role=role, class_names=class_names, rows_per_shard=rows_per_shard)
-    return {**info, "skipped_folders": skipped}
+    held: list[LabelledFile] = []
+    if holdout > 0:
+        picked = set(random.Random(shuffle_seed or 0).sample(range(len(files)), round(holdout * len(files))))
+        if not picked or len(picked) == len(files):
+            raise DataError(f"import {src_dir}: a holdout of {holdout} of {len(files)} images leaves a split empty")
+        held = [f for i, f in enumerate(files) if i in picked]
+        files = [f for i, f in enumerate(files) if i not in picked]
+        write_split(holdout_uri, FileBytes([f.uri for f in held]), [f.label for f in held],
+                    name=f"{name}-holdout", role="val", class_names=class_names, rows_per_shard=rows_per_shard)
+    try:
+        info = write_split(out_uri, FileBytes([f.uri for f in files]), [f.label for f in files],
+                           name=name, role=role, class_names=class_names, rows_per_shard=rows_per_shard)
+    except BaseException:
+        if held:
+            remove_split(holdout_uri)
+        raise
+    return {**info, "skipped_folders": skipped, "holdout_rows": len(held)}

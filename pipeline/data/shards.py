@@ -103,6 +103,13 @@ def _remove_split_files(uri: str) -> None:
             storage.delete(storage.join(uri, name))
 
 
+def remove_split(uri: str) -> None:
+    """Remove a split written by ``write_split`` (marker first), best effort: used to undo one
+    when its companion failed, so the error that got us there is the one raised."""
+    with contextlib.suppress(Exception):
+        _remove_split_files(uri)
+
+
 def _remove_quietly(uris: list[str]) -> None:
     # best effort: the error that got us here is the one the caller must see
     for uri in uris:
