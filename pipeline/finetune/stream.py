@@ -4,8 +4,8 @@ or streamed shard by shard each epoch (ImageNet: 1.28 M images would need ~190 G
 Both yield uint8 (N, C, H, W) batches at the model's input size, with open_clip's eval resize
 and crop, and int64 labels. The streamed order is a function of (seed, epoch) alone: shards are
 shuffled, dealt to ``workers`` torch DataLoader processes that each read theirs one at a time
-and draw images at random from a shuffle buffer, and the main process takes one image from each
-worker in turn. So a resumed trial replays an epoch exactly, and the memory a trial holds is the
+and draw images at random from a shuffle buffer, and the main process takes a chunk of 32 images
+from each worker in turn. So a resumed trial replays an epoch exactly, and the memory a trial holds is the
 buffer, not the split. See docs/finetune.md.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from ..data import shards
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+CHUNK = 32  # images a DataLoader worker hands over at once
 
 
 class MemoryTrain:
@@ -45,6 +46,20 @@ class _ShardImages(torch.utils.data.IterableDataset):
         self.seed, self.epoch, self.buffer = seed, epoch, buffer
 
     def __iter__(self):
+        """Chunks of up to CHUNK decoded images as (uint8 stack, int64 labels): one hand-over
+        between processes per chunk, not per image."""
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+        for image, label in self._images():
+            images.append(image)
+            labels.append(label)
+            if len(images) == CHUNK:
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+                images, labels = [], []
+        if images:
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+    def _images(self):
         worker = torch.utils.data.get_worker_info()
         w, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.info["shards"]))
@@ -86,20 +101,21 @@ class StreamTrain:
 
     def batches(self, batch_size: int, epoch: int) -> Iterator[Batch]:
         dataset = _ShardImages(self.uri, self.info, self.transform, self.seed, epoch, self.buffer)
-        # batch_size=None: workers hand over single images, taken from each worker in turn, so a
-        # batch mixes every worker's shards
+        # batch_size=None: workers hand over their chunks as they are, taken from each worker in
+        # turn, so a batch mixes every worker's shards
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                             prefetch_factor=64 if self.workers else None)
-        images: list[torch.Tensor] = []
-        labels: list[int] = []
-        for image, label in loader:
-            images.append(image)
-            labels.append(int(label))
-            if len(images) == batch_size:
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-                images, labels = [], []
-        if images:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+                                             prefetch_factor=8 if self.workers else None)
+        images, labels, held = [], [], 0
+        for chunk_images, chunk_labels in loader:
+            images.append(chunk_images)
+            labels.append(chunk_labels)
+            held += len(chunk_labels)
+            while held >= batch_size:
+                x, y = torch.cat(images), torch.cat(labels)
+                yield x[:batch_size], y[:batch_size]
+                images, labels, held = [x[batch_size:]], [y[batch_size:]], held - batch_size
+        if held:
+            yield torch.cat(images), torch.cat(labels)
 
 
 def memory_bytes(n_images: int, image_shape: tuple[int, ...]) -> int:

@@ -168,14 +168,16 @@ def autocast(device: torch.device):
 
 
 def train_epoch(clf, opt, sched, data: TrialData, config: dict, augment, mix, epoch: int) -> dict:
-    """One pass over the shuffled train set; returns mean loss and images/s of the steps alone
-    (a streamed batch's wait for its images is not counted)."""
+    """One pass over the shuffled train set; returns mean loss, images/s of the steps alone, and
+    ``load_seconds``, the time spent waiting for batches (a stream's reads and decodes)."""
     device = next(clf.parameters()).device
     setup = config["setup"]
     clf.train()
-    total_loss, seen, seconds, cpu_seconds = 0.0, 0, 0.0, 0.0
+    total_loss, seen, seconds, cpu_seconds, load_seconds = 0.0, 0, 0.0, 0.0, 0.0
+    asked = time.perf_counter()
     for images, labels in data.train.batches(setup["batch_size"], epoch):
         t0, c0 = time.perf_counter(), time.thread_time()
+        load_seconds += t0 - asked  # waiting for the batch: indexing, or a stream's reads and decodes
         if augment is not None:
             images = torch.stack([augment(img) for img in images])
         x, y = normalize(images.to(device), data.mean, data.std), labels.to(device)
@@ -193,8 +195,10 @@ def train_epoch(clf, opt, sched, data: TrialData, config: dict, augment, mix, ep
         cpu_seconds += time.thread_time() - c0  # this thread's CPU: the rate minus waiting for a core
         total_loss += loss_value * len(labels)
         seen += len(labels)
+        asked = time.perf_counter()
     return {"train_loss": total_loss / seen, "train_images": seen, "train_seconds": seconds,
-            "train_cpu_seconds": cpu_seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0}
+            "train_cpu_seconds": cpu_seconds, "load_seconds": load_seconds,
+            "images_per_s": seen / seconds if seconds > 0 else 0.0}
 
 
 @torch.inference_mode()
