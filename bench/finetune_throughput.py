@@ -34,7 +34,7 @@ def prepared_config(output_uri: str | None, workdir: str):
         run_prepare(cfg, log=lambda *_: None)
         return cfg
     cfg = load_config(None, [f"output_uri={output_uri}"])
-    if not layout.stage_done(cfg, "prepare"):
+    if not layout.read_marker(cfg, "prepare"):
         raise SystemExit(f"{output_uri}: no finished prepare stage with the demo settings")
     return cfg
 

@@ -15,10 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frankensoup", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="prepare -> finetune -> evaluate -> soup, skipping finished stages")
+    p = sub.add_parser("run", help="prepare -> finetune -> evaluate -> soup, reusing all work whose inputs are unchanged")
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="check config, storage and cluster; print the plan")
-    p.add_argument("--force", action="store_true", help="redo every stage even if finished")
+    p.add_argument("--force", action="store_true", help="redo all work even where its inputs are unchanged")
 
     for name, text in [("prepare", "build the demo shards and the demo base model"),
                        ("finetune", "run the Ray Tune sweep and write the ingredient registry"),
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--layout", choices=["auto", "frankensoup", "model-soups"], default="auto")
+    p.add_argument("--replace", action="store_true",
+                   help="drop every registered ingredient first (default: add to the registry)")
 
     p = sub.add_parser("predict", help="classify images with a published fused model")
     p.add_argument("uri", metavar="URI", help="output_uri, a soup/<run-id> or its fused/ directory")
@@ -112,7 +114,7 @@ def _dispatch(args) -> int:
     elif cmd == "import-ingredients":
         from .finetune.registry import import_ingredients
 
-        import_ingredients(cfg, args.files, layout=args.layout)
+        import_ingredients(cfg, args.files, layout=args.layout, replace=args.replace)
     elif cmd == "evaluate":
         from .evaluate.stage import run_evaluate
 

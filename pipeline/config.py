@@ -22,6 +22,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def neutral(default, **constraints):
+    """A field that changes how fast or where work runs, never its result: content keys leave
+    it out (pipeline/keys.py), so changing it reuses everything already computed."""
+    return Field(default, json_schema_extra={"neutral": True}, **constraints)
+
+
 Role = Literal["pretrain", "train", "val", "id_test", "ood"]
 
 
@@ -101,15 +107,15 @@ class SearchSpace(Strict):
 
 
 class FinetuneConfig(Strict):
-    num_trials: int = Field(8, gt=0)
-    max_concurrent: int = Field(2, gt=0)
+    num_trials: int = Field(8, ge=0)  # 0: ingredients come from import-ingredients only
+    max_concurrent: int = neutral(2, gt=0)
     seed: int = 0
     batch_size: int = Field(32, gt=0)
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     threads: int = Field(1, ge=1)
-    max_failures: int = Field(2, ge=0)
-    resources: Resources = Resources()
+    max_failures: int = neutral(2, ge=0)
+    resources: Resources = neutral(Resources())
     space: SearchSpace = SearchSpace()
     # how a trial reads the train split: "memory" decodes it once and keeps it (uint8 at the
     # model's input size); "stream" reads shard by shard each epoch through `loader_workers`
@@ -120,17 +126,17 @@ class FinetuneConfig(Strict):
     loader_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(4096, gt=0)
     # test hook: fail trial N once at epoch E ("N:E"); never set in a real config
-    inject_failure: str | None = None
+    inject_failure: str | None = neutral(None)
 
 
 class EvaluateConfig(Strict):
-    batch_size: int = Field(256, gt=0)
-    num_actors: int = Field(1, gt=0)
-    resources: Resources = Resources()
+    batch_size: int = neutral(256, gt=0)
+    num_actors: int = neutral(1, gt=0)
+    resources: Resources = neutral(Resources())
     # dtype the mixture evaluator holds ingredient weights in
     ingredient_dtype: Literal["float32", "bfloat16"] = "float32"
     # memory one evaluator may use for ingredient weights + val tensors (GiB; None = device's)
-    memory_limit_gb: float | None = None
+    memory_limit_gb: float | None = neutral(None)
     threads: int = Field(1, ge=1)
 
 
@@ -149,8 +155,8 @@ class SoupConfig(Strict):
     second_pass_low: float = 0.3
     optimizer: str = "CMA"  # any nevergrad optimizer name; NGOpt only with num_workers=1
     num_workers: int = Field(4, ge=1)   # W: asks in flight (changes the search)
-    num_evaluators: int = Field(2, ge=1)  # E: evaluator actors (never changes the result)
-    evaluator_resources: Resources = Resources()
+    num_evaluators: int = neutral(2, ge=1)  # E: evaluator actors (never changes the result)
+    evaluator_resources: Resources = neutral(Resources())
     seed: int = 123456789
     phase2: Phase2Config = Phase2Config()
 

@@ -134,6 +134,19 @@ def evaluation_budget(cfg: Config, n_ingredients: int, n_components: int) -> dic
     return {"greedy_soup": n_ingredients + 1, "uniform_soup": 1, "mmms_phase1": phase1, "mmms_phase2": phase2}
 
 
+def _trials_to_train(cfg: Config) -> str:
+    """", N to train" when the base and registry are there to say which trials are reused."""
+    try:
+        from .finetune.registry import read_registry
+        from .finetune.sweep import reusable, trial_plan
+
+        rows = {r["id"]: r for r in read_registry(cfg)["ingredients"]}
+        todo = [t for t in trial_plan(cfg) if not reusable(cfg, rows.get(t["id"]), t["key"])]
+        return f"; {len(todo)} to train, {cfg.finetune.num_trials - len(todo)} reused"
+    except Exception:  # nothing prepared or trained yet: every trial will train
+        return ""
+
+
 def plan(cfg: Config, rows: dict[str, int], log) -> bool:
     import torch
 
@@ -165,9 +178,11 @@ def plan(cfg: Config, rows: dict[str, int], log) -> bool:
     budget = evaluation_budget(cfg, K, len(comps))
     log("plan:")
     for stage in layout.STAGES:
-        done = layout.stage_done(cfg, stage)
-        log(f"  {stage:<9} {'done, will be skipped' if done else 'will run'}")
-    log(f"  finetune  {cfg.finetune.num_trials} trials, {cfg.finetune.max_concurrent} at once")
+        marker = layout.read_marker(cfg, stage)
+        log(f"  {stage:<9} " + (f"last finished {marker['finished']}; work whose inputs are unchanged is reused"
+                                if marker else "never run here"))
+    log(f"  finetune  {cfg.finetune.num_trials} trials, {cfg.finetune.max_concurrent} at once"
+        + _trials_to_train(cfg))
     log(f"  model     {cfg.model.name}: {n_params / 1e6:.2f}M classifier parameters, "
         f"{len(comps)} components at granularity {cfg.soup.granularity}")
     log(f"  soup      K={K} ingredients, W={cfg.soup.num_workers} asks in flight, "

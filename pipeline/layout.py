@@ -1,9 +1,7 @@
 """Where each stage writes under ``output_uri`` — the code twin of docs/outputs.md — and the
-stage markers that let `frankensoup run` skip a stage finished under the same settings."""
+stage markers: each stage's content key (pipeline/keys.py) with a record of what it did."""
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 
 from . import storage
@@ -76,54 +74,80 @@ def latest_pointer(cfg: Config) -> str:
     return storage.join(cfg.output_uri, "soup", "LATEST")
 
 
+def zeroshot_uri(cfg: Config) -> str:
+    return storage.join(cfg.output_uri, "prepare", "zeroshot.safetensors")
+
+
+def zeroshot_record_uri(cfg: Config) -> str:
+    """prepare/zeroshot.json: the zero-shot head's key, sha256 and id_test accuracy."""
+    return storage.join(cfg.output_uri, "prepare", "zeroshot.json")
+
+
+def demo_recipe_uri(cfg: Config) -> str:
+    return storage.join(cfg.output_uri, "data", "_RECIPE.json")
+
+
+def base_key_uri(cfg: Config) -> str:
+    return storage.join(base_dir(cfg), "_KEY.json")
+
+
+def evaluate_memo_uri(cfg: Config) -> str:
+    return storage.join(cfg.output_uri, "evaluate", "memo.json")
+
+
+def soup_memo_root(cfg: Config) -> str:
+    return storage.join(cfg.output_uri, "soup", "memo")
+
+
+def fused_scores_uri(cfg: Config) -> str:
+    return storage.join(cfg.output_uri, "soup", "scores.json")
+
+
+def run_record_uri(cfg: Config) -> str:
+    return storage.join(cfg.output_uri, "run.json")
+
+
+# ---- paths stored relative to output_uri, so an output folder can be moved or copied --------
+
+def relative(cfg: Config, uri: str) -> str:
+    """``uri`` as a path under output_uri when it lies there (else unchanged)."""
+    root, full = storage.normalise(cfg.output_uri), storage.normalise(uri)
+    return full[len(root) + 1:] if full.startswith(root + "/") else full
+
+
+def absolute(cfg: Config, path: str) -> str:
+    """A stored path back to a URI: relative ones live under output_uri."""
+    if "://" in path or path.startswith("/"):
+        return path
+    return storage.join(cfg.output_uri, path)
+
+
 # ---- stage markers -------------------------------------------------------------------------
 
 STAGES = ("prepare", "finetune", "evaluate", "soup")
-# the config sections each stage's result depends on (besides the previous stage's result)
-STAGE_SECTIONS = {
-    "prepare": ("data", "model"),
-    "finetune": ("finetune",),
-    "evaluate": ("evaluate",),
-    "soup": ("soup",),
-}
-# fields that change how a stage runs but never what it produces
-_NEUTRAL = {"soup": ("num_evaluators", "evaluator_resources"), "evaluate": ("num_actors", "resources", "batch_size"),
-            "finetune": ("max_concurrent", "resources", "inject_failure")}
 
 
 def _marker(cfg: Config, stage: str) -> str:
     return storage.join(stage_dir(cfg, stage), "_DONE.json")
 
 
-def stage_key(cfg: Config, stage: str) -> str:
-    """Hash of everything a stage's result depends on: its config sections and, through the
-    previous stage's key, everything upstream."""
-    dump = cfg.model_dump(mode="json")
-    parts = {}
-    for section in STAGE_SECTIONS[stage]:
-        sec = dict(dump[section])
-        for k in _NEUTRAL.get(stage, ()):
-            sec.pop(k, None)
-        parts[section] = sec
-    i = STAGES.index(stage)
-    if i > 0:
-        parts["upstream"] = stage_key(cfg, STAGES[i - 1])
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def stage_done(cfg: Config, stage: str) -> dict | None:
-    """The marker of a stage finished under the current settings, else None."""
+def read_marker(cfg: Config, stage: str) -> dict | None:
+    """A stage's last finish record (its content key and what it did), whatever its inputs now."""
     uri = _marker(cfg, stage)
-    if not storage.exists(uri):
-        return None
-    marker = storage.read_json(uri)
-    return marker if marker.get("key") == stage_key(cfg, stage) else None
+    return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def mark_done(cfg: Config, stage: str, info: dict | None = None, key: str | None = None) -> None:
-    storage.write_json(_marker(cfg, stage), {"stage": stage, "key": key or stage_key(cfg, stage),
-                                             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                             **(info or {})})
+def stage_done(cfg: Config, stage: str, key: str) -> dict | None:
+    """The marker of a stage finished on exactly the inputs that ``key`` names, else None."""
+    marker = read_marker(cfg, stage)
+    return marker if marker is not None and marker.get("key") == key else None
+
+
+def mark_done(cfg: Config, stage: str, key: str, info: dict | None = None) -> dict:
+    marker = {"stage": stage, "key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              **(info or {})}
+    storage.write_json(_marker(cfg, stage), marker)
+    return marker
 
 
 def clear_done(cfg: Config, stage: str) -> None:

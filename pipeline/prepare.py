@@ -7,13 +7,10 @@ import time
 from . import layout, storage
 from .config import Config, ConfigError
 from .data import shards
+from .keys import digest, result_settings
 from .data.imagenet import prompt_names
 from .model import classifier as clf_lib
 from .model import factory, weights
-
-
-def zeroshot_uri(cfg: Config) -> str:
-    return storage.join(layout.stage_dir(cfg, "prepare"), "zeroshot.safetensors")
 
 
 def load_base_clip(cfg: Config):
@@ -41,7 +38,7 @@ def build_zero_shot(cfg: Config, clip, names: list[str]):
 
 def load_zero_shot(cfg: Config):
     """(classifier, metadata) of the zero-shot head on the base image tower."""
-    return weights.load_classifier(zeroshot_uri(cfg))
+    return weights.load_classifier(layout.zeroshot_uri(cfg))
 
 
 def _accuracy(clf, split_uri: str, preprocess: dict) -> float:
@@ -66,41 +63,119 @@ def _build_demo_base(cfg: Config, log=print):
     clip = pretrain_demo_clip(images, labels, split.class_names, cfg.model.demo_base, model_name=cfg.model.name,
                               templates=clf_lib.resolve_templates(cfg.model.templates), log=log)
     factory.save_clip(layout.base_dir(cfg), clip, cfg.model.name, preprocess)
-    log(f"demo base CLIP trained contrastively on {len(images)} pretrain images in {time.time() - t0:.1f}s")
+    log(f"prepare: demo base CLIP trained contrastively on {len(images)} pretrain images in {time.time() - t0:.1f}s")
     return clip, preprocess
 
 
-def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
-    done = layout.stage_done(cfg, "prepare")
-    if done and not force:
-        log(f"prepare: already done under these settings ({done['finished']}), skipping")
-        return done
-    t0 = time.time()
-    if cfg.data.source == "demo":
-        from .data.demo import write_demo_splits
+# ---- the units of work and their keys (pipeline/keys.py) -----------------------------------
 
-        write_demo_splits(storage.join(cfg.output_uri, "data"), cfg.data.demo, cfg.data.rows_per_shard)
+def demo_data_key(cfg: Config) -> str:
+    """The demo shards are a pure function of the demo data settings."""
+    return digest({"format": shards.FORMAT, "demo": result_settings(cfg.data.demo),
+                   "rows_per_shard": cfg.data.rows_per_shard})
+
+
+def base_key(cfg: Config) -> str:
+    """The base CLIP: the demo's depends on the pretrain split's content and the model settings
+    (an ood set never touches it); open_clip's on its name and pretrained tag."""
+    if cfg.model.pretrained != "demo":
+        return digest({"model": cfg.model.name, "pretrained": cfg.model.pretrained})
+    _, pre = layout.split_of_role(cfg, "pretrain")
+    return digest({"model": cfg.model.name, "demo_base": result_settings(cfg.model.demo_base),
+                   "templates": cfg.model.templates, "pretrain": shards.split_content(pre.uri)})
+
+
+def zero_shot_key(cfg: Config, base: str, names: list[str]) -> str:
+    return digest({"base": base, "templates": cfg.model.templates, "prompt_names": cfg.model.prompt_names,
+                   "class_names": names})
+
+
+def zero_shot_record(cfg: Config) -> dict:
+    """prepare/zeroshot.json ({key, sha256, id_test_accuracy}) of a finished prepare."""
+    uri = layout.zeroshot_record_uri(cfg)
+    if not storage.exists(uri) or not storage.exists(layout.zeroshot_uri(cfg)):
+        raise ConfigError(f"no zero-shot classifier under {cfg.output_uri!r}: run `frankensoup prepare` first")
+    return storage.read_json(uri)
+
+
+def _demo_data(cfg: Config, force: bool, log) -> bool:
+    """Write the demo shards unless they were written from the same settings; True if written."""
+    from .data.demo import write_demo_splits
+
+    key = demo_data_key(cfg)
+    recipe = layout.demo_recipe_uri(cfg)
+    complete = all(storage.exists(storage.join(layout.data_uri(cfg, name), shards.MARKER))
+                   for name in [*layout.DEMO_ROLES, *cfg.data.demo.shifts])
+    if not force and complete and storage.exists(recipe) and storage.read_json(recipe).get("key") == key:
+        return False
+    storage.delete(recipe)
+    write_demo_splits(storage.join(cfg.output_uri, "data"), cfg.data.demo, cfg.data.rows_per_shard)
+    storage.write_json(recipe, {"key": key})
+    log("prepare: demo shards written")
+    return True
+
+
+def _base(cfg: Config, key: str, force: bool, log):
+    """(clip, preprocess, built?) — the demo base is trained only when its key changed."""
+    if cfg.model.pretrained != "demo":
+        clip, preprocess = load_base_clip(cfg)
+        return clip, preprocess, False
+    marker = layout.base_key_uri(cfg)
+    if not force and storage.exists(marker) and storage.read_json(marker).get("key") == key:
+        clip, preprocess = load_base_clip(cfg)
+        return clip, preprocess, False
+    storage.delete(marker)  # from here until it is rewritten the base reads as not made
+    clip, preprocess = _build_demo_base(cfg, log=log)
+    storage.write_json(marker, {"key": key})
+    return clip, preprocess, True
+
+
+def _zero_shot_current(cfg: Config, key: str) -> bool:
+    try:
+        record = zero_shot_record(cfg)
+    except ConfigError:
+        return False
+    return record.get("key") == key and storage.sha256(storage.read_bytes(layout.zeroshot_uri(cfg))) == record["sha256"]
+
+
+def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
+    """Demo shards, base CLIP and zero-shot head, each made only when its key changed (or with
+    ``force``); returns the stage marker (with ``reused``/``computed`` counts of the three)."""
+    t0 = time.time()
+    made = []
+    if cfg.data.source == "demo":
+        made.append(_demo_data(cfg, force, log))
     rows = {}
     for name, split in layout.splits(cfg).items():
         info = shards.split_info(split.uri)  # fails naming an unreadable or incomplete split
-        rows[name] = {"role": split.role, "rows": info["num_rows"], "uri": split.uri}
+        rows[name] = {"role": split.role, "rows": info["num_rows"], "uri": layout.relative(cfg, split.uri)}
     names = class_names(cfg)
     prompt_names(names, cfg.model.prompt_names)  # a name without a prompt fails before any training
-    if cfg.model.pretrained == "demo":
-        clip, preprocess = _build_demo_base(cfg, log=log)
+    bkey = base_key(cfg)
+    zkey = zero_shot_key(cfg, bkey, names)
+    if not force and _zero_shot_current(cfg, zkey) and (cfg.model.pretrained != "demo" or (
+            storage.exists(layout.base_key_uri(cfg)) and storage.read_json(layout.base_key_uri(cfg)).get("key") == bkey)):
+        made += [False, False]
+        record = zero_shot_record(cfg)
     else:
-        clip, preprocess = load_base_clip(cfg)
-    zs = build_zero_shot(cfg, clip, names)
-    weights.save_classifier(zeroshot_uri(cfg), zs, model_name=cfg.model.name, class_names=names,
-                            preprocess=preprocess, extra={"source": "zero-shot"})
-    _, test = layout.split_of_role(cfg, "id_test")
-    acc = _accuracy(zs, test.uri, preprocess)
-
-    log("prepare: rows per split")
-    for name, r in rows.items():
-        log(f"  {name:<10} {r['role']:<9} {r['rows']:>6}")
-    log(f"prepare: zero-shot accuracy on id_test = {acc:.4f}  ({time.time() - t0:.1f}s)")
-    info = {"splits": rows, "zero_shot_id_test": acc, "zeroshot_uri": zeroshot_uri(cfg),
-            "seconds": round(time.time() - t0, 1)}
-    layout.mark_done(cfg, "prepare", info)
-    return layout.stage_done(cfg, "prepare")
+        clip, preprocess, built = _base(cfg, bkey, force, log)
+        made.append(built)
+        storage.delete(layout.zeroshot_record_uri(cfg))
+        zs = build_zero_shot(cfg, clip, names)
+        data = weights.save_classifier(layout.zeroshot_uri(cfg), zs, model_name=cfg.model.name, class_names=names,
+                                       preprocess=preprocess, extra={"source": "zero-shot"})
+        _, test = layout.split_of_role(cfg, "id_test")
+        record = {"key": zkey, "sha256": storage.sha256(data), "id_test_accuracy": _accuracy(zs, test.uri, preprocess)}
+        storage.write_json(layout.zeroshot_record_uri(cfg), record)
+        made.append(True)
+        log("prepare: rows per split")
+        for name, r in rows.items():
+            log(f"  {name:<10} {r['role']:<9} {r['rows']:>6}")
+    computed = sum(made)
+    seconds = round(time.time() - t0, 1)
+    log(f"prepare: {len(made) - computed} reused, {computed} made; zero-shot accuracy on id_test = "
+        f"{record['id_test_accuracy']:.4f}  ({seconds:.1f}s)")
+    info = {"splits": rows, "zero_shot_id_test": record["id_test_accuracy"], "base_key": bkey,
+            "zeroshot_sha256": record["sha256"], "reused": len(made) - computed, "computed": computed,
+            "unit": "units", "seconds": seconds}
+    return layout.mark_done(cfg, "prepare", zkey, info)

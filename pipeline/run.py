@@ -1,19 +1,20 @@
-"""The main job: prepare -> finetune -> evaluate -> soup. A stage finished under the same
-settings (its `_DONE.json` key, which chains everything upstream) is skipped; one whose inputs
-or settings changed is redone, and so is everything after it."""
+"""The main job: prepare -> finetune -> evaluate -> soup. Every stage runs, and each reuses
+every unit of work whose content key (pipeline/keys.py) is unchanged: a run after a small
+change redoes exactly what depends on it. What each stage reused and computed goes to
+``output_uri/run.json``."""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
-from . import layout
+from . import layout, storage
 from .config import Config
 
 Log = Callable[[str], None]
 
 
 def _stage_runner(stage: str):
-    """The function that runs a stage: (cfg, force=..., ...) -> its result."""
+    """The function that runs a stage: (cfg, force=..., log=...) -> its result."""
     if stage == "prepare":
         from .prepare import run_prepare
         return run_prepare
@@ -27,41 +28,41 @@ def _stage_runner(stage: str):
     return run_soup
 
 
-def plan(cfg: Config) -> list[tuple[str, str]]:
-    """(stage, what happens) in order: "skip" (done under these settings), "run" (not done, or
-    done under other settings; a crashed stage resumes), or "redo" (its marker matches but a
-    stage before it runs again, so its inputs will change)."""
-    out, upstream_runs = [], False
-    for stage in layout.STAGES:
-        marked = layout.stage_done(cfg, stage) is not None
-        action = ("redo" if upstream_runs else "skip") if marked else "run"
-        upstream_runs = upstream_runs or action != "skip"
-        out.append((stage, action))
-    return out
+def stage_record(cfg: Config, stage: str, seconds: float) -> dict:
+    """run.json's entry of a stage, from the marker it just wrote: reused/done/partial."""
+    marker = layout.read_marker(cfg, stage) or {}
+    reused, computed = int(marker.get("reused", 0)), int(marker.get("computed", 0))
+    status = "reused" if computed == 0 else ("done" if reused == 0 else "partial")
+    record = {"status": status, "reused": reused, "computed": computed, "unit": marker.get("unit", "units"),
+              "seconds": round(seconds, 1)}
+    # the soup also scores its fused models: those scores are work too
+    record.update({k: marker[k] for k in ("scores_reused", "scores_computed") if k in marker})
+    if record.get("scores_computed") and status == "reused":
+        record["status"] = "partial"
+    return record
 
 
 def run_all(cfg: Config, force: bool = False, log: Log = print) -> dict:
-    """Run every stage not yet done under these settings (all of them with ``force``); returns
-    the soup's report (report.json's content) and prints each stage's wall time and the table."""
+    """Run every stage (each reusing what it can; nothing with ``force``); returns the soup's
+    report (report.json's content), writes run.json and prints each stage's line and the table."""
     from .raycluster import init_ray
 
     init_ray(cfg)
-    seconds: dict[str, float] = {}
+    stages: dict[str, dict] = {}
     report: dict = {}
-    for stage, action in plan(cfg):
+    started = time.time()
+    for stage in layout.STAGES:
         t0 = time.time()
-        log(f"== {stage}" + (": done under these settings" if action == "skip" and not force else ""))
-        # a stage checks its own marker (skip) and resumes its own partial work (run); only a
-        # stage whose inputs are about to change is told to ignore its marker
-        runner = _stage_runner(stage)
         options = {"show_table": False} if stage == "soup" else {}  # the table comes last, below
-        result = runner(cfg, force=force or action == "redo", log=log, **options)
-        seconds[stage] = time.time() - t0
-        log(f"== {stage}: {seconds[stage]:.1f}s")
+        result = _stage_runner(stage)(cfg, force=force, log=log, **options)
+        stages[stage] = stage_record(cfg, stage, time.time() - t0)
+        r = stages[stage]
+        log(f"== {stage}: {r['status']} ({r['reused']} {r['unit']} reused, {r['computed']} computed, {r['seconds']}s)")
         if stage == "soup":
             report = result
-    log("stage wall times: " + ", ".join(f"{s} {t:.1f}s" for s, t in seconds.items())
-        + f" (total {sum(seconds.values()):.1f}s)")
+    storage.write_json(layout.run_record_uri(cfg), {
+        "stages": stages, "run_id": report.get("run_id"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - started, 1)})
     from .soup.report import markdown_table
 
     log(markdown_table(report))

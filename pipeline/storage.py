@@ -43,6 +43,11 @@ def _normalise(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def normalise(uri: str) -> str:
+    """The canonical spelling of a URI (absolute local path, no trailing slash)."""
+    return _normalise(uri)
+
+
 def resolve(uri: str) -> Location:
     """Turn a URI into (filesystem, path). Fails with the URI named."""
     uri = _normalise(uri)

@@ -16,7 +16,7 @@ from pipeline import layout, storage
 from pipeline.config import Resources, SplitConfig
 from pipeline.data.shards import DataError, decode_split, read_split, shard_uris, write_split
 from pipeline.model import image_transform, load_classifier, save_classifier
-from pipeline.prepare import zeroshot_uri
+from pipeline.layout import zeroshot_uri
 from pipeline.soup.mixture import one_hot, uniform
 
 torch.set_num_threads(1)

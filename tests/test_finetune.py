@@ -236,7 +236,7 @@ def test_a_killed_sweep_on_s3_is_restored_not_restarted(prepared_demo, s3_bucket
 
 def test_import_registers_our_own_checkpoints(prepared_demo, tmp_path):
     from pipeline.finetune import import_ingredients, read_registry
-    from pipeline.prepare import zeroshot_uri
+    from pipeline.layout import zeroshot_uri
 
     cfg = clone_output(prepared_demo, tmp_path / "out")
     clf, _ = load_classifier(zeroshot_uri(cfg))
@@ -255,7 +255,7 @@ def test_import_registers_our_own_checkpoints(prepared_demo, tmp_path):
 def test_import_refuses_a_checkpoint_of_another_architecture(prepared_demo, tmp_path):
     from pipeline.finetune import import_ingredients
     from pipeline.model import init_classifier, model_config
-    from pipeline.prepare import zeroshot_uri
+    from pipeline.layout import zeroshot_uri
 
     cfg = clone_output(prepared_demo, tmp_path / "out")
     wider = model_config(cfg.model.name)
@@ -281,7 +281,7 @@ def vit_b32_prepared(tmp_path, class_names):
     from pipeline.config import load_config
     from pipeline.data import encode_png, write_split
     from pipeline.model import init_classifier, save_classifier
-    from pipeline.prepare import zeroshot_uri
+    from pipeline.layout import zeroshot_uri
 
     out = tmp_path / "vit"
     rng = np.random.default_rng(0)

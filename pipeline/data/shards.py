@@ -145,7 +145,8 @@ def write_split(uri: str, images: Sequence[bytes], labels: Sequence[int], *, nam
             data = _shard_bytes(images[start:stop], label_arr[start:stop], metadata, shard_uri)
             written.append(shard_uri)
             storage.write_bytes(shard_uri, data)
-            shards.append({"file": shard_file(index), "num_rows": stop - start})
+            # the shard's content hash: keys of work that read this split cost no read of the shards
+            shards.append({"file": shard_file(index), "num_rows": stop - start, "sha256": storage.sha256(data)})
         info = {"format": FORMAT, "name": name, "role": role, "class_names": class_names,
                 "num_rows": len(images), "shards": shards}
         storage.write_json(storage.join(uri, MARKER), info)
@@ -190,14 +191,32 @@ def split_info(uri: str) -> dict:
     return _check_info(info, marker)
 
 
+def split_content(uri: str, info: dict | None = None) -> str:
+    """The key of what a split holds: its class names and each shard's content hash, from
+    dataset.json alone (not the URI, so a copied output keeps its keys). A split written before
+    shards carried their hash is hashed from its shards once per call."""
+    from ..keys import digest
+
+    info = info or split_info(uri)
+    hashes = [s.get("sha256") or storage.sha256(storage.read_bytes(storage.join(uri, s["file"])))
+              for s in info["shards"]]
+    return digest({"class_names": info["class_names"], "shards": hashes,
+                   "rows": [s["num_rows"] for s in info["shards"]]})
+
+
 def shard_uris(uri: str) -> list[str]:
     """Full URIs of the split's parquet files, in order (for Ray Data's read_parquet)."""
     return [storage.join(uri, s["file"]) for s in split_info(uri)["shards"]]
 
 
-def _read_shard(shard_uri: str, want_rows: int, class_names: list[str]) -> pa.Table:
+def _read_shard(shard_uri: str, want_rows: int, class_names: list[str], sha256: str | None = None) -> pa.Table:
+    data = storage.read_bytes(shard_uri)
+    if sha256 is not None and storage.sha256(data) != sha256:
+        # written around write_split: every key that names this split's content would be stale
+        raise DataError(f"shard {shard_uri} is not the shard dataset.json records (sha256 differs): "
+                        "rewrite the split with import-images or prepare")
     try:
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(shard_uri)))
+        table = pq.read_table(pa.BufferReader(data))
     except Exception as e:  # pyarrow and storage raise several types; one message naming the shard
         raise DataError(f"shard {shard_uri} is unreadable: {e}") from e
     meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
@@ -224,13 +243,13 @@ def read_shard(uri: str, index: int, info: dict | None = None) -> pa.Table:
     """Shard ``index`` of the split at ``uri``, checked like ``read_split`` checks each."""
     info = info or split_info(uri)
     entry = info["shards"][index]
-    return _read_shard(storage.join(uri, entry["file"]), entry["num_rows"], info["class_names"])
+    return _read_shard(storage.join(uri, entry["file"]), entry["num_rows"], info["class_names"], entry.get("sha256"))
 
 
 def read_split(uri: str) -> Split:
     """Read every shard listed in dataset.json into one table; each shard is checked."""
     info = split_info(uri)
-    tables = [_read_shard(storage.join(uri, s["file"]), s["num_rows"], info["class_names"])
+    tables = [_read_shard(storage.join(uri, s["file"]), s["num_rows"], info["class_names"], s.get("sha256"))
               for s in info["shards"]]
     return Split(name=info["name"], role=info["role"], class_names=list(info["class_names"]),
                  table=pa.concat_tables(tables), uri=uri)

@@ -2,10 +2,10 @@
 
 All ingredients are stacked once into a ``[K, n_params]`` matrix on the device, laid out by
 component so each component is one contiguous column range. The one resident model's
-parameters are views into a flat buffer with the same layout, so fusing a mixture is one
-matrix-vector product per component written straight into the model:
+parameters are views into a flat buffer with the same layout, so fusing a mixture is a sum
+over the ingredients it uses, per component, written straight into the model:
 
-    flat[slice_c] = beta[:, c] @ W[:, slice_c]
+    flat[slice_c] = sum_{j: beta[j, c] != 0} beta[j, c] * W[j, slice_c]
 
 followed by a forward pass over preprocessed images that already sit on the device.
 No Ray here: the Ray actor wraps this class. See docs/evaluator.md.
@@ -229,20 +229,23 @@ def ieee_float32_matmul(device: torch.device):
 
 
 def mix_into(out: torch.Tensor, weights: torch.Tensor, coeffs: torch.Tensor) -> None:
-    """out = coeffs @ weights for weights [K, n] and float32 coeffs [K], accumulated in float32.
-    A one-hot coeffs gives its row bit for bit: every other term is an exact 0 * w."""
-    if weights.dtype == torch.float32 and out.dtype == torch.float32:
-        torch.mv(weights.T, coeffs, out=out)
-        return
-    # low-precision weights: upcast a bounded block so coeffs (and the sum) stay float32
-    step = max(1, UPCAST_BLOCK_ELEMENTS // weights.shape[0])
-    for start in range(0, weights.shape[1], step):
-        block = weights[:, start:start + step].float()
-        target = out[start:start + step]
-        if target.dtype == torch.float32:
-            torch.mv(block.T, coeffs, out=target)
+    """out = sum_j coeffs[j] * weights[j] over the non-zero coeffs only, in row order, each term
+    and the sum in float32 (the very arithmetic of ``pipeline.soup.mixture.fuse_many``). Rows a
+    mixture does not use are never touched, so the fused weights depend only on the rows it
+    mixes — not on how many ingredients are resident — which is what lets the search memo key
+    a mixture by its non-zero rows. A one-hot coeffs gives its row bit for bit."""
+    rows = torch.nonzero(coeffs).flatten().tolist()
+    acc = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    if not rows:
+        acc.zero_()
+    for i, j in enumerate(rows):
+        term = weights[j].float() * coeffs[j]
+        if i == 0:
+            acc.copy_(term)
         else:
-            target.copy_(torch.mv(block.T, coeffs))
+            acc.add_(term)
+    if acc is not out:
+        out.copy_(acc)
 
 
 def fuse_into(flat: torch.Tensor, weights: torch.Tensor, beta_t: torch.Tensor,

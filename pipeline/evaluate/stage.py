@@ -13,7 +13,7 @@ from collections.abc import Callable
 from .. import layout, storage
 from ..config import Config
 from ..errors import UserError
-from .stream import score_splits
+from ..keys import digest
 
 Log = Callable[[str], None]
 # the model name results.parquet gives prepare's zero-shot classifier (the soup reads it by this name)
@@ -25,19 +25,17 @@ class EvaluateInputError(UserError, ValueError):
 
 
 def read_inputs(cfg: Config) -> dict:
-    """The ingredient registry of a finished finetune stage."""
+    """The ingredient registry (finetune or import-ingredients must have written one)."""
     from ..finetune.registry import read_registry
 
-    if layout.stage_done(cfg, "finetune") is None:
-        raise EvaluateInputError(f"evaluate needs a finished finetune stage under these settings in "
-                                 f"{cfg.output_uri!r}: run `frankensoup finetune` (or import-ingredients) first")
     return read_registry(cfg)
 
 
-def models_to_score(cfg: Config, registry: dict) -> dict[str, str]:
-    """{model name: checkpoint URI}: the zero-shot classifier, then every ``ok`` ingredient."""
+def models_to_score(cfg: Config, registry: dict) -> dict[str, tuple[str, str]]:
+    """{model name: (checkpoint URI, sha256)}: the zero-shot classifier, then every ``ok``
+    ingredient. A missing checkpoint is named here, before anything is scored."""
     from ..finetune.registry import usable
-    from ..prepare import zeroshot_uri
+    from ..prepare import zero_shot_record
 
     rows = usable(registry)
     if not rows:
@@ -45,7 +43,35 @@ def models_to_score(cfg: Config, registry: dict) -> dict[str, str]:
     if any(r["id"] == ZERO_SHOT for r in rows):
         raise EvaluateInputError(f"{layout.registry_uri(cfg)}: ingredient id {ZERO_SHOT!r} is reserved "
                                  f"for the zero-shot classifier")
-    return {ZERO_SHOT: zeroshot_uri(cfg), **{r["id"]: r["checkpoint_uri"] for r in rows}}
+    gone = [r for r in rows if not storage.exists(r["checkpoint_uri"])]
+    if gone:
+        raise EvaluateInputError(f"ingredient {gone[0]['id']!r}: checkpoint {gone[0]['checkpoint_uri']} is missing: "
+                                 "run `frankensoup finetune` (or import it again)")
+    return {ZERO_SHOT: (layout.zeroshot_uri(cfg), zero_shot_record(cfg)["sha256"]),
+            **{r["id"]: (r["checkpoint_uri"], r["sha256"]) for r in rows}}
+
+
+def verify_checkpoints(models: dict[str, tuple[str, str]], names) -> None:
+    """Checkpoints about to be scored must hold the registered content: one line naming the
+    model and file otherwise (not a traceback from a scoring actor)."""
+    from ..model.weights import check_finite
+
+    for name in names:
+        uri, sha = models[name]
+        data = storage.read_bytes(uri)
+        if storage.sha256(data) != sha:
+            raise EvaluateInputError(f"model {name!r} ({uri}): sha256 differs from the registry's "
+                                     "(the file changed after it was registered)")
+        try:
+            from safetensors.torch import load
+
+            tensors = load(data)
+        except Exception as e:  # safetensors raises its own types; one message naming the file
+            raise EvaluateInputError(f"model {name!r} ({uri}) is not a safetensors file: {e}") from None
+        try:
+            check_finite(tensors, f"model {name!r} ({uri})")
+        except ValueError as e:
+            raise EvaluateInputError(str(e)) from None
 
 
 def splits_to_score(cfg: Config) -> dict:
@@ -109,43 +135,46 @@ def read_results(cfg: Config) -> list[dict]:
 
 
 def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
-    """Score every model on every split and write the results; returns the stage marker.
-    Skipped when done under the same settings, unless ``force``."""
-    done = layout.stage_done(cfg, "evaluate")
-    if done and not force:
-        log(f"evaluate: already done under these settings ({done['finished']}), skipping")
-        log(markdown_table(read_results(cfg)))
-        return done
+    """Score every model on every split, reusing every score whose key (checkpoint sha256,
+    split content, scoring) is in evaluate/memo.json (none with ``force``); write the results
+    table; returns the stage marker."""
+    from .scores import ScoreMemo, score_key, score_with_memo
+
+    t0 = time.time()
     registry = read_inputs(cfg)
     models = models_to_score(cfg, registry)
     splits = splits_to_score(cfg)
-    from ..raycluster import init_ray
-
-    init_ray(cfg)
-    # the old marker goes first: if scoring fails, the stage reads as not done (old results stay
-    # behind, but nothing vouches for them)
+    if force:
+        storage.delete(layout.evaluate_memo_uri(cfg))
+    memo = ScoreMemo(layout.evaluate_memo_uri(cfg))
+    # the old marker goes first: if scoring fails, the stage reads as not done (scores already
+    # made stay in the memo)
     layout.clear_done(cfg, "evaluate")
-    t0 = time.time()
-    log(f"evaluate: {len(models)} models x {len(splits)} splits ({', '.join(splits)}), "
-        f"{cfg.evaluate.num_actors} scoring actor(s)")
-    ev = cfg.evaluate
-    scores = score_splits(models, splits, batch_size=ev.batch_size, num_actors=ev.num_actors,
-                          resources=ev.resources, class_names=registry["class_names"],
-                          threads=ev.threads,
-                          # the mixture evaluator's precision, so one-hot scores in the soup equal this table
-                          autocast_bf16=ev.ingredient_dtype == "bfloat16", progress=progress_printer(log))
+    from ..data.shards import split_content
+
+    contents = {s: split_content(split.uri) for s, split in splits.items()}
+    unscored = [m for m in models if any(score_key(models[m][1], contents[s], splits[s],
+                                                   cfg.evaluate.ingredient_dtype) not in memo for s in splits)]
+    if unscored:
+        verify_checkpoints(models, unscored)
+        from ..raycluster import init_ray
+
+        init_ray(cfg)
+    scores, reused, computed = score_with_memo(cfg, memo, models, splits, registry["class_names"],
+                                               progress=progress_printer(log))
     rows = result_rows(scores, splits)
     table = markdown_table(rows)
     storage.write_bytes(layout.evaluations_uri(cfg), parquet_bytes(rows))
-    storage.write_bytes(layout.evaluations_uri(cfg, "md"),
-                        f"# Top-1 accuracy (%)\n\n{table}\n".encode())
+    storage.write_bytes(layout.evaluations_uri(cfg, "md"), f"# Top-1 accuracy (%)\n\n{table}\n".encode())
     seconds = round(time.time() - t0, 1)
-    images = sum(scores[s][ZERO_SHOT]["n"] for s in splits)
-    log(table)
-    log(f"evaluate: {len(models)} models on {images} images in {seconds}s; results at {layout.evaluations_uri(cfg)}")
+    log(f"evaluate: {len(models)} models x {len(splits)} splits: {reused} scores reused, {computed} scored ({seconds}s)")
+    if computed:
+        log(table)
     val = next(iter(splits))
     best = max((m for m in models if m != ZERO_SHOT), key=lambda m: scores[val][m]["accuracy"])
-    layout.mark_done(cfg, "evaluate", {"models": list(models), "splits": list(splits), "images": images,
-                                       "best_val": {"model": best, "accuracy": scores[val][best]["accuracy"]},
-                                       "seconds": seconds})
-    return layout.stage_done(cfg, "evaluate")
+    key = digest(sorted(score_key(models[m][1], contents[s], splits[s], cfg.evaluate.ingredient_dtype)
+                        for m in models for s in splits))
+    return layout.mark_done(cfg, "evaluate", key, {
+        "models": list(models), "splits": list(splits),
+        "best_val": {"model": best, "accuracy": scores[val][best]["accuracy"]},
+        "reused": reused, "computed": computed, "unit": "scores", "seconds": seconds})

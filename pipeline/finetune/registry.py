@@ -10,7 +10,7 @@ from .. import layout, storage
 from ..config import Config
 from ..errors import UserError
 from ..model import CheckpointError, classifier_from_state, read_checkpoint, save_classifier
-from ..model.weights import FORMAT, decode_metadata
+from ..model.weights import FORMAT, check_finite, decode_metadata
 
 ROW_KEYS = ("id", "hparams", "val_acc", "checkpoint_uri", "sha256", "status", "source")
 LAYOUTS = ("auto", "frankensoup", "model-soups")
@@ -43,16 +43,34 @@ def check_registry(registry, where: str) -> dict:
 
 
 def read_registry(cfg: Config) -> dict:
+    """finetune/ingredients.json with every row's ``checkpoint_uri`` resolved: rows store their
+    checkpoint relative to output_uri, so a moved or copied output folder still resolves."""
     uri = layout.registry_uri(cfg)
     if not storage.exists(uri):
         raise RegistryError(f"no ingredient registry at {uri!r}: run `frankensoup finetune` "
                             f"or `frankensoup import-ingredients` first")
-    return check_registry(storage.read_json(uri), uri)
+    registry = storage.read_json(uri)
+    for row in registry.get("ingredients", []) if isinstance(registry, dict) else []:
+        if isinstance(row, dict) and "checkpoint" in row:
+            row["checkpoint_uri"] = layout.absolute(cfg, row.pop("checkpoint"))
+    return check_registry(registry, uri)
 
 
 def write_registry(cfg: Config, registry: dict) -> None:
     uri = layout.registry_uri(cfg)
-    storage.write_json(uri, check_registry(registry, uri))
+    check_registry(registry, uri)
+    stored = {**registry, "ingredients": [
+        {**{k: v for k, v in row.items() if k != "checkpoint_uri"},
+         "checkpoint": layout.relative(cfg, row["checkpoint_uri"])} for row in registry["ingredients"]]}
+    storage.write_json(uri, stored)
+
+
+def registry_key(registry: dict) -> str:
+    """What later stages read of the registry: the usable ingredients' ids and contents."""
+    from ..keys import digest
+
+    return digest({"model_name": registry["model_name"], "class_names": registry["class_names"],
+                   "ingredients": [[r["id"], r["sha256"]] for r in usable(registry)]})
 
 
 def usable(registry: dict) -> list[dict]:
@@ -83,9 +101,7 @@ def finish_publish(cfg: Config, rows: list[dict], model_name: str, class_names: 
 def zero_shot_metadata(cfg: Config) -> dict:
     """The run's architecture, class names and preprocess, from prepare's zero-shot checkpoint
     (its header only)."""
-    from ..prepare import zeroshot_uri
-
-    uri = zeroshot_uri(cfg)
+    uri = layout.zeroshot_uri(cfg)
     try:
         raw = storage.read_safetensors_header(uri).get("__metadata__") or {}
     except (OSError, ValueError) as e:
@@ -149,6 +165,7 @@ def check_fits(uri: str, layout_name: str, meta: dict) -> None:
     tensors, raw = read_checkpoint(uri)
     check_metadata(raw, meta, uri)
     state = to_classifier_state(tensors, raw, layout_name, uri)
+    check_finite(state, uri)
     with torch.device("meta"):
         skeleton = init_classifier(meta["model_name"], len(meta["class_names"]), meta.get("model_cfg"))
     with warnings.catch_warnings():
@@ -187,27 +204,45 @@ def val_set(cfg: Config, preprocess: dict):
     return (images, labels, *mean_std(preprocess))
 
 
-def import_ingredients(cfg: Config, files: list[str], layout: str = "auto", log=print) -> dict:
-    """Register existing checkpoints as this run's ingredients (source "import"): every file is
-    checked against the run's architecture and classes before anything is written; each gets
-    its val accuracy, is copied to finetune/ingredients/ in our format, and the registry and
-    the finetune marker are written last."""
+def import_ingredients(cfg: Config, files: list[str], layout: str = "auto", replace: bool = False,
+                       log=print) -> dict:
+    """Add existing checkpoints to the registry (source "import"); with ``replace``, drop every
+    registered ingredient first. Every file is checked (architecture, classes, finite weights)
+    before anything is written; a file whose content is already registered (same sha256) is
+    not added twice. Each gets its val accuracy and is copied to finetune/ingredients/."""
     from .trainable import device_of, evaluate
     from .. import layout as layout_mod
+    from ..prepare import zero_shot_record
 
     if not files:
         raise RegistryError("import-ingredients: no files given")
-    if not layout_mod.stage_done(cfg, "prepare"):
+    try:
+        zero_shot_record(cfg)
+    except UserError:
         raise RegistryError(f"import-ingredients needs a finished prepare stage under {cfg.output_uri!r} "
-                            f"(class names, preprocess and the val split): run `frankensoup prepare` first")
+                            f"(class names, preprocess and the val split): run `frankensoup prepare` first") from None
     t0 = time.time()
     meta = zero_shot_metadata(cfg)
+    contents = {}
     for uri in files:  # check all before writing any: a bad file leaves the output untouched
         check_fits(uri, layout, meta)
+        contents[uri] = storage.sha256(storage.read_bytes(uri))
+    old = read_registry(cfg) if storage.exists(layout_mod.registry_uri(cfg)) else None
+    rows = [] if (replace or old is None) else list(old["ingredients"])
+    if replace and old is not None:
+        log(f"import-ingredients: --replace: dropped {len(old['ingredients'])} registered ingredients")
+    known = {r.get("source_sha256") or r["sha256"]: r["id"] for r in rows}
+    taken = {r["id"] for r in rows}
     images, labels, mean, std = val_set(cfg, meta["preprocess"])
-    begin_publish(cfg)
-    rows = []
+    added = 0
     for uri, iid in zip(files, ingredient_ids(files)):
+        if contents[uri] in known:
+            log(f"import-ingredients: {uri} is already registered as {known[contents[uri]]!r}, not added again")
+            continue
+        base, n = iid, 1
+        while iid in taken:
+            n += 1
+            iid = f"{base}-{n}"
         clf, raw = load_foreign(uri, layout, meta)
         acc = evaluate(clf.to(device_of()), images, labels, mean, std)["val_acc"]
         hparams = decode_metadata(raw, uri).get("hparams", {}) if raw.get("format") == FORMAT else {}
@@ -215,10 +250,13 @@ def import_ingredients(cfg: Config, files: list[str], layout: str = "auto", log=
         data = save_classifier(dest, clf.cpu(), model_name=meta["model_name"], class_names=meta["class_names"],
                                preprocess=meta["preprocess"], extra={"source": "import", "source_file": uri})
         rows.append({"id": iid, "hparams": hparams, "val_acc": acc, "checkpoint_uri": dest,
-                     "sha256": storage.sha256(data), "status": "ok", "source": "import", "source_file": uri})
+                     "sha256": storage.sha256(data), "status": "ok", "source": "import", "source_file": uri,
+                     "source_sha256": contents[uri]})
+        known[contents[uri]] = iid
+        taken.add(iid)
+        added += 1
         log(f"import-ingredients: {iid:<16} val_acc={acc:.4f}  <- {uri}")
     registry = finish_publish(cfg, rows, meta["model_name"], meta["class_names"])
-    layout_mod.mark_done(cfg, "finetune", {"source": "import", "ingredients": len(rows), "files": list(files),
-                                           "seconds": round(time.time() - t0, 1)})
-    log(f"import-ingredients: registered {len(rows)} ingredients at {layout_mod.registry_uri(cfg)}")
+    log(f"import-ingredients: added {added}, {len(rows)} registered at {layout_mod.registry_uri(cfg)} "
+        f"({time.time() - t0:.1f}s); the next `run` evaluates what is new and redoes the soup")
     return registry

@@ -1,15 +1,21 @@
-"""The finetune stage: N trials of `train_ingredient` under Ray Tune, then the ingredient
-registry. A sweep interrupted or crashed under the same settings is restored, not restarted."""
+"""The finetune stage: one ingredient per trial, each keyed by what it reads (the train split's
+content, the zero-shot head's sha256, its own hyperparameters and the settings that change
+training). Trials whose key is in the registry are reused; the rest are trained under Ray Tune
+(a sweep interrupted under the same plan is restored, not restarted). Imported ingredients stay."""
 from __future__ import annotations
 
+import math
 import os
 import time
 
+import numpy as np
 from ray import tune
 
 from .. import layout, storage
 from ..config import Config
+from ..data import shards
 from ..errors import UserError
+from ..keys import digest, result_settings
 from . import registry as registry_lib
 from .trainable import HPARAM_KEYS, MODEL_FILE, parse_failure, train_ingredient
 
@@ -22,8 +28,6 @@ class FinetuneError(UserError, RuntimeError):
 
 def trial_setup(cfg: Config) -> dict:
     """The fixed part of a trial's config: inputs by URI, optimiser settings, the test hook."""
-    from ..prepare import zeroshot_uri
-
     ft = cfg.finetune
     try:
         parse_failure(ft.inject_failure)
@@ -31,41 +35,74 @@ def trial_setup(cfg: Config) -> dict:
         raise FinetuneError(str(e)) from None
     _, train = layout.split_of_role(cfg, "train")
     _, val = layout.split_of_role(cfg, "val")
-    return {"zeroshot_uri": zeroshot_uri(cfg), "train_uri": train.uri, "val_uri": val.uri,
+    return {"zeroshot_uri": layout.zeroshot_uri(cfg), "train_uri": train.uri, "val_uri": val.uri,
             "batch_size": ft.batch_size, "warmup_steps": ft.warmup_steps, "grad_clip": ft.grad_clip,
             "threads": ft.threads, "seed": ft.seed, "inject_failure": ft.inject_failure,
             "loader": ft.loader, "memory_limit_gb": ft.memory_limit_gb, "loader_workers": ft.loader_workers,
             "shuffle_buffer": ft.shuffle_buffer}
 
 
-def param_space(cfg: Config) -> dict:
-    """Model soups' sweep: log-uniform lr and weight decay, choices for the rest. `trial` is a
-    grid over 0..N-1 so each trial has a stable index (its seed and its ingredient id)."""
+def trial_hparams(cfg: Config, trial: int) -> dict:
+    """Model soups' sweep (log-uniform lr and weight decay, choices for the rest), drawn from a
+    generator seeded by (finetune.seed, trial) alone: trial 3's hyperparameters are the same
+    whether the sweep has 4 trials or 12."""
     space = cfg.finetune.space
-    return {
-        "trial": tune.grid_search(list(range(cfg.finetune.num_trials))),
-        "lr": tune.loguniform(*space.lr),
-        "weight_decay": tune.loguniform(*space.weight_decay),
-        "epochs": tune.choice(space.epochs),
-        "label_smoothing": tune.choice(space.label_smoothing),
-        "randaugment_magnitude": tune.choice(space.randaugment_magnitude),
-        "mix_prob": tune.choice(space.mix_prob),
-        "setup": trial_setup(cfg),
-    }
+    rng = np.random.default_rng([cfg.finetune.seed, trial])
+
+    def log_uniform(bounds):
+        return float(math.exp(rng.uniform(math.log(bounds[0]), math.log(bounds[1]))))
+
+    def choice(options):
+        return options[int(rng.integers(len(options)))]
+
+    return {"lr": log_uniform(space.lr), "weight_decay": log_uniform(space.weight_decay),
+            "epochs": int(choice(space.epochs)), "label_smoothing": float(choice(space.label_smoothing)),
+            "randaugment_magnitude": int(choice(space.randaugment_magnitude)),
+            "mix_prob": float(choice(space.mix_prob))}
+
+
+def training_settings(cfg: Config) -> dict:
+    """The finetune settings that change what a trial learns (not how many trials, not the space:
+    a trial's hyperparameters stand for their draw)."""
+    settings = result_settings(cfg.finetune)
+    for name in ("num_trials", "space"):
+        settings.pop(name)
+    return settings
+
+
+def trial_key(train_content: str, base_sha256: str, trial: int, hparams: dict, settings: dict) -> str:
+    return digest({"train": train_content, "base": base_sha256, "trial": trial, "hparams": hparams,
+                   "settings": settings})
+
+
+def trial_plan(cfg: Config) -> list[dict]:
+    """Every trial of the sweep: its index, ingredient id, hyperparameters and key."""
+    from ..prepare import zero_shot_record
+
+    base = zero_shot_record(cfg)["sha256"]
+    _, train = layout.split_of_role(cfg, "train")
+    content = shards.split_content(train.uri)
+    settings = training_settings(cfg)
+    plan = []
+    for trial in range(cfg.finetune.num_trials):
+        hp = trial_hparams(cfg, trial)
+        plan.append({"trial": trial, "id": ingredient_id(trial), "hparams": hp,
+                     "key": trial_key(content, base, trial, hp, settings)})
+    return plan
 
 
 # ---- where Tune keeps the experiment -------------------------------------------------------
 
-def experiment_name(cfg: Config) -> str:
-    # one experiment per stage key: other settings never restore this sweep
-    return f"sweep-{layout.stage_key(cfg, 'finetune')}"
+def experiment_name(todo: list[dict]) -> str:
+    # one experiment per set of trials to train: another plan never restores this sweep
+    return f"sweep-{digest(sorted(t['key'] for t in todo))[:16]}"
 
 
-def experiment_location(cfg: Config) -> tuple[str, object | None, str]:
+def experiment_location(cfg: Config, todo: list[dict]) -> tuple[str, object | None, str]:
     """(storage_path, storage_filesystem or None, experiment path) for Tune. Remote storage
     goes through our own pyarrow filesystem, so AWS_ENDPOINT_URL & co. apply as everywhere."""
     loc = storage.resolve(layout.tune_storage(cfg))
-    name = experiment_name(cfg)
+    name = experiment_name(todo)
     if storage.is_remote(loc.uri):
         return loc.path, loc.fs, f"{loc.path}/{name}"
     return loc.path, None, storage.join(loc.path, name)
@@ -111,35 +148,39 @@ class TrialGauges(tune.Callback):
             self._metrics.close()
 
 
-def build_tuner(cfg: Config, force: bool = False, log=print):
-    """A fresh Tuner, or the restored one when this sweep's experiment can be restored."""
+def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
+    """A fresh Tuner over the trials in ``todo``, or the restored one when that sweep was
+    interrupted. Fixed inputs go through ``tune.with_parameters``; the only searched value is
+    the trial index, so Tune's tables show one column."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     ft = cfg.finetune
-    trainable = tune.with_resources(train_ingredient, {"cpu": ft.resources.cpu, "gpu": ft.resources.gpu})
-    storage_path, fs, path = experiment_location(cfg)
+    hparams = {t["trial"]: t["hparams"] for t in todo}
+    trainable = tune.with_resources(tune.with_parameters(train_ingredient, setup=trial_setup(cfg), hparams=hparams),
+                                    {"cpu": ft.resources.cpu, "gpu": ft.resources.gpu})
+    storage_path, fs, path = experiment_location(cfg, todo)
+    name = experiment_name(todo)
     # every epoch's checkpoint forces an experiment snapshot (num_to_keep is set): that keeps a
     # crashed sweep's restore current, so Tune's warning about it is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if force and tune.Tuner.can_restore(path, storage_filesystem=fs):
         log(f"finetune: --force: discarding the previous sweep at {path}")
-        storage.delete(storage.join(layout.tune_storage(cfg), experiment_name(cfg)))
+        storage.delete(storage.join(layout.tune_storage(cfg), name))
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         log(f"finetune: restoring the interrupted sweep at {path} (finished trials are kept)")
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     return tune.Tuner(
         trainable,
-        param_space=param_space(cfg),
+        param_space={"trial": tune.grid_search([t["trial"] for t in todo])},
         tune_config=tune.TuneConfig(
-            num_samples=1,  # the `trial` grid makes the N trials
-            metric="val_acc", mode="max",
+            num_samples=1, metric="val_acc", mode="max",
             # Tune ignores TuneConfig.max_concurrent_trials once a search_alg is given
             search_alg=BasicVariantGenerator(random_state=ft.seed, max_concurrent=ft.max_concurrent)),
         run_config=tune.RunConfig(
-            name=experiment_name(cfg), storage_path=storage_path, storage_filesystem=fs,
+            name=name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=ft.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[TrialGauges(experiment_name(cfg))]),
+            callbacks=[TrialGauges(name)]),
     )
 
 
@@ -171,26 +212,26 @@ def final_checkpoint_bytes(result) -> bytes:
         return f.read()
 
 
-def publish_results(cfg: Config, results) -> tuple[dict, list[dict]]:
+def trained_rows(cfg: Config, results, todo: list[dict]) -> list[dict]:
     """Copy each trial's final model to ingredients/<id>.safetensors (one at a time, so a big
-    sweep never holds every checkpoint in memory), then write the registry."""
-    meta = registry_lib.zero_shot_metadata(cfg)
-    registry_lib.begin_publish(cfg)
+    sweep never holds every checkpoint in memory); its registry row, keyed."""
+    by_trial = {t["trial"]: t for t in todo}
+    _, val = layout.split_of_role(cfg, "val")
+    val_content = shards.split_content(val.uri)
     rows = []
     for result in sorted(results, key=lambda r: r.config["trial"]):
-        iid = ingredient_id(result.config["trial"])
+        t = by_trial[result.config["trial"]]
         data = final_checkpoint_bytes(result)
-        dest = layout.ingredient_uri(cfg, iid)
+        dest = layout.ingredient_uri(cfg, t["id"])
         storage.write_bytes(dest, data)
-        rows.append({"id": iid, "hparams": {k: result.config[k] for k in HPARAM_KEYS},
-                     "val_acc": float(result.metrics["val_acc"]), "checkpoint_uri": dest,
-                     "sha256": storage.sha256(data), "status": "ok", "source": "tune",
+        rows.append({"id": t["id"], "hparams": t["hparams"], "val_acc": float(result.metrics["val_acc"]),
+                     "val_content": val_content, "checkpoint_uri": dest, "sha256": storage.sha256(data),
+                     "status": "ok", "source": "tune", "key": t["key"], "node": result.metrics.get("node_ip"),
                      "trial_id": result.metrics.get("trial_id")})
-    return registry_lib.finish_publish(cfg, rows, meta["model_name"], meta["class_names"]), rows
+    return rows
 
 
 def print_summary(rows: list[dict], log=print) -> None:
-    log(f"finetune: {len(rows)} ingredients")
     log(f"  {'id':<8} {'val_acc':>7}  {'lr':>8} {'wd':>8} {'ep':>3} {'ls':>4} {'ra':>3} {'mix':>4}")
     for r in rows:
         h = r["hparams"]
@@ -198,30 +239,47 @@ def print_summary(rows: list[dict], log=print) -> None:
             f"{h['epochs']:>3} {h['label_smoothing']:>4} {h['randaugment_magnitude']:>3} {h['mix_prob']:>4}")
 
 
-def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
-    """Run (or restore) the sweep, publish the ingredients and the registry; returns the registry."""
-    if not layout.stage_done(cfg, "prepare"):
-        raise FinetuneError(f"finetune needs a finished prepare stage under {cfg.output_uri!r} "
-                            f"with these settings: run `frankensoup prepare` first")
-    done = layout.stage_done(cfg, "finetune")
-    if done and not force:
-        log(f"finetune: already done under these settings ({done['finished']}, source "
-            f"{done.get('source', 'tune')}), skipping")
-        return registry_lib.read_registry(cfg)
-    from ..raycluster import init_ray
+def reusable(cfg: Config, row: dict | None, key: str) -> bool:
+    """A registered trial with this key whose checkpoint is still there."""
+    return row is not None and row.get("key") == key and row["status"] == "ok" and storage.exists(row["checkpoint_uri"])
 
-    init_ray(cfg)
+
+def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
+    """Train the trials whose key is not in the registry (all of them with ``force``), keep the
+    rest and every imported ingredient, write the registry; returns it."""
     t0 = time.time()
-    tuner = build_tuner(cfg, force=force, log=log)
-    results = tuner.fit()
-    check_complete(results)
-    registry, rows = publish_results(cfg, results)
-    print_summary(rows, log=log)
-    best = max(rows, key=lambda r: r["val_acc"])
-    _, _, path = experiment_location(cfg)
-    layout.mark_done(cfg, "finetune", {"source": "tune", "experiment": path, "ingredients": len(rows),
-                                       "best": {"id": best["id"], "val_acc": best["val_acc"]},
-                                       "seconds": round(time.time() - t0, 1)})
-    log(f"finetune: best {best['id']} val_acc={best['val_acc']:.4f}; registry at "
-        f"{layout.registry_uri(cfg)} ({time.time() - t0:.1f}s)")
+    plan = trial_plan(cfg)  # fails, naming prepare, when there is no zero-shot head
+    meta = registry_lib.zero_shot_metadata(cfg)
+    old = registry_lib.read_registry(cfg) if storage.exists(layout.registry_uri(cfg)) else None
+    old_rows = {r["id"]: r for r in old["ingredients"]} if old else {}
+    if old and (old["model_name"], old["class_names"]) != (meta["model_name"], meta["class_names"]):
+        old_rows = {}  # another architecture or classes: nothing registered can be reused
+    kept = [old_rows[t["id"]] for t in plan if not force and reusable(cfg, old_rows.get(t["id"]), t["key"])]
+    todo = [t for t in plan if force or not reusable(cfg, old_rows.get(t["id"]), t["key"])]
+    imported = [r for r in old_rows.values() if r["source"] != "tune"]
+    trained: list[dict] = []
+    if todo:
+        from ..raycluster import init_ray
+
+        init_ray(cfg)
+        log(f"finetune: training {len(todo)} of {len(plan)} trials "
+            f"({', '.join(t['id'] for t in todo[:8])}{' ...' if len(todo) > 8 else ''})")
+        registry_lib.begin_publish(cfg)
+        results = build_tuner(cfg, todo, force=force, log=log).fit()
+        check_complete(results)
+        trained = trained_rows(cfg, results, todo)
+    rows = sorted(kept + trained, key=lambda r: r["id"]) + imported
+    if not rows:
+        raise FinetuneError("no ingredients: finetune.num_trials is 0 and none were imported "
+                            "(`frankensoup import-ingredients`)")
+    registry = registry_lib.finish_publish(cfg, rows, meta["model_name"], meta["class_names"])
+    seconds = round(time.time() - t0, 1)
+    log(f"finetune: {len(kept)} reused, {len(trained)} trained"
+        + (f", {len(imported)} imported kept" if imported else "") + f" ({seconds}s)")
+    if trained:
+        print_summary(trained, log=log)
+    best = max(registry_lib.usable(registry), key=lambda r: r["val_acc"])
+    layout.mark_done(cfg, "finetune", registry_lib.registry_key(registry),
+                     {"ingredients": len(rows), "best": {"id": best["id"], "val_acc": best["val_acc"]},
+                      "reused": len(kept), "computed": len(trained), "unit": "trials", "seconds": seconds})
     return registry

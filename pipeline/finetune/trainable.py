@@ -322,9 +322,14 @@ def run_trial(config: dict, report: Report, *, resume_dir: str | None = None) ->
     return metrics
 
 
-def train_ingredient(config: dict) -> None:
-    """Ray Tune function trainable: `run_trial` reporting through `tune.report`."""
+def train_ingredient(config: dict, setup: dict | None = None, hparams: dict | None = None) -> None:
+    """Ray Tune function trainable: `run_trial` reporting through `tune.report`. Tune searches
+    only ``config["trial"]``; ``setup`` and each trial's ``hparams`` come through
+    ``tune.with_parameters`` (a config that already holds them is used as it is)."""
     from ray import tune
+
+    if setup is not None:
+        config = {**hparams[config["trial"]], **config, "setup": setup}
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None

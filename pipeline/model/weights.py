@@ -69,6 +69,27 @@ def read_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                           f"{'/'.join(LEGACY_SUFFIXES)} state dict)")
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A content hash of tensors (names, dtypes, shapes, bytes). Unlike a safetensors file's
+    sha256 it does not depend on the metadata's order, which safetensors does not fix."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """A checkpoint with NaN or inf weights poisons every mixture it enters: refuse it, naming
+    the file and the first such tensor."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{source}: tensor {name!r} holds NaN or inf")
+
+
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load every tensor of ``module`` from ``state``: same keys, same shapes, or CheckpointError."""
     own = module.state_dict()

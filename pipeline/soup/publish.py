@@ -19,10 +19,10 @@ CLASSNAMES_FILE = "classnames.json"
 HEAD_FORMAT = "frankensoup-head-v1"
 
 
-def make_run_id(cfg: Config, now: float | None = None) -> str:
-    """Timestamp (sortable) + the soup stage key, so a run-id says when and under what settings."""
+def make_run_id(key: str, now: float | None = None) -> str:
+    """Timestamp (sortable) + the soup key, so a run-id says when and from what inputs."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now if now is not None else time.time()))
-    return f"{stamp}-{layout.stage_key(cfg, 'soup')[:8]}"
+    return f"{stamp}-{key[:8]}"
 
 
 def run_uri(cfg: Config, run_id: str) -> str:

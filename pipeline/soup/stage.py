@@ -1,9 +1,10 @@
 """The soup stage: baselines and manifold mixing soup over the finetuned ingredients, searched
-on val through a pool of Ray evaluator actors (journaled, so a rerun resumes), every method's
-fused model scored on val, id_test and the ood sets, and the result published atomically.
+on val through a pool of Ray evaluator actors (every evaluation kept in the content-keyed search
+memo, so no mixture is scored twice), every method's fused model scored on val, id_test and the
+ood sets (scores memoised by the fused checkpoint's sha256), and the result published atomically.
 
-Reads: finetune/ingredients.json, the ingredient checkpoints, evaluate/results.parquet,
-the shards, the base CLIP. Writes: soup/journal/<key>/, soup/<run-id>/, soup/LATEST,
+Reads: finetune/ingredients.json, the ingredient checkpoints, evaluate/memo.json, the shards,
+the base CLIP. Writes: soup/memo/<context>/, soup/scores.json, soup/<run-id>/, soup/LATEST,
 soup/_DONE.json (docs/outputs.md)."""
 from __future__ import annotations
 
@@ -24,12 +25,11 @@ from ..model.components import components as model_components
 from . import baselines, mixture, mmms
 from . import publish as pub
 from . import report as rep
-from .journal import Journal, JournaledEvaluator
+from ..keys import digest, result_settings
+from .memo import Memo, MemoEvaluator
 from .search import evaluator_pool
 
 Log = Callable[[str], None]
-# config fields that change how fast the soup runs, never what it finds (so never in a journal header)
-SPEED_ONLY = ("num_evaluators", "evaluator_resources")
 
 
 class SoupInputError(UserError, ValueError):
@@ -58,13 +58,27 @@ def usable_ingredients(registry: dict) -> list[Ingredient]:
     return [Ingredient(r["id"], r["checkpoint_uri"], r["sha256"]) for r in sorted(rows, key=lambda r: r["id"])]
 
 
-def read_evaluations(cfg: Config) -> dict[str, dict[str, dict]]:
-    """evaluate/results.parquet as {model: {split: {"accuracy", "correct", "n", "role"}}}."""
-    from ..evaluate.stage import read_results
+def read_evaluations(cfg: Config, ingredients: Sequence[Ingredient]) -> dict[str, dict[str, dict]]:
+    """{model: {split: {"accuracy", "correct", "n", "role"}}} of the zero-shot head and every
+    ingredient, looked up in the evaluate stage's memo by content key: a score of another
+    checkpoint or another split content is never used."""
+    from ..data.shards import split_content
+    from ..evaluate.scores import ScoreMemo, score_key
+    from ..evaluate.stage import ZERO_SHOT, splits_to_score
+    from ..prepare import zero_shot_record
 
+    memo = ScoreMemo(layout.evaluate_memo_uri(cfg))
+    splits = splits_to_score(cfg)
+    models = {ZERO_SHOT: zero_shot_record(cfg)["sha256"], **{i.id: i.sha256 for i in ingredients}}
     out: dict[str, dict[str, dict]] = {}
-    for row in read_results(cfg):
-        out.setdefault(row["model"], {})[row["split"]] = {k: row[k] for k in ("accuracy", "correct", "n", "role")}
+    for s, split in splits.items():
+        content = split_content(split.uri)
+        for m, sha in models.items():
+            key = score_key(sha, content, split, cfg.evaluate.ingredient_dtype)
+            if key not in memo:
+                raise SoupInputError(f"no current score of {m!r} on split {s!r} (its checkpoint or the split "
+                                     "changed, or it is new): run `frankensoup evaluate` first")
+            out.setdefault(m, {})[s] = {**memo[key], "role": split.role}
     return out
 
 
@@ -100,6 +114,12 @@ def check_ingredient(ing: Ingredient, reference: dict[str, torch.Tensor], model_
         raise SoupInputError(f"{where} does not have the architecture of {model_name!r}: {detail}")
     if "class_names" in meta and json.loads(meta["class_names"]) != class_names:
         raise SoupInputError(f"{where} was trained for other classes than this run's")
+    from safetensors.torch import load
+
+    try:
+        weights.check_finite(load(data), where)
+    except ValueError as e:
+        raise SoupInputError(str(e)) from None
 
 
 def load_state(uri: str) -> dict[str, torch.Tensor]:
@@ -125,46 +145,46 @@ class SoupInputs:
 
 
 def load_inputs(cfg: Config) -> SoupInputs:
-    """The finished stages' outputs, every ingredient checked before anything is evaluated."""
-    from ..evaluate.stage import ZERO_SHOT
+    """The earlier stages' outputs, every ingredient checked before anything is evaluated."""
     from ..finetune.registry import read_registry
     from ..prepare import load_zero_shot
 
-    _require_done(cfg, "evaluate", "evaluate")
     ingredients = usable_ingredients(read_registry(cfg))
     reference, meta = load_zero_shot(cfg)
     ref_state = reference.state_dict()
     for ing in ingredients:
         check_ingredient(ing, ref_state, meta["model_name"], list(meta["class_names"]))
-    evaluations = read_evaluations(cfg)
-    val, _, _ = _split_names(cfg)
-    missing = [m for m in [ZERO_SHOT, *(i.id for i in ingredients)] if val not in evaluations.get(m, {})]
-    if missing:
-        raise SoupInputError(f"evaluate/results.parquet has no val accuracy for {missing}: "
-                             "rerun `frankensoup evaluate`")
+    evaluations = read_evaluations(cfg, ingredients)
     return SoupInputs(ingredients, evaluations, reference, meta, model_components(reference, cfg.soup.granularity))
 
 
-# ---- the journal ----------------------------------------------------------------------------
+# ---- keys: the search memo's context and the soup's own key ---------------------------------
 
-def split_identity(split_uri: str) -> dict:
-    """What the val accuracies depend on in the data: its dataset.json and shard sizes
-    (not its URI, so a copied output keeps its journal)."""
-    from ..data import shards
+def memo_context(cfg: Config, components, val_name: str) -> dict:
+    """What a val accuracy depends on besides the mixture: the val split's content and scoring,
+    the model, the component layout (names and tensors) and the evaluator's precision."""
+    from ..data.shards import split_content
 
-    info_bytes = storage.read_bytes(storage.join(split_uri, "dataset.json"))
-    files = shards.shard_uris(split_uri)
-    sizes = [storage.resolve(f).fs.get_file_info(storage.resolve(f).path).size for f in files]
-    return {"dataset_json_sha256": storage.sha256(info_bytes), "shard_sizes": sizes}
+    val = layout.splits(cfg)[val_name]
+    return {"format": "frankensoup-search-memo-v1", "model": cfg.model.name,
+            "ingredient_dtype": cfg.evaluate.ingredient_dtype,
+            "components": [[c.name, sorted(c.params), sorted(getattr(c, "buffers", ()))] for c in components],
+            "val": {"content": split_content(val.uri), "class_subset": val.class_subset, "class_map": val.class_map,
+                    "objectnet_mappings": val.objectnet_mappings}}
 
 
-def journal_header(cfg: Config, ingredients: Sequence[Ingredient], component_names: Sequence[str],
-                   val_name: str, val_uri: str) -> dict:
-    soup = {k: v for k, v in cfg.soup.model_dump(mode="json").items() if k not in SPEED_ONLY}
-    return {"format": "frankensoup-soup-journal-v1", "soup": soup, "model": cfg.model.name,
-            "ingredient_dtype": cfg.evaluate.ingredient_dtype, "components": list(component_names),
-            "ingredients": [[i.id, i.sha256] for i in ingredients],
-            "val": {"name": val_name, **split_identity(val_uri)}}
+def soup_key(cfg: Config, inputs: SoupInputs) -> str:
+    """Everything the published result depends on: the memo context, the ingredients' contents,
+    the scores that order them and fill the report, the soup settings, the scored splits."""
+    from ..data.shards import split_content
+
+    val, id_test, ood = _split_names(cfg)
+    splits = layout.splits(cfg)
+    return digest({"context": memo_context(cfg, inputs.components, val),
+                   "ingredients": [[i.id, i.sha256] for i in inputs.ingredients],
+                   "scores": inputs.evaluations, "soup": result_settings(cfg.soup),
+                   "base": cfg.model.model_dump(mode="json"),
+                   "splits": {s: [splits[s].role, split_content(splits[s].uri)] for s in (val, id_test, *ood)}})
 
 
 # ---- progress -------------------------------------------------------------------------------
@@ -273,32 +293,27 @@ def fuse_methods(betas: dict[str, np.ndarray], ingredients: Sequence[Ingredient]
 
 
 def score_fused(cfg: Config, fused: dict[str, dict], model_name: str, class_names: list[str], preprocess: dict,
-                scratch_uri: str, split_names: Sequence[str]) -> dict[str, dict[str, dict]]:
-    """{method: {split: {"accuracy", "correct", "n"}}} of fused classifiers, scored like every
-    other model (evaluate stage's Ray Data scoring) from checkpoints under ``scratch_uri``."""
-    from ..evaluate.stream import score_splits
+                scratch_uri: str, split_names: Sequence[str]) -> tuple[dict[str, dict[str, dict]], int, int]:
+    """({method: {split: {"accuracy", "correct", "n"}}}, reused, computed) of fused classifiers,
+    scored like every other model (the evaluate stage's Ray Data scoring) from checkpoints under
+    ``scratch_uri``. Scores are memoised by the fused weights' content hash and the split's
+    content, so an added ood set scores only that set, and an unchanged soup nothing."""
+    from ..evaluate.scores import ScoreMemo, score_with_memo
 
-    uris = {}
+    models = {}
     for name, state in fused.items():
         clf = clf_lib.classifier_from_state(model_name, state, len(class_names), source=f"fused {name}")
-        uris[name] = storage.join(scratch_uri, f"{name}.safetensors")
-        weights.save_classifier(uris[name], clf, model_name=model_name, class_names=class_names,
-                                preprocess=preprocess, extra={"source": f"soup {name}"})
+        uri = storage.join(scratch_uri, f"{name}.safetensors")
+        weights.save_classifier(uri, clf, model_name=model_name, class_names=class_names,
+                                preprocess=preprocess, extra={"source": "soup"})
+        models[name] = (uri, weights.tensors_sha256(state))  # the weights' content, not the file's bytes
     splits = layout.splits(cfg)
-    by_split = score_splits(uris, {s: splits[s] for s in split_names}, batch_size=cfg.evaluate.batch_size,
-                            num_actors=cfg.evaluate.num_actors, resources=cfg.evaluate.resources,
-                            class_names=class_names, threads=cfg.evaluate.threads,
-                            autocast_bf16=cfg.evaluate.ingredient_dtype == "bfloat16")
-    return {name: {s: by_split[s][name] for s in split_names} for name in fused}
+    memo = ScoreMemo(layout.fused_scores_uri(cfg))
+    by_split, reused, computed = score_with_memo(cfg, memo, models, {s: splits[s] for s in split_names}, class_names)
+    return {name: {s: by_split[s][name] for s in split_names} for name in fused}, reused, computed
 
 
 # ---- the stage ------------------------------------------------------------------------------
-
-def _require_done(cfg: Config, stage: str, command: str) -> None:
-    if layout.stage_done(cfg, stage) is None:
-        raise SoupInputError(f"the soup needs a finished {stage} stage under these settings in "
-                             f"{cfg.output_uri!r}: run `frankensoup {command}` first")
-
 
 def _split_names(cfg: Config) -> tuple[str, str, list[str]]:
     val, _ = layout.split_of_role(cfg, "val")
@@ -307,7 +322,8 @@ def _split_names(cfg: Config) -> tuple[str, str, list[str]]:
 
 
 def build_report(cfg: Config, run_id: str, ids: Sequence[str], component_names: Sequence[str],
-                 result: SearchResult, scores: dict, evaluations: dict, timings: dict, journal_info: dict) -> dict:
+                 result: SearchResult, scores: dict, evaluations: dict, timings: dict, counts: dict,
+                 key: str) -> dict:
     from ..evaluate.stage import ZERO_SHOT
 
     val, id_test, ood = _split_names(cfg)
@@ -336,8 +352,8 @@ def build_report(cfg: Config, run_id: str, ids: Sequence[str], component_names: 
         "search_trace": search_trace(result),
         "splits": {"val": val, "id_test": id_test, "ood": ood},
         "split_sizes": sizes,
-        "evaluations": journal_info,
-        "stage_key": layout.stage_key(cfg, "soup"),
+        "evaluations": counts,
+        "soup_key": key,
     }
 
 
@@ -352,51 +368,81 @@ def report_files(report: dict) -> dict[str, bytes]:
     return files
 
 
+class LazyPool:
+    """The evaluator pool, started at the first mixture the memo cannot answer: a soup whose
+    every evaluation is in the memo starts no actor at all."""
+
+    def __init__(self, cfg: Config, val: str, ids: list[str], component_names: list[str], metrics):
+        self.cfg, self.val, self.ids, self.names, self.metrics = cfg, val, ids, component_names, metrics
+        self.pool = None
+
+    def __call__(self, betas: list[np.ndarray]) -> list[float]:
+        if self.pool is None:
+            self.pool = evaluator_pool(self.cfg, self.val, self.ids)
+            _check_pool(self.pool.wait_ready(), self.ids, self.names)
+        return self.pool(betas)
+
+    @property
+    def seconds(self) -> float:
+        return self.pool.seconds if self.pool is not None else 0.0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()  # the actors' CPUs/GPUs go to the scoring that follows
+
+
 def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tuple[SearchResult, dict]:
-    """The search, its evaluations journaled and spread over E evaluator actors on val."""
+    """The search, every evaluation answered from the memo or spread over E evaluator actors."""
     val, _, _ = _split_names(cfg)
     ids, names = inputs.ids, inputs.component_names
-    header = journal_header(cfg, inputs.ingredients, names, val, layout.splits(cfg)[val].uri)
-    journal = Journal.open(layout.journal_root(cfg), header)
-    if len(journal):
-        log(f"soup: journal {journal.uri} holds {len(journal)} evaluations; they are replayed, not redone")
+    memo = Memo.open(layout.soup_memo_root(cfg), memo_context(cfg, inputs.components, val))
     val_accs = [float(inputs.evaluations[i][val]["accuracy"]) for i in ids]
     metrics = dashboard_metrics(run_id)
-    pool = evaluator_pool(cfg, val, ids)
+    pool = LazyPool(cfg, val, ids, names, metrics)
+    evaluate = MemoEvaluator(pool, memo, [i.sha256 for i in inputs.ingredients])
     try:
-        _check_pool(pool.wait_ready(), ids, names)
-        evaluate = JournaledEvaluator(pool, journal)
         result = run_search(cfg, evaluate, val_accs, len(names), ProgressPrinter(ids, log, metrics), log)
     finally:
-        pool.close()  # the actors' CPUs/GPUs go to the scoring that follows
+        pool.close()
         if metrics is not None:
             metrics.close()
-    counts = {"journal": journal.uri, "replayed": evaluate.hits, "evaluated": evaluate.misses,
+    log(f"soup: {evaluate.hits} mixtures from memo, {evaluate.misses} evaluated")
+    counts = {"memo": layout.relative(cfg, memo.uri), "from_memo": evaluate.hits, "evaluated": evaluate.misses,
               "phase1": result.phase1.n_evals, "phase2": result.phase2.n_evals if result.phase2 else 0,
               "evaluator_seconds": round(pool.seconds, 2)}
     return result, counts
 
 
 def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: bool = True) -> dict:
-    """Baselines + MMMS on the finished evaluate stage; publishes soup/<run-id>/ and moves
-    soup/LATEST. Returns report.json's content. Skipped (the published report returned) when
-    done under the same settings, unless ``force``. Ends by printing the report's table."""
+    """Baselines + MMMS on the ingredients and their scores; publishes soup/<run-id>/ and moves
+    soup/LATEST. Returns report.json's content. When the published run was made from exactly
+    these inputs (its soup key) nothing is redone, unless ``force``; otherwise every mixture
+    and score already in a memo is reused. Ends by printing the report's table."""
     from ..prepare import load_base_clip
 
-    done = layout.stage_done(cfg, "soup")
-    if done and not force:
+    t_start = time.time()
+    inputs = load_inputs(cfg)
+    key = soup_key(cfg, inputs)
+    done = layout.stage_done(cfg, "soup", key)
+    if done and not force and storage.exists(storage.join(pub.run_uri(cfg, done["run_id"]), "report.json")):
         report = pub.read_report(cfg, done["run_id"])
-        log(f"soup: already done under these settings ({done['finished']}, run {done['run_id']}), skipping")
+        seconds = round(time.time() - t_start, 1)
+        log(f"soup: inputs unchanged since run {done['run_id']}: reused ({seconds}s)")
+        layout.mark_done(cfg, "soup", key, {**{k: done[k] for k in ("run_id", "run_uri", "mmms_val")},
+                                            "reused": 0, "computed": 0, "unit": "mixtures", "scores_reused": 0,
+                                            "scores_computed": 0, "seconds": seconds})
         if show_table:
             log(rep.markdown_table(report))
         return report
-    t_start = time.time()
-    inputs = load_inputs(cfg)
+    if force:
+        storage.delete(layout.soup_memo_root(cfg))
+        storage.delete(layout.fused_scores_uri(cfg))
     ids, meta = inputs.ids, inputs.meta
     log(f"soup: {len(ids)} ingredients x {len(inputs.components)} components "
         f"({', '.join(inputs.component_names)}), {cfg.soup.num_evaluators} evaluators, "
         f"W = {cfg.soup.num_workers}, optimizer {cfg.soup.optimizer}")
-    run_id = pub.make_run_id(cfg)
+    run_id = pub.make_run_id(key)
+    layout.clear_done(cfg, "soup")
 
     t0 = time.time()
     result, counts = search_on_ray(cfg, inputs, run_id, log)
@@ -408,10 +454,12 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
     # the fused classifiers are scored from files every scoring actor can read
     scratch = storage.join(layout.soup_root(cfg), f"scratch-{run_id}")
     try:
-        scores = score_fused(cfg, fused, meta["model_name"], list(meta["class_names"]), meta["preprocess"],
-                             scratch, [val, id_test, *ood])
+        scores, scores_reused, scores_made = score_fused(cfg, fused, meta["model_name"], list(meta["class_names"]),
+                                                         meta["preprocess"], scratch, [val, id_test, *ood])
     finally:
         storage.delete(scratch)
+    counts.update(scores_reused=scores_reused, scores_computed=scores_made)
+    log(f"soup: fused-model scores: {scores_reused} reused, {scores_made} scored")
     timings["scoring"] = time.time() - t0
     _note_if_val_moved(result, scores, val, log)
 
@@ -421,11 +469,15 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
                             list(meta["class_names"]))
     timings["total"] = time.time() - t_start
     report = build_report(cfg, run_id, ids, inputs.component_names, result, scores, inputs.evaluations,
-                          timings, counts)
+                          timings, counts, key)
     files.update(report_files(report))
     dest = pub.publish_run(cfg, run_id, files)
-    layout.mark_done(cfg, "soup", {"run_id": run_id, "run_uri": dest, "mmms_val": report["methods"]["mmms"]["val"],
-                                   "seconds": round(time.time() - t_start, 1)})
+    seconds = round(time.time() - t_start, 1)
+    layout.mark_done(cfg, "soup", key, {"run_id": run_id, "run_uri": layout.relative(cfg, dest),
+                                        "mmms_val": report["methods"]["mmms"]["val"],
+                                        "reused": counts["from_memo"], "computed": counts["evaluated"],
+                                        "unit": "mixtures", "scores_reused": scores_reused,
+                                        "scores_computed": scores_made, "seconds": seconds})
     log(f"soup: published {dest} ({time.time() - t0:.1f}s); LATEST -> {run_id}")
     if show_table:
         log(rep.markdown_table(report))

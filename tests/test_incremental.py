@@ -1,0 +1,171 @@
+"""Work keyed by content (issue 10): on a finished demo-sized run, each change redoes exactly
+what depends on it (read back from run.json), and the result equals a from-scratch run."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import EVALUATED_OVERRIDES, clone_output, tiny_config
+from pipeline import layout, storage
+from pipeline.data import read_split, write_split
+from pipeline.finetune import import_ingredients, read_registry
+from pipeline.run import run_all
+
+QUIET = {"log": lambda *_: None}
+SETTINGS = (*EVALUATED_OVERRIDES, "soup.max_func_evals_per_dim=1", "soup.phase2.enabled=false")
+
+
+def stages(cfg) -> dict:
+    return storage.read_json(layout.run_record_uri(cfg))["stages"]
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copy an output folder (local or s3://) to another place, byte for byte."""
+    import pyarrow.fs as pafs
+
+    a, b = storage.resolve(src), storage.resolve(dst)
+    pafs.copy_files(a.path, b.path, source_filesystem=a.fs, destination_filesystem=b.fs)
+
+
+@pytest.fixture(scope="module")
+def finished(evaluated_demo, tmp_path_factory):
+    """A finished run (all four stages) to copy for each change."""
+    cfg = clone_output(evaluated_demo, tmp_path_factory.mktemp("finished") / "out", *SETTINGS)
+    report = run_all(cfg, **QUIET)
+    return cfg, report
+
+
+def clone(finished, dst, *extra):
+    cfg, _ = finished
+    copy_tree(cfg.output_uri, str(dst))
+    return tiny_config(str(dst), *SETTINGS, *extra)
+
+
+def test_a_second_run_reuses_everything(finished, tmp_path):
+    cfg = clone(finished, tmp_path / "out")
+    report = run_all(cfg, **QUIET)
+    assert {s: r["status"] for s, r in stages(cfg).items()} == dict.fromkeys(layout.STAGES, "reused")
+    assert report == finished[1]
+
+
+def test_an_added_ood_set_scores_only_that_set(finished, tmp_path):
+    cfg0, report0 = finished
+    noise = read_split(layout.data_uri(cfg0, "noise"))
+    flipped = tmp_path / "flipped"
+    # another ood set: the noise images mirrored (other content than any split of the run)
+    from pipeline.data import decode_image, encode_png
+
+    images = [encode_png(np.asarray(decode_image(b))[:, ::-1]) for b in noise.table.column("image").to_pylist()]
+    write_split(str(flipped), images, noise.table.column("label").to_numpy(), name="flipped", role="ood",
+                class_names=noise.class_names)
+    cfg = clone(finished, tmp_path / "out", f"data.splits.flipped.uri={flipped}", "data.splits.flipped.role=ood")
+    report = run_all(cfg, **QUIET)
+    st = stages(cfg)
+    assert st["prepare"]["computed"] == 0 and st["finetune"]["computed"] == 0
+    n_models = 1 + len(read_registry(cfg)["ingredients"])
+    assert st["evaluate"]["computed"] == n_models  # every model on the new set, nothing else
+    assert st["soup"]["computed"] == 0  # no search evaluation
+    distinct = len({str(m["beta"]) for name, m in report["methods"].items() if name != "zero_shot"})
+    assert st["soup"]["scores_computed"] == distinct  # each fused model on the new set only
+    assert "flipped" in report["splits"]["ood"] and "flipped" not in report0["splits"]["ood"]
+    for name, m in report0["methods"].items():
+        assert report["methods"][name]["val"] == m["val"]
+
+
+def test_more_trials_train_only_the_new_ones_and_equal_a_fresh_run(finished, evaluated_demo, tmp_path):
+    cfg = clone(finished, tmp_path / "out", "finetune.num_trials=4")
+    report = run_all(cfg, **QUIET)
+    st = stages(cfg)
+    assert st["finetune"]["computed"] == 1 and st["finetune"]["reused"] == 3
+    assert st["evaluate"]["computed"] == 7  # the new ingredient on val, id_test and five ood sets
+    assert st["soup"]["reused"] > 0  # mixtures of the first three come from the memo
+    fresh = clone_output(evaluated_demo, tmp_path / "fresh", *SETTINGS, "finetune.num_trials=4")
+    shutil.rmtree(layout.stage_dir(fresh, "finetune"))
+    shutil.rmtree(layout.stage_dir(fresh, "evaluate"))
+    fresh_report = run_all(fresh, **QUIET)
+    assert stages(fresh)["soup"]["reused"] < st["soup"]["reused"] + st["soup"]["computed"]
+    for name, m in fresh_report["methods"].items():
+        assert report["methods"][name]["beta"] == m["beta"] and report["methods"][name]["val"] == m["val"], name
+
+
+@pytest.mark.parametrize("change", ["soup.tau=0.9", "soup.optimizer=TwoPointsDE"])
+def test_changed_search_settings_reuse_every_scored_mixture(finished, tmp_path, change):
+    cfg = clone(finished, tmp_path / "out", change)
+    memo_before = sum(1 for _ in storage.listdir(layout.soup_memo_root(cfg)))
+    run_all(cfg, **QUIET)
+    st = stages(cfg)["soup"]
+    assert st["reused"] > 0 and st["status"] in ("reused", "partial")
+    assert stages(cfg)["evaluate"]["computed"] == 0 and stages(cfg)["finetune"]["computed"] == 0
+    if change == "soup.tau=0.9":  # a looser short-circuit: candidates already tested are answered
+        assert st["reused"] >= finished[1]["evaluations"]["from_memo"] + finished[1]["evaluations"]["evaluated"] - 1
+    assert sum(1 for _ in storage.listdir(layout.soup_memo_root(cfg))) == memo_before  # same context
+
+
+def test_import_adds_an_ingredient_and_the_next_run_uses_it(finished, tmp_path):
+    cfg = clone(finished, tmp_path / "out")
+    before = read_registry(cfg)["ingredients"]
+    source = tmp_path / "mine.safetensors"
+    shutil.copy(before[0]["checkpoint_uri"], source)  # an identical copy is not registered twice
+    import_ingredients(cfg, [str(source)], **QUIET)
+    assert len(read_registry(cfg)["ingredients"]) == len(before)
+    from pipeline.model import load_classifier, save_classifier
+
+    clf, meta = load_classifier(before[1]["checkpoint_uri"])
+    with torch.no_grad():
+        clf.head.weight.mul_(1.01)
+    save_classifier(str(source), clf, model_name=meta["model_name"], class_names=meta["class_names"],
+                    preprocess=meta["preprocess"])
+    import_ingredients(cfg, [str(source)], **QUIET)
+    rows = read_registry(cfg)["ingredients"]
+    assert [r["id"] for r in rows] == [r["id"] for r in before] + ["mine"]
+    report = run_all(cfg, **QUIET)
+    st = stages(cfg)
+    assert st["finetune"]["computed"] == 0 and st["evaluate"]["computed"] == 7
+    assert st["soup"]["computed"] > 0
+    assert "mine" in report["ingredient_scores"]
+
+
+def test_a_rewritten_val_shard_redoes_evaluate_and_soup(finished, tmp_path):
+    cfg = clone(finished, tmp_path / "out")
+    val = layout.data_uri(cfg, "val")
+    split = read_split(val)
+    labels = split.table.column("label").to_numpy()
+    images = split.table.column("image").to_pylist()
+    write_split(val, images[::-1], labels[::-1], name="val", role="val", class_names=split.class_names,
+                rows_per_shard=len(images) // 2 + 1)  # same images, other shards: other content
+    contexts = len(storage.listdir(layout.soup_memo_root(cfg)))
+    run_all(cfg, **QUIET)
+    st = stages(cfg)
+    assert st["finetune"]["computed"] == 0
+    assert st["evaluate"]["computed"] == 1 + len(read_registry(cfg)["ingredients"])  # every model on val
+    assert st["soup"]["computed"] > 0  # another val: another memo context, searched anew
+    assert len(storage.listdir(layout.soup_memo_root(cfg))) == contexts + 1
+
+
+def test_a_nan_checkpoint_is_refused_at_import(finished, tmp_path):
+    from pipeline.model import CheckpointError, load_classifier, save_classifier
+
+    cfg = clone(finished, tmp_path / "out")
+    before = storage.read_bytes(layout.registry_uri(cfg))
+    clf, meta = load_classifier(read_registry(cfg)["ingredients"][0]["checkpoint_uri"])
+    with torch.no_grad():
+        clf.head.bias[3] = float("nan")
+    bad = tmp_path / "bad.safetensors"
+    save_classifier(str(bad), clf, model_name=meta["model_name"], class_names=meta["class_names"],
+                    preprocess=meta["preprocess"])
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors.*'head\.bias' holds NaN"):
+        import_ingredients(cfg, [str(bad)], **QUIET)
+    assert storage.read_bytes(layout.registry_uri(cfg)) == before
+
+
+def test_a_copied_output_folder_reuses_everything(finished, tmp_path, s3_bucket):
+    cfg0, report0 = finished
+    for dst in (str(tmp_path / "moved"), f"{s3_bucket}/incremental-copy"):
+        copy_tree(cfg0.output_uri, dst)
+        cfg = tiny_config(dst, *SETTINGS)
+        report = run_all(cfg, **QUIET)
+        assert {s: r["status"] for s, r in stages(cfg).items()} == dict.fromkeys(layout.STAGES, "reused"), dst
+        assert report["methods"] == report0["methods"]
