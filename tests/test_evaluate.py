@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import clone_output
+from conftest import EVALUATED_OVERRIDES, clone_output
 from pipeline import layout, storage
 from pipeline.config import Resources, SplitConfig
 from pipeline.data.shards import DataError, decode_split, read_split, shard_uris, write_split
@@ -72,7 +72,7 @@ def test_stage_writes_every_model_on_every_split(evaluated_demo):
         by_split = {r["split"]: r["accuracy"] for r in rows if r["model"] == m}
         ood = [by_split[s] for s in layout.ood_splits(cfg)]
         assert cells == [f"{100 * by_split[s]:.2f}" for s in splits] + [f"{100 * sum(ood) / len(ood):.2f}"]
-    assert layout.stage_done(cfg, "evaluate")["best_val"]["model"] in models[1:]
+    assert layout.read_marker(cfg, "evaluate")["best_val"]["model"] in models[1:]
 
 
 def test_stage_scores_like_a_plain_loop(evaluated_demo):
@@ -82,15 +82,16 @@ def test_stage_scores_like_a_plain_loop(evaluated_demo):
     assert row["correct"] == int((logits.argmax(1) == labels).sum())
 
 
-def test_stage_skips_when_done_and_prints_the_table(evaluated_demo):
+def test_stage_reuses_every_score_when_nothing_changed(evaluated_demo, tmp_path):
     from pipeline.evaluate.stage import run_evaluate
 
-    cfg = evaluated_demo
+    cfg = clone_output(evaluated_demo, tmp_path / "out", *EVALUATED_OVERRIDES)
+    before = storage.read_bytes(layout.evaluations_uri(cfg))
     lines: list[str] = []
-    marker = layout.stage_done(cfg, "evaluate")
-    assert run_evaluate(cfg, log=lines.append) == marker
-    assert any("skipping" in line for line in lines)
-    assert any(line.startswith("| model | val | id_test") for text in lines for line in text.splitlines())
+    marker = run_evaluate(cfg, log=lines.append)
+    assert marker["computed"] == 0 and marker["reused"] == len(results(cfg))
+    assert any("scores reused, 0 scored" in line for line in lines)
+    assert storage.read_bytes(layout.evaluations_uri(cfg)) == before
 
 
 def test_only_ok_ingredients_are_scored(prepared_demo):

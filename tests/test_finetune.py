@@ -141,7 +141,7 @@ def final_state(experiment_dir: str, trial_id: str) -> dict:
 
 def test_sweep_registers_ingredients_and_resumes_a_failed_trial(ray_local, prepared_demo, tmp_path, capsys):
     from pipeline.finetune import read_registry
-    from pipeline.finetune.sweep import experiment_location, run_finetune
+    from pipeline.finetune.sweep import experiment_location, run_finetune, trial_plan
 
     # quoted: YAML reads a bare 1:2 as the number 62
     cfg = clone_output(prepared_demo, tmp_path / "out", "finetune.space.epochs=[2]",
@@ -155,9 +155,9 @@ def test_sweep_registers_ingredients_and_resumes_a_failed_trial(ray_local, prepa
         assert storage.sha256(data) == row["sha256"] and row["status"] == "ok" and row["source"] == "tune"
         clf, meta = load_classifier(row["checkpoint_uri"])
         assert meta["hparams"] == row["hparams"] and meta["epoch"] == 2 and 0 < row["val_acc"] <= 1
-    assert layout.stage_done(cfg, "finetune")["source"] == "tune"
+    assert layout.read_marker(cfg, "finetune")["computed"] == 2
 
-    experiment = experiment_location(cfg)[2]
+    experiment = experiment_location(cfg, trial_plan(cfg))[2]
     ft0, ft1 = (final_state(experiment, r["trial_id"])["metrics"] for r in registry["ingredients"])
     # trial 1 failed at the start of epoch 2 and its retry went on from the epoch-1 checkpoint
     assert (ft1["epoch"], ft1["restored_from_epoch"]) == (2, 1)
@@ -166,7 +166,7 @@ def test_sweep_registers_ingredients_and_resumes_a_failed_trial(ray_local, prepa
 
     capsys.readouterr()
     assert run_finetune(cfg) == registry
-    assert "already done" in capsys.readouterr().out
+    assert "finetune: 2 reused, 0 trained" in capsys.readouterr().out
 
 
 def upload(local_dir: str, uri: str) -> None:
@@ -210,10 +210,10 @@ def test_a_killed_sweep_on_s3_is_restored_not_restarted(prepared_demo, s3_bucket
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, like a crash
         proc.wait()
     assert finished, "".join(lines[-30:])
-    assert not layout.stage_done(cfg, "finetune")
-    from pipeline.finetune.sweep import experiment_name
+    assert layout.read_marker(cfg, "finetune") is None
+    from pipeline.finetune.sweep import experiment_name, trial_plan
 
-    experiment = storage.join(layout.tune_storage(cfg), experiment_name(cfg))
+    experiment = storage.join(layout.tune_storage(cfg), experiment_name(trial_plan(cfg)))
     before = trial_checkpoints(experiment, finished)
 
     rerun = subprocess.run(finetune_command(out, *extra), cwd=REPO, env=env, capture_output=True,
@@ -247,7 +247,7 @@ def test_import_registers_our_own_checkpoints(prepared_demo, tmp_path):
     rows = registry["ingredients"]
     assert [r["id"] for r in rows] == ["zeroshot", "plain_state"]
     assert rows[0]["val_acc"] == rows[1]["val_acc"] > 0  # the same weights, the same accuracy
-    assert read_registry(cfg) == registry and layout.stage_done(cfg, "finetune")["source"] == "import"
+    assert read_registry(cfg) == registry and {r["source"] for r in rows} == {"import"}
     imported, meta = load_classifier(rows[1]["checkpoint_uri"])
     assert meta["source"] == "import" and torch.equal(imported.head.weight, clf.head.weight)
 
@@ -297,7 +297,9 @@ def vit_b32_prepared(tmp_path, class_names):
                   "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
     save_classifier(zeroshot_uri(cfg), init_classifier("ViT-B-32", len(class_names)), model_name="ViT-B-32",
                     class_names=class_names, preprocess=preprocess)
-    layout.mark_done(cfg, "prepare")
+    data = storage.read_bytes(zeroshot_uri(cfg))
+    storage.write_json(layout.zeroshot_record_uri(cfg), {"key": "test", "sha256": storage.sha256(data),
+                                                         "id_test_accuracy": 0.0})
     return cfg
 
 

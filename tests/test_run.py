@@ -1,12 +1,13 @@
-"""The main job: stages run in order, finished ones are skipped, a changed one is redone with
-everything after it, and the run ends with the report (returned and printed)."""
+"""The main job: stages run in order, each reusing the work whose inputs are unchanged (see
+test_incremental.py for each kind of change), writing run.json, and the run ends with the
+report (returned and printed)."""
 from __future__ import annotations
 
 import pytest
 
 from conftest import EVALUATED_OVERRIDES, clone_output, tiny_config
 from pipeline import layout, storage
-from pipeline.run import plan, run_all
+from pipeline.run import run_all
 
 
 def run_dirs(cfg) -> list[str]:
@@ -24,43 +25,33 @@ def finished(evaluated_demo, tmp_path_factory):
 
 def test_run_all_does_what_is_left_and_returns_the_report(finished):
     cfg, report, lines = finished
-    assert [s for s in layout.STAGES if layout.stage_done(cfg, s)] == list(layout.STAGES)
-    for stage in ("prepare", "finetune", "evaluate"):
-        assert f"== {stage}: done under these settings" in lines
-    assert "== soup" in lines
-    assert any(line.startswith("stage wall times: prepare") for line in lines)
+    record = storage.read_json(layout.run_record_uri(cfg))
+    assert list(record["stages"]) == list(layout.STAGES) and record["run_id"] == report["run_id"]
+    for stage in ("prepare", "finetune", "evaluate"):  # done by the shared fixture already
+        assert record["stages"][stage]["status"] == "reused" and record["stages"][stage]["computed"] == 0
+        assert any(line.startswith(f"== {stage}: reused") for line in lines)
+    assert record["stages"]["soup"]["computed"] > 0
     assert lines[-1].splitlines()[-1].startswith("| mmms |")  # the table comes last
     assert report["run_id"] == storage.read_pointer(layout.latest_pointer(cfg))
     assert set(report["methods"]) >= {"zero_shot", "best_individual", "uniform_soup", "greedy_soup", "mmms"}
 
 
-def test_a_second_run_skips_everything(finished):
+def test_a_second_run_reuses_everything(finished):
     cfg, report, _ = finished
     before = run_dirs(cfg)
     lines: list[str] = []
     assert run_all(cfg, log=lines.append) == report
     assert run_dirs(cfg) == before
-    assert all(f"== {s}: done under these settings" in lines for s in layout.STAGES)
+    assert all(any(line.startswith(f"== {s}: reused") for line in lines) for s in layout.STAGES)
 
 
-def test_a_changed_setting_redoes_its_stage_and_those_after_it(finished):
-    cfg, _, _ = finished
-    assert plan(cfg) == [(s, "skip") for s in layout.STAGES]
-    soup_changed = tiny_config(cfg.output_uri, *EVALUATED_OVERRIDES, "soup.tau=0.99")
-    assert dict(plan(soup_changed)) == {"prepare": "skip", "finetune": "skip", "evaluate": "skip", "soup": "run"}
-    finetune_changed = tiny_config(cfg.output_uri, *EVALUATED_OVERRIDES, "finetune.seed=7")
-    assert dict(plan(finetune_changed)) == {"prepare": "skip", "finetune": "run", "evaluate": "run", "soup": "run"}
-    # how many evaluators run the soup never changes its result: nothing to redo
-    faster = tiny_config(cfg.output_uri, *EVALUATED_OVERRIDES, "soup.num_evaluators=2")
-    assert plan(faster) == [(s, "skip") for s in layout.STAGES]
-
-
-def test_a_redone_stage_makes_the_later_ones_redo(finished, tmp_path):
-    cfg, _, _ = finished
-    copy = clone_output(cfg, tmp_path / "out", *EVALUATED_OVERRIDES)
-    storage.delete(storage.join(layout.stage_dir(copy, "prepare"), "_DONE.json"))
-    # their markers still match their keys, but their inputs are about to be rebuilt
-    assert dict(plan(copy)) == {"prepare": "run", "finetune": "redo", "evaluate": "redo", "soup": "redo"}
+def test_settings_that_never_change_a_result_redo_nothing(finished):
+    cfg, report, _ = finished
+    faster = tiny_config(cfg.output_uri, *EVALUATED_OVERRIDES, "soup.num_evaluators=2", "evaluate.num_actors=2",
+                         "finetune.max_concurrent=1", "evaluate.batch_size=64")
+    assert run_all(faster, log=lambda *_: None) == report
+    record = storage.read_json(layout.run_record_uri(faster))["stages"]
+    assert all(r["computed"] == 0 for r in record.values())
 
 
 def test_the_cli_runs_the_main_job(finished, capsys):
@@ -71,5 +62,5 @@ def test_the_cli_runs_the_main_job(finished, capsys):
     args = [a for o in [*TINY_OVERRIDES, *EVALUATED_OVERRIDES, f"output_uri={cfg.output_uri}"] for a in ("--set", o)]
     assert main(["run", *args]) == 0
     out = capsys.readouterr().out
-    assert "stage wall times" in out and "| mmms |" in out
+    assert "== soup: reused" in out and "| mmms |" in out
     assert run_dirs(cfg) == [report["run_id"]]

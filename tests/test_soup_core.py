@@ -1,5 +1,5 @@
 """The Ray-free soup core: mixture maths, the optimiser loop, phases 1 and 2, the baselines and
-the journal (resume after a crash), on synthetic evaluators and a tiny real torch model."""
+the search memo (resume after a crash), on synthetic evaluators and a tiny real torch model."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from pipeline import storage
 from pipeline.config import Phase2Config, SoupConfig
 from pipeline.model.components import Component
 from pipeline.soup import baselines, mixture, mmms
-from pipeline.soup.journal import Journal, JournaledEvaluator
+from pipeline.soup.memo import Memo, MemoEvaluator
 
 torch.set_num_threads(1)
 
@@ -81,7 +81,7 @@ def test_lambdas_to_beta_is_the_formula_and_equals_folding_pairwise():
     folded = mixture.one_hot(K, C, chosen[0])
     for lam, j in zip(lambdas, chosen[1:]):
         folded = mixture.pairwise(folded, lam, j)
-    assert np.array_equal(beta, folded)  # bit-identical: the journal key of phase 1's A
+    assert np.array_equal(beta, folded)  # bit-identical: the memo key of phase 1's A
     mixture.validate(beta)
     assert np.array_equal(mixture.lambdas_to_beta([], [3], 5, n_components=2), mixture.one_hot(5, 2, 3))
 
@@ -376,52 +376,68 @@ def test_greedy_soup_adds_only_on_strict_improvement():
     assert trace == [(1, 0.80), (2, 0.82), (3, 0.82), (4, 0.83)]
 
 
-# ---- the journal ----------------------------------------------------------------------------
+# ---- the search memo ------------------------------------------------------------------------
 
-HEADER = {"soup": SoupConfig().model_dump(mode="json"), "ingredients": ["aa11", "bb22", "cc33", "dd44"]}
+CONTEXT = {"val": {"content": "abc"}, "components": ["a", "b", "c"]}
+SHAS = ["aa11", "bb22", "cc33", "dd44"]
 
 
-def test_journal_answers_repeats_and_writes_one_part_per_batch(tmp_path):
+def test_memo_answers_repeats_and_writes_one_part_per_batch(tmp_path):
     evaluate = Quadratic(TARGET)
-    journal = Journal.open(str(tmp_path), HEADER)
-    ev = JournaledEvaluator(evaluate, journal)
+    memo = Memo.open(str(tmp_path), CONTEXT)
+    ev = MemoEvaluator(evaluate, memo, SHAS)
     a, b = mixture.uniform(4, 3), mixture.one_hot(4, 3, 1)
     assert ev([a, b, a]) == [evaluate.acc(a), evaluate.acc(b), evaluate.acc(a)]
     assert ev([b]) == [evaluate.acc(b)]
     assert (ev.hits, ev.misses) == (2, 2) and evaluate.n_evaluated == 2
-    names = storage.listdir(journal.uri)
-    assert names == ["header.json", "part-000001.jsonl"]
-    assert json.loads(open(os.path.join(journal.uri, "header.json")).read()) == json.loads(json.dumps(HEADER))
+    names = storage.listdir(memo.uri)
+    assert names == ["context.json", "part-000001.jsonl"]
 
-    again = Journal.open(str(tmp_path), HEADER)
-    assert again.uri == journal.uri and len(again) == 2
-    assert again.get(mixture.mixture_key(b)) == evaluate.acc(b)
-    other = Journal.open(str(tmp_path), {**HEADER, "ingredients": ["aa11", "bb22", "cc33", "ee55"]})
-    assert other.uri != journal.uri and len(other) == 0
-    JournaledEvaluator(evaluate, again)([mixture.one_hot(4, 3, 2)])
-    assert storage.listdir(journal.uri)[-1] == "part-000002.jsonl"
+    again = Memo.open(str(tmp_path), CONTEXT)
+    assert again.uri == memo.uri and len(again) == 2
+    assert again.get(ev.key(b)) == evaluate.acc(b)
+    other = Memo.open(str(tmp_path), {**CONTEXT, "val": {"content": "abd"}})
+    assert other.uri != memo.uri and len(other) == 0
+    MemoEvaluator(evaluate, again, SHAS)([mixture.one_hot(4, 3, 2)])
+    assert storage.listdir(memo.uri)[-1] == "part-000002.jsonl"
 
 
-def test_a_damaged_journal_part_is_named(tmp_path):
-    journal = Journal.open(str(tmp_path), HEADER)
-    JournaledEvaluator(Quadratic(TARGET), journal)([mixture.uniform(4, 3)])
-    part = os.path.join(journal.uri, "part-000001.jsonl")
+def test_memo_keys_a_mixture_by_the_ingredients_it_uses():
+    """Zero rows are dropped and rows are named by content: the mixture of the first two of
+    four ingredients has the key of the same mixture over six, or over those two alone."""
+    ev4 = MemoEvaluator(Quadratic(TARGET), None, SHAS)
+    ev6 = MemoEvaluator(Quadratic(TARGET), None, [*SHAS, "ee55", "ff66"])
+    ev2 = MemoEvaluator(Quadratic(TARGET), None, SHAS[:2])
+    beta = np.zeros((4, 3))
+    beta[:2] = [[0.25, 0.5, 1.0], [0.75, 0.5, 0.0]]
+    assert ev4.key(beta) == ev6.key(np.vstack([beta, np.zeros((2, 3))])) == ev2.key(beta[:2])
+    assert ev4.key(beta) != MemoEvaluator(None, None, ["bb22", "aa11", "cc33", "dd44"]).key(beta)
+    nudged = beta.copy()
+    nudged[0, 0] += 1e-12
+    nudged[1, 0] -= 1e-12
+    assert ev4.key(nudged) != ev4.key(beta)
+
+
+def test_a_damaged_memo_part_is_named(tmp_path):
+    memo = Memo.open(str(tmp_path), CONTEXT)
+    MemoEvaluator(Quadratic(TARGET), memo, SHAS)([mixture.uniform(4, 3)])
+    part = os.path.join(memo.uri, "part-000001.jsonl")
     record = json.loads(open(part).read())
-    record["values"][0][0] += 0.5
+    record["mixture"][0][1][0] += 0.5
     open(part, "w").write(json.dumps(record) + "\n")
     with pytest.raises(storage.StorageError, match="part-000001.jsonl"):
-        Journal.open(str(tmp_path), HEADER)
+        Memo.open(str(tmp_path), CONTEXT)
 
 
-def test_journal_on_s3(s3_bucket):
+def test_memo_on_s3(s3_bucket):
     evaluate = Quadratic(TARGET)
-    root = f"{s3_bucket}/journal-test"
-    ev = JournaledEvaluator(evaluate, Journal.open(root, HEADER))
+    root = f"{s3_bucket}/memo-test"
+    ev = MemoEvaluator(evaluate, Memo.open(root, CONTEXT), SHAS)
     ev([mixture.uniform(4, 3)])
     ev([mixture.one_hot(4, 3, 0)])
-    reopened = Journal.open(root, HEADER)
+    reopened = Memo.open(root, CONTEXT)
     assert len(reopened) == 2
-    assert storage.listdir(reopened.uri) == ["header.json", "part-000001.jsonl", "part-000002.jsonl"]
+    assert storage.listdir(reopened.uri) == ["context.json", "part-000001.jsonl", "part-000002.jsonl"]
 
 
 class Crashes(Quadratic):
@@ -437,18 +453,18 @@ class Crashes(Quadratic):
         return super().__call__(betas)
 
 
-def test_phase1_resumes_from_the_journal_after_a_crash(tmp_path):
+def test_phase1_resumes_from_the_memo_after_a_crash(tmp_path):
     val, cfg = [0.8, 0.7, 0.75, 0.6], small_cfg()
     clean = mmms.phase1(val, 3, Quadratic(TARGET), cfg)
 
     crashing = Crashes(TARGET, limit=clean.n_evals // 2)
     with pytest.raises(RuntimeError, match="cluster lost"):
-        mmms.phase1(val, 3, JournaledEvaluator(crashing, Journal.open(str(tmp_path), HEADER)), cfg)
+        mmms.phase1(val, 3, MemoEvaluator(crashing, Memo.open(str(tmp_path), CONTEXT), SHAS), cfg)
     journaled = {mixture.mixture_key(b) for call in crashing.calls for b in call}
     assert 0 < len(journaled) <= clean.n_evals // 2
 
     fresh = Quadratic(TARGET)
-    replay = JournaledEvaluator(fresh, Journal.open(str(tmp_path), HEADER))
+    replay = MemoEvaluator(fresh, Memo.open(str(tmp_path), CONTEXT), SHAS)
     resumed = mmms.phase1(val, 3, replay, cfg)
     assert np.array_equal(resumed.beta, clean.beta) and resumed.val_acc == clean.val_acc
     assert resumed.chosen == clean.chosen and resumed.trace == clean.trace and resumed.n_evals == clean.n_evals

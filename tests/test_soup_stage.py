@@ -1,5 +1,5 @@
 """The soup stage on Ray: the result does not depend on the number of evaluators or the order
-they finish in; a crashed search resumes from its journal; the published model (loaded with
+they finish in; a crashed search resumes from its memo; the published model (loaded with
 open_clip) and every baseline rebuilt from its beta reproduce the report's numbers; publishing
 is atomic; s3:// works end to end; unusable ingredients are refused by name."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from conftest import EVALUATED_OVERRIDES, clone_output, tiny_config
 from pipeline import layout, storage
 from pipeline.evaluate.actor import EvaluatorHost
 from pipeline.soup import publish, search, stage
-from pipeline.soup.journal import Journal
+from pipeline.soup.memo import Memo, MemoEvaluator
 from pipeline.soup.mixture import fuse, mixture_key
 
 QUIET = {"log": lambda *_: None}
@@ -152,7 +152,7 @@ class CrashAfter(search.EvaluatorPool):
         self.limit, self.seen = limit, seen
 
     def __call__(self, betas):
-        self.seen.extend(mixture_key(b) for b in betas)
+        self.seen.extend(np.array(b) for b in betas)
         if self.limit is not None and self.evaluations + len(betas) > self.limit:
             raise RuntimeError("injected crash")
         return super().__call__(betas)
@@ -172,24 +172,26 @@ def souped(evaluated_demo, tmp_path_factory):
     with pytest.raises(RuntimeError, match="injected crash"):
         stage.run_soup(cfg, **QUIET)
     assert not storage.exists(layout.latest_pointer(cfg))  # nothing published
-    journal_dirs = storage.listdir(layout.journal_root(cfg))
-    journaled = {json.loads(line)["key"] for d in journal_dirs
-                 for part in storage.listdir(storage.join(layout.journal_root(cfg), d)) if part.startswith("part-")
-                 for line in storage.read_bytes(storage.join(layout.journal_root(cfg), d, part)).decode().splitlines()}
-    second: list[str] = []
-    patched_pool(mp, None, second)
+    root = layout.soup_memo_root(cfg)
+    journaled = {json.loads(line)["key"] for d in storage.listdir(root)
+                 for part in storage.listdir(storage.join(root, d)) if part.startswith("part-")
+                 for line in storage.read_bytes(storage.join(root, d, part)).decode().splitlines()}
+    seen: list = []
+    patched_pool(mp, None, seen)
     report = stage.run_soup(cfg, **QUIET)
     mp.undo()
+    keys = MemoEvaluator(None, None, [i.sha256 for i in stage.load_inputs(cfg).ingredients])
+    second = [keys.key(b) for b in seen]
     return {"cfg": cfg, "report": report, "journaled": journaled, "second": second}
 
 
-def test_a_crashed_search_resumes_from_its_journal(souped, reference_search):
+def test_a_crashed_search_resumes_from_its_memo(souped, reference_search):
     assert len(souped["journaled"]) >= 4  # the crash came mid-search, after some batches were journaled
     assert not souped["journaled"] & set(souped["second"])  # nothing journaled was evaluated again
     report = souped["report"]
     for name, beta in reference_search.betas.items():  # the same result as an uninterrupted run
         np.testing.assert_array_equal(np.array(report["methods"][name]["beta"]), beta, err_msg=name)
-    assert report["evaluations"]["replayed"] >= len(souped["journaled"])
+    assert report["evaluations"]["from_memo"] >= len(souped["journaled"])
 
 
 def test_the_report_has_every_method_and_its_mixture(souped):
@@ -216,7 +218,7 @@ def test_the_report_has_every_method_and_its_mixture(souped):
 def test_the_run_directory_is_published_and_verified(souped):
     cfg, report = souped["cfg"], souped["report"]
     run_id = storage.read_pointer(layout.latest_pointer(cfg))
-    assert run_id == report["run_id"] and layout.stage_done(cfg, "soup")["run_id"] == run_id
+    assert run_id == report["run_id"] and layout.read_marker(cfg, "soup")["run_id"] == run_id
     run = publish.run_uri(cfg, run_id)
     manifest = storage.verify(run)
     assert {"fused/open_clip_config.json", "fused/open_clip_model.safetensors", "fused/head.safetensors",
@@ -316,21 +318,20 @@ def test_a_finished_soup_is_skipped(souped, monkeypatch):
     assert [n for n in storage.listdir(layout.soup_root(cfg)) if n[:1].isdigit()] == runs
 
 
-def test_another_config_never_reuses_the_journal(souped):
+def test_the_memo_context_holds_what_an_accuracy_depends_on(souped):
     cfg = souped["cfg"]
     inputs, val, _ = search_inputs(cfg)
-    uri = layout.splits(cfg)[val].uri
 
-    def journal(c):
-        return Journal.open(layout.journal_root(c), stage.journal_header(c, inputs.ingredients,
-                                                                         inputs.component_names, val, uri))
+    def memo(c):
+        return Memo.open(layout.soup_memo_root(c), stage.memo_context(c, inputs.components, val))
 
-    assert len(journal(cfg)) > 0  # the run's own journal
-    # how many evaluators run it is not part of the search: the journal is reused
-    assert len(journal(tiny_config(cfg.output_uri, *SOUP, "soup.num_evaluators=3", SHARED_CPUS))) == len(journal(cfg))
-    for override in ["soup.tau=0.99", "soup.num_workers=3", "soup.granularity=2", "evaluate.ingredient_dtype=bfloat16"]:
-        other = journal(tiny_config(cfg.output_uri, *SOUP, override))
-        assert other.uri != journal(cfg).uri and len(other) == 0, override
+    assert len(memo(cfg)) > 0  # the run's own memo
+    # search settings and the evaluator count change which mixtures are asked, not their accuracy
+    for override in ["soup.num_evaluators=3", "soup.tau=0.99", "soup.num_workers=3", "soup.optimizer=TwoPointsDE"]:
+        assert memo(tiny_config(cfg.output_uri, *SOUP, override, SHARED_CPUS)).uri == memo(cfg).uri, override
+    # the evaluator's precision does change an accuracy
+    other = memo(tiny_config(cfg.output_uri, *SOUP, "evaluate.ingredient_dtype=bfloat16"))
+    assert other.uri != memo(cfg).uri and len(other) == 0
 
 
 # ---- publishing -----------------------------------------------------------------------------
@@ -428,7 +429,7 @@ def test_an_ingredient_of_another_architecture_is_refused_by_name(evaluated_demo
     write_registry(cfg, registry)
     with pytest.raises(stage.SoupInputError, match=r"ingredient 'ft-odd' .* architecture"):
         stage.run_soup(cfg, **QUIET)
-    assert not storage.exists(layout.journal_root(cfg))  # refused before anything was evaluated
+    assert not storage.exists(layout.soup_memo_root(cfg))  # refused before anything was evaluated
 
 
 def test_a_changed_checkpoint_is_refused(evaluated_demo, tmp_path):
