@@ -138,7 +138,7 @@ def clone_output(cfg, dst, *extra: str):
 
 # evaluated_demo's settings (pass them to clone_output): a base pretrained long enough that its
 # finetunes stay close together, so soups of them behave as soups do (the 60-step base's do not)
-EVALUATED_OVERRIDES = ("model.demo_base.steps=200", "finetune.num_trials=3")
+EVALUATED_OVERRIDES = ("model.demo_base.steps=200", "finetune.num_trials=3", "finetune.seed=1")
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ def test_overrides_are_typed_and_dotted():
 @pytest.mark.parametrize("override,field", [
     ("soup.tau=banana", "soup.tau"),
     ("soup.granularity=7", "soup.granularity"),
-    ("finetune.num_trials=0", "finetune.num_trials"),
+    ("finetune.num_trials=-1", "finetune.num_trials"),
     ("soup.optimizer=NoSuchOptimizer", "soup.optimizer"),
     ("evaluate.ingredient_dtype=float8", "evaluate.ingredient_dtype"),
 ])

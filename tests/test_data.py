@@ -78,10 +78,29 @@ def test_corrupt_shard_is_named(tmp_path):
         read_split(uri)
 
 
-def shard_with(uri: str, table: pa.Table) -> None:
+def shard_with(uri: str, table: pa.Table, record: bool = True) -> None:
+    """Replace shard 0 with ``table``; ``record``: also record its hash in dataset.json, as a
+    writer other than write_split would have to."""
     sink = io.BytesIO()
     pq.write_table(table, sink)
     storage.write_bytes(storage.join(uri, "part-00000.parquet"), sink.getvalue())
+    if record:
+        info = storage.read_json(storage.join(uri, "dataset.json"))
+        info["shards"][0]["sha256"] = storage.sha256(sink.getvalue())
+        storage.write_json(storage.join(uri, "dataset.json"), info)
+
+
+def test_a_shard_rewritten_behind_dataset_json_is_refused(tmp_path):
+    from pipeline.data.shards import split_content
+
+    uri = str(tmp_path / "split")
+    write_split(uri, *some_images(2), name="a", role="train", class_names=CLASSES)
+    content = split_content(uri)
+    shard_with(uri, pa.table({"image": [b"x", b"y"], "label": pa.array([0, 1], pa.int32())}), record=False)
+    with pytest.raises(DataError, match="part-00000.parquet is not the shard dataset.json records"):
+        read_split(uri)
+    shard_with(uri, pa.table({"image": [b"x", b"y"], "label": pa.array([0, 1], pa.int32())}))
+    assert split_content(uri) != content  # recorded: every key naming the split changes
 
 
 def test_wrong_schema_and_bad_labels_in_a_shard_are_named(tmp_path):

@@ -13,7 +13,7 @@ def test_dry_run_ready_prints_the_plan(prepared_demo, ray_local):
     ok, out = _run(prepared_demo)
     assert ok, out
     assert "evaluations (upper bounds)" in out and "memory per evaluator" in out
-    assert "prepare   done, will be skipped" in out
+    assert "prepare   last finished" in out
 
 
 def test_dry_run_catches_unreachable_output_uri(s3_bucket, ray_local):

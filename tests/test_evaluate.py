@@ -102,8 +102,9 @@ def test_only_ok_ingredients_are_scored(prepared_demo):
                 "sha256": "", "status": status, "source": "tune"}
 
     registry = {"model_name": "m", "class_names": ["a"], "ingredients": [row("ft-000", "ok"), row("ft-001", "failed")]}
-    assert models_to_score(prepared_demo, registry) == {"zero_shot": zeroshot_uri(prepared_demo),
-                                                        "ft-000": "/x/ft-000.safetensors"}
+    zs_sha = storage.sha256(storage.read_bytes(zeroshot_uri(prepared_demo)))
+    assert models_to_score(prepared_demo, registry) == {"zero_shot": (zeroshot_uri(prepared_demo), zs_sha),
+                                                        "ft-000": ("/x/ft-000.safetensors", "")}
 
 
 def test_stage_needs_finetune(prepared_demo, tmp_path):

@@ -443,7 +443,8 @@ def test_a_changed_checkpoint_is_refused(evaluated_demo, tmp_path):
         stage.run_soup(cfg, **QUIET)
 
 
-def test_the_soup_needs_a_finished_evaluate_stage(prepared_demo, tmp_path):
-    cfg = clone_output(prepared_demo, tmp_path / "out")
-    with pytest.raises(stage.SoupInputError, match="frankensoup evaluate"):
+def test_the_soup_needs_current_scores_of_every_ingredient(evaluated_demo, tmp_path):
+    cfg = soup_clone(evaluated_demo, tmp_path / "out")
+    storage.delete(layout.evaluate_memo_uri(cfg))  # scores gone: the soup must not guess them
+    with pytest.raises(stage.SoupInputError, match="no current score of 'zero_shot' on split 'val'.*frankensoup evaluate"):
         stage.run_soup(cfg, **QUIET)

@@ -33,7 +33,7 @@ def read_inputs(cfg: Config) -> dict:
 
 def models_to_score(cfg: Config, registry: dict) -> dict[str, tuple[str, str]]:
     """{model name: (checkpoint URI, sha256)}: the zero-shot classifier, then every ``ok``
-    ingredient. A missing checkpoint is named here, before anything is scored."""
+    ingredient."""
     from ..finetune.registry import usable
     from ..prepare import zero_shot_record
 
@@ -43,10 +43,6 @@ def models_to_score(cfg: Config, registry: dict) -> dict[str, tuple[str, str]]:
     if any(r["id"] == ZERO_SHOT for r in rows):
         raise EvaluateInputError(f"{layout.registry_uri(cfg)}: ingredient id {ZERO_SHOT!r} is reserved "
                                  f"for the zero-shot classifier")
-    gone = [r for r in rows if not storage.exists(r["checkpoint_uri"])]
-    if gone:
-        raise EvaluateInputError(f"ingredient {gone[0]['id']!r}: checkpoint {gone[0]['checkpoint_uri']} is missing: "
-                                 "run `frankensoup finetune` (or import it again)")
     return {ZERO_SHOT: (layout.zeroshot_uri(cfg), zero_shot_record(cfg)["sha256"]),
             **{r["id"]: (r["checkpoint_uri"], r["sha256"]) for r in rows}}
 
@@ -143,6 +139,10 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
     t0 = time.time()
     registry = read_inputs(cfg)
     models = models_to_score(cfg, registry)
+    gone = [m for m, (uri, _) in models.items() if not storage.exists(uri)]
+    if gone:  # named before anything is scored, even when every score is in the memo
+        raise EvaluateInputError(f"model {gone[0]!r}: checkpoint {models[gone[0]][0]} is missing: "
+                                 "run `frankensoup finetune` (or import it again)")
     splits = splits_to_score(cfg)
     if force:
         storage.delete(layout.evaluate_memo_uri(cfg))
