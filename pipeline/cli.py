@@ -6,7 +6,8 @@ import sys
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config (default: configs/demo.yaml, else built-in demo)")
+    p.add_argument("--config", "-c", help="YAML config (default: configs/demo.yaml, else built-in demo); "
+                                          "a name like imagenet-vit-b32 picks an example config shipped with frankensoup")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set soup.num_workers=8 (repeatable)")
 
@@ -132,10 +133,28 @@ def _import_images(args) -> int:
     return 0
 
 
+def shipped_config(name: str) -> str | None:
+    """The example config ``name`` (``imagenet-vit-b32`` or ``imagenet-vit-b32.yaml``) shipped in
+    the package (pipeline/configs), or None."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "configs"
+    for candidate in (name, f"{name}.yaml"):
+        path = folder / candidate
+        if "/" not in name and path.is_file():
+            return str(path)
+    return None
+
+
 def _config(args):
+    import os
+
     from .config import load_config
 
-    return load_config(args.config, args.overrides)
+    path = args.config
+    if path is not None and not os.path.exists(path):
+        path = shipped_config(path) or path  # a missing file stays the error it is
+    return load_config(path, args.overrides)
 
 
 def _dispatch(args) -> int:
