@@ -181,6 +181,16 @@ def _run_in_process(jobs: list[ShardJob], on_result: Callable[[int, dict], bool]
             return
 
 
+def _cpus(here_only: bool) -> int:
+    """CPUs of the cluster, or of this node only."""
+    import ray
+
+    if not here_only:
+        return int(ray.cluster_resources().get("CPU", 1))
+    me = ray.get_runtime_context().get_node_id()
+    return int(next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == me), 1))
+
+
 def _run_on_ray(jobs: list[ShardJob], on_result: Callable[[int, dict], bool], pin_here: bool) -> None:
     """Each job a Ray task, a bounded number in flight (a shard's bytes sit in a task's memory,
     never in the driver's). ``on_result`` returning False stops new submissions; the tasks in
@@ -195,8 +205,7 @@ def _run_on_ray(jobs: list[ShardJob], on_result: Callable[[int, dict], bool], pi
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                          soft=False)
     task = ray.remote(import_shard).options(**options)
-    cpus = ray.available_resources().get("CPU", 0) if pin_here else ray.cluster_resources().get("CPU", 1)
-    in_flight_max = max(2, 2 * int(cpus))
+    in_flight_max = max(2, 2 * _cpus(here_only=pin_here))
     pending: dict = {}
     next_job, go_on = 0, True
     try:
@@ -215,7 +224,8 @@ def _run_on_ray(jobs: list[ShardJob], on_result: Callable[[int, dict], bool], pi
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
-        ray.wait(list(pending), num_returns=len(pending), timeout=30)
+        if pending:  # cancelled tasks end before the caller removes what they wrote
+            ray.wait(list(pending), num_returns=len(pending), timeout=30)
         raise
 
 
