@@ -105,3 +105,19 @@ def test_progress_line_is_a_line_every_few_seconds_off_a_terminal():
         line(done, 30)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("import: 10 / 30 images (") and lines[-1].startswith("import: 30 / 30")
+
+
+def test_import_from_and_to_s3_on_ray(tmp_path, s3_bucket, ray_local):
+    local = folder(tmp_path / "src", {"cat": 3, "dog": 4})
+    (tmp_path / "src" / "dog" / "notes.txt").write_text("not an image")
+    src = f"{s3_bucket}/import-src"
+    for path in sorted((tmp_path / "src").rglob("*")):
+        if path.is_file():
+            storage.write_bytes(storage.join(src, str(path.relative_to(tmp_path / "src"))), path.read_bytes())
+    out, val = f"{s3_bucket}/import-out", f"{s3_bucket}/import-val"
+    info = import_image_folder(src, out, shuffle_seed=2, holdout=0.3, holdout_uri=val, rows_per_shard=2)
+    plain_import(local, str(tmp_path / "plain"), shuffle_seed=2, holdout=0.3, holdout_uri=str(tmp_path / "pval"),
+                 rows_per_shard=2)
+    assert info["not_images"] == ["dog/notes.txt"] and info["holdout_rows"] == 2
+    for remote, here in ((out, tmp_path / "plain"), (val, tmp_path / "pval")):
+        assert read_split(remote).table.equals(read_split(str(here)).table)
