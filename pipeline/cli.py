@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out files that do not decode (listed in dataset.json's bad_files) "
                         "instead of refusing the import")
+    p.add_argument("--shortest-side", type=int, metavar="PIXELS",
+                   help="scale images whose shorter side is longer down to PIXELS and encode them again "
+                        "(JPEG q95 / PNG); default: store every image as its original bytes")
     p.add_argument("--serial", action="store_true", help="import in this process, without Ray")
 
     p = add("import-ingredients", help="register existing finetuned checkpoints as ingredients")
@@ -118,6 +121,7 @@ def _import_images(args) -> int:
                                folder_classes=folders, only_listed=only_listed, shuffle_seed=args.shuffle_seed,
                                holdout=args.holdout, holdout_uri=args.holdout_out,
                                rows_per_shard=args.rows_per_shard, skip_bad=args.skip_bad,
+                               shortest_side=args.shortest_side,
                                parallel=not args.serial, progress=None if args.quiet else ProgressLine())
     say = _say(args)
     skipped = f", {len(info['skipped_folders'])} folders of other classes skipped" if only_listed else ""

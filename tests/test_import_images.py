@@ -121,3 +121,26 @@ def test_import_from_and_to_s3_on_ray(tmp_path, s3_bucket, ray_local):
     assert info["not_images"] == ["dog/notes.txt"] and info["holdout_rows"] == 2
     for remote, here in ((out, tmp_path / "plain"), (val, tmp_path / "pval")):
         assert read_split(remote).table.equals(read_split(str(here)).table)
+
+
+def test_shortest_side_scales_large_images_down_the_same_way_everywhere(tmp_path, ray_local):
+    from PIL import Image
+
+    from pipeline.data import decode_image
+
+    src = tmp_path / "src"
+    (src / "cat").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(src / "cat" / "big.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (16, 8, 3), dtype=np.uint8)).save(src / "cat" / "tall.png")
+    small = encoded(7, "PNG")  # 6 x 5: kept as it is
+    (src / "cat" / "small.png").write_bytes(small)
+    for parallel, out in ((True, "ray"), (False, "here")):
+        info = import_image_folder(str(src), str(tmp_path / out), shortest_side=6, parallel=parallel)
+        assert info["shortest_side"] == 6
+    rows = read_split(str(tmp_path / "ray")).table.column("image").to_pylist()
+    assert rows == read_split(str(tmp_path / "here")).table.column("image").to_pylist()
+    assert [decode_image(b).size for b in rows] == [(10, 6), (5, 6), (6, 12)]  # big, small, tall
+    assert rows[0][:2] == b"\xff\xd8" and rows[2][:4] == b"\x89PNG" and rows[1] == small
+    with pytest.raises(DataError, match="shortest_side must be a positive integer"):
+        import_image_folder(str(src), str(tmp_path / "x"), shortest_side=0)

@@ -136,18 +136,43 @@ class ShardJob:
     role: str
     class_names: tuple[str, ...]
     skip_bad: bool
+    shortest_side: int | None = None
+
+
+def shrink(data: bytes, image, shortest_side: int) -> bytes:
+    """An image whose shorter side exceeds ``shortest_side``, scaled down to it (aspect kept,
+    bicubic) and encoded again: JPEG (quality 95) if it was a JPEG, else PNG. Same input, same
+    bytes (for one Pillow version)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as src:
+        fmt = src.format
+    w, h = image.size
+    scale = shortest_side / min(w, h)
+    small = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    sink = io.BytesIO()
+    if fmt == "JPEG":
+        small.save(sink, format="JPEG", quality=95)
+    else:
+        small.save(sink, format="PNG")
+    return sink.getvalue()
 
 
 def import_shard(job: ShardJob) -> dict:
-    """Read and decode each file of the shard once and write the shard as the files' original
-    bytes. Returns ``{"entry": dataset.json entry or None, "bad": [{"file", "error"}],
-    "images": files handled}``. A file that does not decode is skipped with ``skip_bad``;
-    otherwise the shard is not written and the first such file is returned as bad."""
+    """Read and decode each file of the shard once and write the shard: the files' original
+    bytes, or with ``job.shortest_side`` the larger images scaled down (``shrink``). Returns
+    ``{"entry": dataset.json entry or None, "bad": [{"file", "error"}], "images": files
+    handled}``. A file that does not decode is skipped with ``skip_bad``; otherwise the shard is
+    not written and the first such file is returned as bad."""
     images, labels, bad = [], [], []
     for f in job.files:
         data = storage.read_bytes(f.uri)
         try:
-            decode_image(data, source=f.uri)
+            image = decode_image(data, source=f.uri)
+            if job.shortest_side is not None and min(image.size) > job.shortest_side:
+                data = shrink(data, image, job.shortest_side)
         except DataError as e:
             bad.append({"file": f.rel, "error": str(e)})
             if not job.skip_bad:
@@ -233,7 +258,7 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
                         class_names: list[str] | None = None, folder_classes: dict[str, str] | None = None,
                         only_listed: bool = False, shuffle_seed: int | None = None,
                         holdout: float = 0.0, holdout_uri: str | None = None,
-                        rows_per_shard: int = 512, skip_bad: bool = False,
+                        rows_per_shard: int = 512, skip_bad: bool = False, shortest_side: int | None = None,
                         parallel: bool | None = None, progress: Progress | None = None) -> dict:
     """Turn ``src_dir/<folder>/<image>`` into a shard set at ``out_uri``; returns its
     dataset.json plus ``skipped_folders`` and ``holdout_rows``. A folder's class is its name, or
@@ -248,7 +273,9 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
 
     A file that does not decode is refused, naming the first (in row order), and nothing is
     left at either URI; with ``skip_bad`` it is left out and listed in dataset.json's
-    ``bad_files``. Files of other extensions are listed in ``not_images``. ``parallel``: Ray
+    ``bad_files``. Files of other extensions are listed in ``not_images``. ``shortest_side``:
+    images whose shorter side is longer are scaled down to it and encoded again (dataset.json
+    says so); by default every image is stored as its original bytes. ``parallel``: Ray
     tasks (default: when Ray is initialised) or in this process; the bytes written are the same.
     ``progress(done, total)`` is called as shards finish."""
     check_role(role, f"import {src_dir}")
@@ -257,6 +284,8 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
                         f"(got {holdout} and {holdout_uri!r})")
     if not isinstance(rows_per_shard, int) or rows_per_shard <= 0:
         raise DataError(f"import {src_dir}: rows_per_shard must be a positive integer, got {rows_per_shard!r}")
+    if shortest_side is not None and (not isinstance(shortest_side, int) or shortest_side <= 0):
+        raise DataError(f"import {src_dir}: shortest_side must be a positive integer, got {shortest_side!r}")
     if class_names is None:
         if folder_classes is not None:
             class_names = sorted(set(folder_classes.values()))
@@ -277,7 +306,7 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
         held = [f for i, f in enumerate(files) if i in picked]
         files = [f for i, f in enumerate(files) if i not in picked]
 
-    common = {"class_names": tuple(class_names), "skip_bad": skip_bad}
+    common = {"class_names": tuple(class_names), "skip_bad": skip_bad, "shortest_side": shortest_side}
     splits = {out_uri: (name, role)}
     jobs = shard_jobs(out_uri, files, rows_per_shard, name=name, role=role, **common)
     if held:
@@ -316,6 +345,8 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
             if not entries:
                 raise DataError(f"import {src_dir}: no image for {uri} decodes")
             extra = {"bad_files": [b for r in mine for b in r["bad"]]}
+            if shortest_side is not None:
+                extra["shortest_side"] = shortest_side  # larger images were scaled down and re-encoded
             if uri == out_uri:
                 extra["not_images"] = listing.not_images
             infos[uri] = finish_split(uri, entries, name=split_name, role=split_role, class_names=class_names,
