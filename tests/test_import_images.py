@@ -72,6 +72,8 @@ def test_a_bad_file_is_refused_leaving_nothing_or_skipped_and_listed(tmp_path, r
         with pytest.raises(DataError, match=r"dog/002\.JPG: cannot decode image.*--skip-bad"):
             import_image_folder(src, out, holdout=0.2, holdout_uri=val, rows_per_shard=2, parallel=parallel)
         assert not storage.exists(out) and not storage.exists(val)
+    with pytest.raises(DataError, match="holdout URI must differ"):
+        import_image_folder(src, out, holdout=0.2, holdout_uri=out + "/")
     info = import_image_folder(src, out, rows_per_shard=2, skip_bad=True)
     assert info["num_rows"] == 10 and [b["file"] for b in info["skipped_bad"]] == ["dog/002.JPG"]
     on_disk = marker(out)

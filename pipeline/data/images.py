@@ -282,6 +282,8 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
     if not 0.0 <= holdout < 1.0 or (holdout > 0) != (holdout_uri is not None):
         raise DataError(f"import {src_dir}: holdout must lie in [0, 1) and come with a holdout URI "
                         f"(got {holdout} and {holdout_uri!r})")
+    if holdout_uri is not None and storage.resolve(holdout_uri).uri == storage.resolve(out_uri).uri:
+        raise DataError(f"import {src_dir}: the holdout URI must differ from the output URI ({out_uri})")
     if not isinstance(rows_per_shard, int) or rows_per_shard <= 0:
         raise DataError(f"import {src_dir}: rows_per_shard must be a positive integer, got {rows_per_shard!r}")
     if shortest_side is not None and (not isinstance(shortest_side, int) or shortest_side <= 0):
@@ -357,8 +359,8 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
         raise
     info = infos[out_uri]
     bad = info["bad_files"] + (infos[holdout_uri]["bad_files"] if held else [])
-    return {**info, "skipped_folders": listing.skipped_folders, "holdout_rows": infos[holdout_uri]["num_rows"] if held else 0,
-            "skipped_bad": bad}
+    return {**info, "skipped_folders": listing.skipped_folders, "skipped_bad": bad,
+            "holdout_rows": infos[holdout_uri]["num_rows"] if held else 0}
 
 
 def _ray_initialized() -> bool:
