@@ -6,16 +6,43 @@ import sys
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config (default: configs/demo.yaml, else built-in demo)")
+    p.add_argument("--config", "-c", help="YAML config (default: configs/demo.yaml, else built-in demo); "
+                                          "a name like imagenet-vit-b32 picks an example config shipped with frankensoup")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set soup.num_workers=8 (repeatable)")
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("frankensoup")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
+def _verbosity_args(p: argparse.ArgumentParser, default) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="also show Ray's INFO logs and Ray Data's progress bars")
+    g.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="show only errors and the final table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frankensoup", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"frankensoup {version()}")
+    _verbosity_args(parser, False)
+    # -v / -q also after the subcommand (`frankensoup run -q`); SUPPRESS keeps the main parser's
+    common = argparse.ArgumentParser(add_help=False)
+    _verbosity_args(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="prepare -> finetune -> evaluate -> soup, reusing all work whose inputs are unchanged")
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = add("run", help="prepare -> finetune -> evaluate -> soup, reusing all work whose inputs are unchanged")
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="check config, storage and cluster; print the plan")
     p.add_argument("--force", action="store_true", help="redo all work even where its inputs are unchanged")
@@ -24,11 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("finetune", "run the Ray Tune sweep and write the ingredient registry"),
                        ("evaluate", "score every ingredient on val, id_test and ood sets (Ray Data)"),
                        ("soup", "baselines + manifold mixing soup; publish the fused model")]:
-        p = sub.add_parser(name, help=text)
+        p = add(name, help=text)
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="redo the stage even if finished")
 
-    p = sub.add_parser("import-images", help="turn DIR/<class folder>/<image> into shards")
+    p = add("import-images", help="turn DIR/<class folder>/<image> into shards")
     p.add_argument("src", metavar="DIR")
     p.add_argument("--out", required=True, metavar="URI")
     p.add_argument("--name")
@@ -46,25 +73,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectnet-mappings", metavar="DIR",
                    help="ObjectNet's mappings/ folder: import only the folders it maps to ImageNet classes")
     p.add_argument("--rows-per-shard", type=int, default=512)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out files that do not decode (listed in dataset.json's bad_files) "
+                        "instead of refusing the import")
+    p.add_argument("--shortest-side", type=int, metavar="PIXELS",
+                   help="scale images whose shorter side is longer down to PIXELS and encode them again "
+                        "(JPEG q95 / PNG); default: store every image as its original bytes")
+    p.add_argument("--serial", action="store_true", help="import in this process, without Ray")
 
-    p = sub.add_parser("import-ingredients", help="register existing finetuned checkpoints as ingredients")
+    p = add("import-ingredients", help="register existing finetuned checkpoints as ingredients")
     _add_config_args(p)
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--layout", choices=["auto", "frankensoup", "model-soups"], default="auto")
     p.add_argument("--replace", action="store_true",
                    help="drop every registered ingredient first (default: add to the registry)")
 
-    p = sub.add_parser("predict", help="classify images with a published fused model")
+    p = add("predict", help="classify images with a published fused model")
     p.add_argument("uri", metavar="URI", help="output_uri, a soup/<run-id> or its fused/ directory")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top", type=int, default=1)
     return parser
 
 
+def _say(args):
+    """print, or nothing with -q."""
+    return (lambda *_: None) if args.quiet else print
+
+
+def _import_images(args) -> int:
+    from .data.images import ProgressLine, import_image_folder
+    from .errors import UserError
+
+    classes, folders, only_listed = None, None, False
+    if args.classes and args.objectnet_mappings:
+        raise UserError("--classes and --objectnet-mappings: give one")
+    if args.classes:
+        from .data.images import read_class_list
+
+        classes, folders = read_class_list(args.classes)
+    if args.objectnet_mappings:
+        from .data.imagenet import objectnet_class_map
+
+        classes, only_listed = list(objectnet_class_map(args.objectnet_mappings)), True
+    if not args.serial:
+        from .raycluster import connect
+
+        connect()
+    info = import_image_folder(args.src, args.out, name=args.name, role=args.role, class_names=classes,
+                               folder_classes=folders, only_listed=only_listed, shuffle_seed=args.shuffle_seed,
+                               holdout=args.holdout, holdout_uri=args.holdout_out,
+                               rows_per_shard=args.rows_per_shard, skip_bad=args.skip_bad,
+                               shortest_side=args.shortest_side,
+                               parallel=not args.serial, progress=None if args.quiet else ProgressLine())
+    say = _say(args)
+    skipped = f", {len(info['skipped_folders'])} folders of other classes skipped" if only_listed else ""
+    say(f"wrote {info['num_rows']} images, {len(info['class_names'])} classes, "
+        f"role {info['role']} -> {args.out}{skipped}")
+    if info["holdout_rows"]:
+        say(f"wrote {info['holdout_rows']} held-out images, role val -> {args.holdout_out}")
+    for what, files in (("files that do not decode, skipped", [b["file"] for b in info["skipped_bad"]]),
+                        ("files that are not images (by extension), ignored", info["not_images"])):
+        if files:
+            shown = ", ".join(files[:5]) + (f", ... ({len(files) - 5} more)" if len(files) > 5 else "")
+            print(f"{len(files)} {what}: {shown} (all listed in dataset.json)", file=sys.stderr)
+    return 0
+
+
+def shipped_config(name: str) -> str | None:
+    """The example config ``name`` (``imagenet-vit-b32`` or ``imagenet-vit-b32.yaml``) shipped in
+    the package (pipeline/configs), or None."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "configs"
+    for candidate in (name, f"{name}.yaml"):
+        path = folder / candidate
+        if "/" not in name and path.is_file():
+            return str(path)
+    return None
+
+
 def _config(args):
+    import os
+
     from .config import load_config
 
-    return load_config(args.config, args.overrides)
+    path = args.config
+    if path is not None and not os.path.exists(path):
+        path = shipped_config(path) or path  # a missing file stays the error it is
+    return load_config(path, args.overrides)
 
 
 def _dispatch(args) -> int:
@@ -72,29 +168,7 @@ def _dispatch(args) -> int:
 
     cmd = args.command
     if cmd == "import-images":
-        from .data.images import import_image_folder
-
-        classes, folders, only_listed = None, None, False
-        if args.classes and args.objectnet_mappings:
-            raise UserError("--classes and --objectnet-mappings: give one")
-        if args.classes:
-            from .data.images import read_class_list
-
-            classes, folders = read_class_list(args.classes)
-        if args.objectnet_mappings:
-            from .data.imagenet import objectnet_class_map
-
-            classes, only_listed = list(objectnet_class_map(args.objectnet_mappings)), True
-        info = import_image_folder(args.src, args.out, name=args.name, role=args.role, class_names=classes,
-                                   folder_classes=folders, only_listed=only_listed, shuffle_seed=args.shuffle_seed,
-                                   holdout=args.holdout, holdout_uri=args.holdout_out,
-                                   rows_per_shard=args.rows_per_shard)
-        skipped = f", {len(info['skipped_folders'])} folders of other classes skipped" if only_listed else ""
-        print(f"wrote {info['num_rows']} images, {len(info['class_names'])} classes, "
-              f"role {info['role']} -> {args.out}{skipped}")
-        if info["holdout_rows"]:
-            print(f"wrote {info['holdout_rows']} held-out images, role val -> {args.holdout_out}")
-        return 0
+        return _import_images(args)
     if cmd == "predict":
         from .fused import predict_files
 
@@ -103,14 +177,15 @@ def _dispatch(args) -> int:
         return 0
 
     cfg = _config(args)
+    log = _say(args)
     if cmd == "prepare":
         from .prepare import run_prepare
 
-        run_prepare(cfg, force=args.force)
+        run_prepare(cfg, force=args.force, log=log)
     elif cmd == "finetune":
         from .finetune.sweep import run_finetune
 
-        run_finetune(cfg, force=args.force)
+        run_finetune(cfg, force=args.force, log=log)
     elif cmd == "import-ingredients":
         from .finetune.registry import import_ingredients
 
@@ -118,11 +193,11 @@ def _dispatch(args) -> int:
     elif cmd == "evaluate":
         from .evaluate.stage import run_evaluate
 
-        run_evaluate(cfg, force=args.force)
+        run_evaluate(cfg, force=args.force, log=log)
     elif cmd == "soup":
         from .soup.stage import run_soup
 
-        run_soup(cfg, force=args.force)
+        _final_table(args, run_soup(cfg, force=args.force, log=log))
     elif cmd == "run":
         if args.dry_run:
             from .dryrun import dry_run
@@ -130,13 +205,24 @@ def _dispatch(args) -> int:
             return 0 if dry_run(cfg) else 1
         from .run import run_all
 
-        run_all(cfg, force=args.force)
+        _final_table(args, run_all(cfg, force=args.force, log=log))
     return 0
+
+
+def _final_table(args, report: dict) -> None:
+    """With -q the stage printed nothing, so the table is printed here."""
+    if args.quiet:
+        from .soup.report import markdown_table
+
+        print(markdown_table(report))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import console
     from .errors import UserError
+
+    console.configure(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)
 
     try:
         return _dispatch(args)

@@ -1,10 +1,15 @@
 """Dashboard metrics (ray.util.metrics, exported by every node's metrics agent; Prometheus
 names get a `ray_` prefix): soup evaluations done, best val accuracy, evaluation latency, and
-finetune trials running/finished. Gauges are re-set by a background thread while the run
-lives, because Ray drops a gauge that is not set again for ~20 s."""
+finetune trials running/finished (the driver's `RunMetrics`); per evaluator actor the seconds
+it spent evaluating and per call (`EvaluatorMetrics`), from which the dashboard draws each
+node's busy fraction (Ray labels every series with its node, `NodeAddress`). Gauges are re-set
+by a background thread while the run lives, because Ray drops a gauge that is not set again for
+~20 s. `dashboards/frankensoup.json` is the Grafana dashboard of these metrics."""
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 
 LATENCY_BOUNDARIES = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 
@@ -89,3 +94,33 @@ def tune_callback(metrics: RunMetrics):
             self._publish()
 
     return TrialGauges()
+
+
+class EvaluatorMetrics:
+    """In a mixture evaluator actor: ``with metrics.evaluating(): ...`` around each evaluate call
+    adds its seconds to ``frankensoup_evaluator_busy_seconds`` (a counter: its rate is the actor's
+    busy fraction) and observes ``frankensoup_evaluator_call_seconds``. Ray labels every series
+    with the node (``NodeAddress``) and worker (``WorkerId``) it comes from, so the dashboard
+    shows each node's busy fraction and latency."""
+
+    def __init__(self, run: str = ""):
+        from ray.util import metrics
+
+        self.tags = {"run": run}
+        self.busy = metrics.Counter("frankensoup_evaluator_busy_seconds",
+                                    description="seconds an evaluator actor spent evaluating mixtures",
+                                    tag_keys=("run",))
+        self.call = metrics.Histogram("frankensoup_evaluator_call_seconds",
+                                      description="seconds per evaluate call of an evaluator actor",
+                                      boundaries=LATENCY_BOUNDARIES, tag_keys=("run",))
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            if seconds > 0:  # a Ray counter takes positive increments only
+                self.busy.inc(seconds, tags=self.tags)
+            self.call.observe(seconds, tags=self.tags)

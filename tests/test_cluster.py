@@ -3,6 +3,7 @@ server, metrics export, token authentication on), a `ray job submit`-style round
 main job on a tiny config, and the dashboard metrics read back from the metrics endpoint."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -79,6 +80,31 @@ def _metric_values(text: str, name: str) -> list[float]:
     return [float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)]
 
 
+def _series_labels(text: str, into: dict[str, set[str]]) -> dict[str, set[str]]:
+    """frankensoup metric name -> the label names its series carry, added to ``into``."""
+    for m in re.finditer(r"^(ray_frankensoup_\w+)\{([^}]*)\} ", text, re.M):
+        into.setdefault(m.group(1), set()).update(re.findall(r'(\w+)="', m.group(2)))
+    return into
+
+
+def _dashboard_queries() -> list[tuple[str, str]]:
+    with open(os.path.join(REPO, "dashboards", "frankensoup.json")) as f:
+        dashboard = json.load(f)
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+
+
+def _check_dashboard(exported: dict[str, set[str]]) -> None:
+    """Every panel's query names metrics the endpoint exported, grouped by labels they carry."""
+    for title, expr in _dashboard_queries():
+        names = re.findall(r"\bray_frankensoup_\w+", expr)
+        assert names, (title, expr)
+        for name in names:
+            assert name in exported, f"panel {title!r}: {name} not exported (exported: {sorted(exported)})"
+            for group in re.findall(r"by \(([^)]*)\)", expr):
+                labels = {g.strip() for g in group.split(",")}
+                assert labels <= exported[name], f"panel {title!r}: {name} lacks labels {labels - exported[name]}"
+
+
 def test_job_submission_requires_the_token(ray_head):
     from ray.job_submission import JobSubmissionClient
 
@@ -100,6 +126,7 @@ def test_job_submit_round_trip_with_metrics(ray_head, tmp_path):
     job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": REPO,
                                                            "excludes": [".git", "frankensoup-output", "*.ipynb"]})
     seen: dict[str, list[float]] = {}
+    exported: dict[str, set[str]] = {}
     names = ["ray_frankensoup_soup_evaluations_total", "ray_frankensoup_soup_best_val_accuracy",
              "ray_frankensoup_trials_finished", "ray_frankensoup_soup_eval_latency_seconds_count"]
     deadline = time.time() + 900
@@ -108,6 +135,7 @@ def test_job_submit_round_trip_with_metrics(ray_head, tmp_path):
         status = client.get_job_status(job)
         try:
             text = urllib.request.urlopen(ray_head["metrics"], timeout=5).read().decode()
+            _series_labels(text, exported)
             for n in names:
                 vals = _metric_values(text, n)
                 if vals:
@@ -125,3 +153,20 @@ def test_job_submit_round_trip_with_metrics(ray_head, tmp_path):
     assert 0 < max(seen.get("ray_frankensoup_soup_best_val_accuracy", [0])) <= 1, sorted(seen)
     assert max(seen.get("ray_frankensoup_trials_finished", [0])) >= 1, sorted(seen)
     assert max(seen.get("ray_frankensoup_soup_eval_latency_seconds_count", [0])) > 0, sorted(seen)
+
+    # the evaluator actors' metrics, from a stand-in actor recording them as an evaluator does
+    standin = client.submit_job(entrypoint="python tests/cluster_evaluator_standin.py",
+                                runtime_env={"working_dir": REPO, "excludes": [".git", "frankensoup-output", "*.ipynb"]})
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and "ray_frankensoup_evaluator_busy_seconds_total" not in exported:
+            assert client.get_job_status(standin) not in (JobStatus.FAILED, JobStatus.STOPPED), \
+                client.get_job_logs(standin)[-3000:]
+            try:
+                _series_labels(urllib.request.urlopen(ray_head["metrics"], timeout=5).read().decode(), exported)
+            except OSError:
+                pass
+            time.sleep(1)
+    finally:
+        client.stop_job(standin)
+    _check_dashboard(exported)

@@ -294,7 +294,7 @@ def test_import_can_shuffle_the_rows_reproducibly(tmp_path):
         sorted(read_split(str(tmp_path / "plain")).table.column("image").to_pylist())
 
 
-def test_import_holds_out_a_val_split_or_writes_neither(tmp_path, capsys):
+def test_import_holds_out_a_val_split_or_writes_neither(tmp_path, capsys, ray_local):
     from pipeline.cli import main
 
     src = image_folder(tmp_path / "src", {"cat": list(range(0, 50)), "dog": list(range(50, 100))})

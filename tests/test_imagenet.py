@@ -78,7 +78,7 @@ def test_class_list_files(tmp_path):
         read_class_list(str(tmp_path / "missing.txt"))
 
 
-def test_import_with_folder_names_that_are_not_class_names(tmp_path):
+def test_import_with_folder_names_that_are_not_class_names(tmp_path, ray_local):
     src = image_folder(tmp_path / "v2", {"0": [1, 2], "2": [3], "10": [4]})
     tsv = tmp_path / "folders.tsv"
     tsv.write_text("".join(f"{i}\t{w}\n" for i, w in enumerate(imagenet_wnids())))
@@ -152,7 +152,7 @@ def test_objectnet_mappings_errors_name_the_culprit(tmp_path):
         objectnet_class_map(root)
 
 
-def test_objectnet_import_keeps_mapped_folders_and_scores_through_the_map(tmp_path, capsys):
+def test_objectnet_import_keeps_mapped_folders_and_scores_through_the_map(tmp_path, capsys, ray_local):
     mappings = str(tmp_path / "objectnet-1.0" / "mappings")
     write_objectnet_mappings(mappings)
     src = image_folder(tmp_path / "objectnet-1.0" / "images",

@@ -117,6 +117,43 @@ def _remove_quietly(uris: list[str]) -> None:
             storage.delete(uri)
 
 
+def write_shard(uri: str, index: int, images: Sequence[bytes], labels: Sequence[int], *, name: str, role: str,
+                class_names: list[str]) -> dict:
+    """Write part ``index`` of the split at ``uri`` (its images and labels); returns the part's
+    dataset.json entry. Several writers may write the parts of one split, each its own."""
+    shard_uri = storage.join(uri, shard_file(index))
+    label_arr = check_labels(labels, len(class_names), shard_uri)
+    data = _shard_bytes(images, label_arr, _split_metadata(name, role, class_names), shard_uri)
+    storage.write_bytes(shard_uri, data)
+    # the shard's content hash: keys of work that read this split cost no read of the shards
+    return {"file": shard_file(index), "num_rows": len(label_arr), "sha256": storage.sha256(data)}
+
+
+def finish_split(uri: str, shards: list[dict], *, name: str, role: str, class_names: list[str],
+                 extra: dict | None = None) -> dict:
+    """Write the split's dataset.json, the marker that makes its parts a split; returns it.
+    ``extra``: more fields for it (an import's skipped files)."""
+    info = {"format": FORMAT, "name": name, "role": role, "class_names": class_names,
+            "num_rows": sum(s["num_rows"] for s in shards), "shards": shards, **(extra or {})}
+    storage.write_json(storage.join(uri, MARKER), info)
+    return info
+
+
+def clear_split(uri: str) -> bool:
+    """Remove the split at ``uri`` before a new one is written there; returns whether ``uri``
+    existed (an undo then knows whether to remove the folder too)."""
+    existed = storage.exists(uri)
+    _remove_split_files(uri)
+    return existed
+
+
+def undo_split(uri: str, existed: bool) -> None:
+    """Best effort: remove what a failed write left at ``uri`` (and ``uri`` itself if it is new)."""
+    remove_split(uri)
+    if not existed:
+        _remove_quietly([uri])
+
+
 def write_split(uri: str, images: Sequence[bytes], labels: Sequence[int], *, name: str, role: str,
                 class_names: list[str], rows_per_shard: int = 512) -> dict:
     """Write a shard set (replacing any split at ``uri``); returns its dataset.json. On any
@@ -133,27 +170,17 @@ def write_split(uri: str, images: Sequence[bytes], labels: Sequence[int], *, nam
         raise DataError(f"{uri}: refusing to write a split with no images")
     label_arr = check_labels(labels, len(class_names), uri)
 
-    existed = storage.exists(uri)
-    _remove_split_files(uri)
-    metadata = _split_metadata(name, role, class_names)
-    written: list[str] = []
+    existed = clear_split(uri)
     shards = []
     try:
         for index, start in enumerate(range(0, len(images), rows_per_shard)):
             stop = min(start + rows_per_shard, len(images))
-            shard_uri = storage.join(uri, shard_file(index))
-            data = _shard_bytes(images[start:stop], label_arr[start:stop], metadata, shard_uri)
-            written.append(shard_uri)
-            storage.write_bytes(shard_uri, data)
-            # the shard's content hash: keys of work that read this split cost no read of the shards
-            shards.append({"file": shard_file(index), "num_rows": stop - start, "sha256": storage.sha256(data)})
-        info = {"format": FORMAT, "name": name, "role": role, "class_names": class_names,
-                "num_rows": len(images), "shards": shards}
-        storage.write_json(storage.join(uri, MARKER), info)
+            shards.append(write_shard(uri, index, images[start:stop], label_arr[start:stop], name=name, role=role,
+                                      class_names=class_names))
+        return finish_split(uri, shards, name=name, role=role, class_names=class_names)
     except BaseException:
-        _remove_quietly(written + ([] if existed else [uri]))
+        undo_split(uri, existed)
         raise
-    return info
 
 
 # ---- reading ---------------------------------------------------------------------------------

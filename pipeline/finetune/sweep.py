@@ -11,7 +11,7 @@ import time
 import numpy as np
 from ray import tune
 
-from .. import layout, storage
+from .. import console, layout, storage
 from ..config import Config
 from ..data import shards
 from ..errors import UserError
@@ -148,6 +148,34 @@ class TrialGauges(tune.Callback):
             self._metrics.close()
 
 
+class TrialLog(tune.Callback):
+    """One console line per trial event (start, each epoch, restore, finish, error) instead of
+    Tune's status tables, which come back with ``-v``."""
+
+    def __init__(self, ids: dict[int, str], total: int):
+        self.ids, self.total, self.finished = ids, total, 0
+
+    def _name(self, trial) -> str:
+        return self.ids.get(trial.config.get("trial"), str(trial))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"finetune: {self._name(trial)} started")
+
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        print(f"finetune: {self._name(trial)} restored from its last checkpoint")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        print(f"finetune: {self._name(trial)} epoch {result.get('epoch')} val_acc={result.get('val_acc', float('nan')):.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished += 1
+        print(f"finetune: {self._name(trial)} finished ({self.finished}/{self.total})")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"finetune: {self._name(trial)} failed; Tune retries it from its last checkpoint "
+              f"(finetune.max_failures={trial.run_metadata.number_of_failures if hasattr(trial, 'run_metadata') else '?'})")
+
+
 def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
     """A fresh Tuner over the trials in ``todo``, or the restored one when that sweep was
     interrupted. Fixed inputs go through ``tune.with_parameters``; the only searched value is
@@ -180,7 +208,10 @@ def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
             name=name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=ft.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[TrialGauges(name)]),
+            # Tune's tables only with -v; our TrialLog gives one line per trial event
+            verbose=None if console.verbosity() >= console.VERBOSE else 0,
+            callbacks=[TrialGauges(name)] + ([TrialLog({t["trial"]: t["id"] for t in todo}, len(todo))]
+                                             if console.verbosity() > console.QUIET else [])),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 
 import torch
 
@@ -16,6 +17,7 @@ from ..model.weights import load_state_strict
 FUSED_DIR = "fused"
 HEAD_FILE = "head.safetensors"
 CLASSNAMES_FILE = "classnames.json"
+CARD_FILE = "README.md"
 HEAD_FORMAT = "frankensoup-head-v1"
 
 
@@ -56,9 +58,100 @@ def fused_files(base_clip: torch.nn.Module, model_name: str, preprocess: dict,
     return files
 
 
-def publish_run(cfg: Config, run_id: str, files: dict[str, bytes]) -> str:
+def model_card(report: Mapping, preprocess: Mapping, class_names: list[str]) -> str:
+    """``fused/README.md``: what the model is, how it was made, its results, how to load it."""
+    from .report import markdown_table
+
+    cfg, soup = report["config"], report["config"]["soup"]
+    mmms = report["methods"]["mmms"]
+    ids = list(mmms["ingredients"])
+    mixed = [i for i, row in zip(ids, mmms["beta"]) if any(row)]
+    components = list(report["components"])
+    evaluations = report.get("evaluations", {})
+    size = preprocess["size"]
+    size_text = f"{size}x{size}" if isinstance(size, int) else "x".join(str(s) for s in size)
+    phase2 = soup["phase2"]
+    lines = [
+        f"# frankensoup fused model — run {report.get('run_id', '?')}",
+        "",
+        f"An image classifier over {len(class_names)} classes: the image tower of the open_clip "
+        f"model `{cfg['model']['name']}` (base weights: `{cfg['model']['pretrained']}`) with a linear "
+        "head, fused from finetuned copies of it by the **manifold mixing model soup** (Fassold, "
+        "IMVIP 2023). It costs the same at inference as one model. The text tower in "
+        "`open_clip_model.safetensors` is the base model's, unchanged.",
+        "",
+        "## How it was made",
+        "",
+        f"- ingredients: {len(ids)} finetunes of the zero-shot classifier ({', '.join(ids)}); "
+        f"the soup mixes {len(mixed)} of them ({', '.join(mixed)})",
+        f"- components ({len(components)}, granularity {soup['granularity']}): {', '.join(components)}; "
+        "each component has its own mixing factors",
+        f"- search: optimizer {soup['optimizer']}, {soup['num_workers']} candidates per step (W), "
+        f"{soup['max_func_evals_per_dim']} evaluations per dimension, tau {soup['tau']}, "
+        f"bounds delta {soup['bounds_delta']}, seed {soup['seed']}; phase 2 "
+        + (f"over [{phase2['bounds'][0]}, {phase2['bounds'][1]}], {phase2['evals_per_dim']} evaluations per "
+           f"dimension: {report.get('phase2_decision', '')}" if phase2["enabled"] else "off"),
+        f"- mixtures evaluated: {evaluations.get('evaluated', '?')} (on the val split "
+        f"`{report['splits']['val']}`, the split the search maximises)",
+        "",
+        "## Results",
+        "",
+        "Top-1 accuracy in %, 95 % interval in brackets; each row a method built from the same "
+        "ingredients, measured on its model as published (`mmms` is this model):",
+        "",
+        markdown_table(report),
+        "",
+        "Images per split: " + ", ".join(f"{s} {n}" for s, n in report["split_sizes"].items()) + ".",
+        "",
+        "## Input normalisation",
+        "",
+        f"RGB images, resized ({preprocess.get('resize_mode', 'shortest')} side, "
+        f"{preprocess.get('interpolation', 'bicubic')}) and center-cropped to {size_text}, scaled to "
+        f"[0, 1], then normalised per channel with mean {list(preprocess['mean'])} and std "
+        f"{list(preprocess['std'])} (`preprocess_cfg` in `open_clip_config.json`; open_clip's transform "
+        "below does all of it). The head takes the image embedding **L2-normalised**: "
+        "`logits = normalize(encode_image(x)) @ weight.T + bias`.",
+        "",
+        "## How to load it",
+        "",
+        "```python",
+        "import json, open_clip, torch",
+        "from PIL import Image",
+        "from safetensors.torch import load_file",
+        "",
+        'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:path/to/fused")',
+        'head = load_file("path/to/fused/head.safetensors")          # weight (classes x dim), bias',
+        'class_names = json.load(open("path/to/fused/classnames.json"))',
+        "model.eval()",
+        'x = preprocess(Image.open("image.jpg").convert("RGB")).unsqueeze(0)',
+        "with torch.no_grad():",
+        "    features = torch.nn.functional.normalize(model.encode_image(x), dim=-1)",
+        '    logits = features @ head["weight"].T + head["bias"]',
+        "print(class_names[logits.argmax(-1).item()])",
+        "```",
+        "",
+        "`local-dir:` needs open_clip_torch 3.0 or later. With frankensoup installed: "
+        '`from pipeline import load_fused; model, preprocess, class_names = load_fused("<this run or output_uri>")`, '
+        "or `frankensoup predict <uri> image.jpg`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def card_file(report: Mapping, files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """``{"fused/README.md": card}`` for the ``fused/`` files of ``fused_files``."""
+    from ..model.factory import CONFIG_FILE
+
+    preprocess = json.loads(files[f"{FUSED_DIR}/{CONFIG_FILE}"])["preprocess_cfg"]
+    class_names = json.loads(files[f"{FUSED_DIR}/{CLASSNAMES_FILE}"])
+    return {f"{FUSED_DIR}/{CARD_FILE}": model_card(report, preprocess, class_names).encode()}
+
+
+def publish_run(cfg: Config, run_id: str, files: dict[str, bytes], report: Mapping | None = None) -> str:
     """Write ``files`` under soup/<run-id>/, verify them, write MANIFEST.json, then move LATEST.
+    ``report`` (report.json's content): also write the model card ``fused/README.md`` from it.
     On any failure the run directory is removed and LATEST is untouched."""
+    if report is not None:
+        files = {**files, **card_file(report, files)}
     dest = run_uri(cfg, run_id)
     if storage.exists(dest):
         raise storage.StorageError(f"{dest!r} exists already: a run-id is never reused")

@@ -471,7 +471,7 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
     report = build_report(cfg, run_id, ids, inputs.component_names, result, scores, inputs.evaluations,
                           timings, counts, key)
     files.update(report_files(report))
-    dest = pub.publish_run(cfg, run_id, files)
+    dest = pub.publish_run(cfg, run_id, files, report=report)  # with the report: fused/README.md, the model card
     seconds = round(time.time() - t_start, 1)
     layout.mark_done(cfg, "soup", key, {"run_id": run_id, "run_uri": layout.relative(cfg, dest),
                                         "mmms_val": report["methods"]["mmms"]["val"],

@@ -1,0 +1,46 @@
+"""The published fused/ folder carries a model card: what, how made, results, how to load it,
+and the input normalisation the head expects."""
+from __future__ import annotations
+
+import json
+
+from conftest import tiny_config
+
+from pipeline import storage
+from pipeline.soup import publish
+from pipeline.soup.report import method_entry
+
+MEAN, STD = [0.5, 0.25, 0.125], [0.3, 0.2, 0.1]
+
+
+def fake_report(cfg, run_id: str) -> dict:
+    ids = ["ft-000", "ft-001", "ft-002"]
+    beta = [[0.5, 0.5], [0.0, 0.0], [0.5, 0.5]]
+    methods = {name: method_entry(0.9 + i / 100, 0.8, {"noise": 0.5, "blur": 0.6}, ids, beta)
+               for i, name in enumerate(["zero_shot", "best_individual", "uniform_soup", "greedy_soup", "mmms"])}
+    return {"run_id": run_id, "methods": methods, "components": ["stem", "head"],
+            "config": cfg.model_dump(mode="json"), "splits": {"val": "val", "id_test": "id_test", "ood": ["noise", "blur"]},
+            "split_sizes": {"val": 100, "id_test": 200, "noise": 200, "blur": 200},
+            "evaluations": {"evaluated": 77}, "phase2_decision": "phase 1 kept", "seed": 1}
+
+
+def fused_dir_files() -> dict[str, bytes]:
+    config = {"model_cfg": {"embed_dim": 8}, "preprocess_cfg": {"size": 16, "mean": MEAN, "std": STD,
+                                                               "interpolation": "bicubic", "resize_mode": "shortest"}}
+    return {"fused/open_clip_config.json": json.dumps(config).encode(),
+            "fused/classnames.json": json.dumps(["a", "b", "c"]).encode(),
+            "fused/head.safetensors": b"not read by the card"}
+
+
+def test_published_fused_folder_has_a_model_card(tmp_path):
+    cfg = tiny_config(str(tmp_path / "out"))
+    dest = publish.publish_run(cfg, "run-1", fused_dir_files(), report=fake_report(cfg, "run-1"))
+    card = storage.read_bytes(storage.join(dest, "fused", "README.md")).decode()
+    assert f"mean {MEAN} and std {STD}" in card and "L2-normalised" in card
+    assert 'create_model_and_transforms("local-dir:' in card and "head.safetensors" in card
+    assert "3 finetunes" in card and "mixes 2 of them (ft-000, ft-002)" in card and "stem, head" in card
+    assert "| mmms | 94.0" in card and "over 3 classes" in card
+    assert "fused/README.md" in storage.read_json(storage.join(dest, "MANIFEST.json"))["files"]
+    # without the report (callers not yet passing it) nothing changes
+    dest2 = publish.publish_run(cfg, "run-2", fused_dir_files())
+    assert not storage.exists(storage.join(dest2, "fused", "README.md"))
