@@ -172,8 +172,8 @@ class TrialLog(tune.Callback):
         print(f"finetune: {self._name(trial)} finished ({self.finished}/{self.total})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"finetune: {self._name(trial)} failed; Tune retries it from its last checkpoint "
-              f"(finetune.max_failures={trial.run_metadata.number_of_failures if hasattr(trial, 'run_metadata') else '?'})")
+        print(f"finetune: {self._name(trial)} failed (retried from its last checkpoint while "
+              "finetune.max_failures allows)")
 
 
 def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
