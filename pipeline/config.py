@@ -172,11 +172,19 @@ class SoupConfig(Strict):
 
 class RayConfig(Strict):
     # None: join the cluster `ray job submit` gives us, or start a local one
-    address: str | None = None
-    num_cpus: int | None = None
+    address: str | None = neutral(None)
+    num_cpus: int | None = neutral(None)
     # the cluster adds nodes on demand: the dry run warns instead of failing when a requested
-    # resource (e.g. a GPU) is on no node yet
-    autoscaling: bool = False
+    # resource (e.g. a GPU) is on no node yet, and says which worker types it will need
+    autoscaling: bool = neutral(False)
+    # the cluster launcher's YAML (available_node_types), read by the dry run with autoscaling
+    cluster_yaml: str = neutral("ray_cluster.yaml")
+
+
+class StorageConfig(Strict):
+    # a local output_uri that every node mounts at the same path (NFS, EFS, FSx): allowed on a
+    # cluster of several nodes (otherwise use s3://; a node's own disk is invisible to the others)
+    shared: bool = neutral(False)
 
 
 class Config(Strict):
@@ -188,6 +196,7 @@ class Config(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     soup: SoupConfig = SoupConfig()
     ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some top-level sections: a stage is redone when its hash changes."""

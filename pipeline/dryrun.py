@@ -95,26 +95,65 @@ def check_pretrained(cfg: Config, c: Checks) -> None:
         c.ok(f"model.pretrained={p}: an open_clip pretrained tag (downloaded by open_clip on first use)")
 
 
-def _requests(cfg: Config) -> dict[str, dict[str, float]]:
+def _requests(cfg: Config) -> dict[str, tuple[dict[str, float], int]]:
+    """What each kind of work asks of a node, and how many of it run at once."""
     return {
-        f"finetune trial (x{cfg.finetune.max_concurrent} at once)": cfg.finetune.resources.model_dump(),
-        f"evaluate actor (x{cfg.evaluate.num_actors})": cfg.evaluate.resources.model_dump(),
-        f"soup evaluator (x{cfg.soup.num_evaluators})": cfg.soup.evaluator_resources.model_dump(),
+        "finetune trial": (cfg.finetune.resources.model_dump(), cfg.finetune.max_concurrent),
+        "evaluate actor": (cfg.evaluate.resources.model_dump(), cfg.evaluate.num_actors),
+        "soup evaluator": (cfg.soup.evaluator_resources.model_dump(), cfg.soup.num_evaluators),
     }
 
 
-def check_cluster(cfg: Config, c: Checks) -> None:
-    from .raycluster import init_ray
+def worker_plan(cfg: Config, c: Checks) -> None:
+    """With an autoscaler: for each stage, the worker type of the cluster YAML that fits its
+    requests (the one with the fewest resources) and how many such nodes its concurrency needs."""
+    import yaml
 
     try:
-        ray = init_ray(cfg)
+        with open(cfg.ray.cluster_yaml) as f:
+            types = (yaml.safe_load(f) or {}).get("available_node_types") or {}
+    except OSError as e:
+        c.warn(f"ray.cluster_yaml {cfg.ray.cluster_yaml!r} unreadable ({e}): cannot say which workers are needed")
+        return
+    for what, (req, at_once) in _requests(cfg).items():
+        fitting = sorted(((t.get("resources") or {}, name, t.get("max_workers", 0)) for name, t in types.items()
+                          if (t.get("resources") or {}).get("CPU", 0) >= req["cpu"]
+                          and (t.get("resources") or {}).get("GPU", 0) >= req["gpu"]),
+                         key=lambda x: (x[0].get("GPU", 0), x[0].get("CPU", 0)))
+        if not fitting:
+            c.fail(f"{what} asks for {req['cpu']:g} CPU, {req['gpu']:g} GPU: no worker type of {cfg.ray.cluster_yaml} has it")
+            continue
+        res, name, most = fitting[0]
+        per_node = min(int(res.get("CPU", 0) // req["cpu"]) if req["cpu"] else 10**6,
+                       int(res.get("GPU", 0) // req["gpu"]) if req["gpu"] else 10**6)
+        need = math.ceil(at_once / max(per_node, 1))
+        text = f"{what}s: up to {need} x {name} ({at_once} at once, {per_node} per node)"
+        (c.ok if need <= most else c.warn)(text + ("" if need <= most else f"; its max_workers is {most}"))
+
+
+def check_cluster(cfg: Config, c: Checks) -> None:
+    from .raycluster import connect
+
+    try:
+        ray = connect(cfg.ray.address, cfg.ray.num_cpus)
     except Exception as e:
         c.fail(f"cannot connect to Ray ({cfg.ray.address or 'auto'}): {e}")
         return
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
     c.ok(f"Ray cluster: {len(nodes)} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU")
-    for what, req in _requests(cfg).items():
+    from .raycluster import storage_problem
+
+    problem = storage_problem(cfg, len(nodes))
+    if problem:
+        c.fail(problem)
+    elif len(nodes) > 1 or cfg.ray.autoscaling:
+        c.ok(f"output_uri {cfg.output_uri} is visible to every node "
+             f"({'object storage' if storage.is_remote(cfg.output_uri) else 'storage.shared'})")
+    if cfg.ray.autoscaling:
+        worker_plan(cfg, c)
+    for what, (req, at_once) in _requests(cfg).items():
+        what = f"{what} (x{at_once} at once)"
         fits = any(n.get("CPU", 0) >= req["cpu"] and n.get("GPU", 0) >= req["gpu"] for n in nodes)
         text = f"{what} asks for {req['cpu']:g} CPU, {req['gpu']:g} GPU"
         if fits:

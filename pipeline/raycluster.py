@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import os
 
-from .config import Config
+from .config import Config, ConfigError
+
+
+class SharedStorageError(ConfigError):
+    """A local output_uri on a cluster whose other nodes cannot see it."""
 
 
 def connect(address: str | None = None, num_cpus: int | None = None):
@@ -26,6 +30,31 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
+def alive_nodes(ray) -> list[dict]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def storage_problem(cfg: Config, n_nodes: int) -> str | None:
+    """Why output_uri cannot serve this cluster, or None. Workers on other nodes read and write
+    under output_uri (checkpoints, shards, ingredients): a path on the driver's own disk is not
+    theirs."""
+    from . import storage
+
+    if storage.is_remote(cfg.output_uri) or cfg.storage.shared:
+        return None
+    if n_nodes > 1 or cfg.ray.autoscaling:
+        where = f"{n_nodes} nodes" if n_nodes > 1 else "nodes the autoscaler adds"
+        return (f"output_uri {cfg.output_uri!r} is a local path, which the cluster's other nodes ({where}) "
+                "cannot see: use an s3:// URI, or set storage.shared=true if every node mounts it at the "
+                "same path (NFS, EFS, FSx)")
+    return None
+
+
 def init_ray(cfg: Config):
-    """Connect as the config says; `ray.address` in the config wins over RAY_ADDRESS."""
-    return connect(cfg.ray.address, cfg.ray.num_cpus)
+    """Connect as the config says (`ray.address` in the config wins over RAY_ADDRESS), and
+    refuse an output_uri the cluster's nodes cannot share before anything is written."""
+    ray = connect(cfg.ray.address, cfg.ray.num_cpus)
+    problem = storage_problem(cfg, len(alive_nodes(ray)))
+    if problem:
+        raise SharedStorageError(problem)
+    return ray

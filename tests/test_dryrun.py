@@ -33,6 +33,25 @@ def test_dry_run_catches_a_missing_split(tmp_path, ray_local):
 def test_dry_run_catches_resources_the_cluster_lacks(prepared_demo, ray_local):
     cfg = tiny_config(prepared_demo.output_uri, "soup.evaluator_resources.gpu=1")
     ok, out = _run(cfg)
-    assert not ok and "soup evaluator (x1) asks for 1 CPU, 1 GPU" in out
-    ok, out = _run(tiny_config(prepared_demo.output_uri, "soup.evaluator_resources.gpu=1", "ray.autoscaling=true"))
+    assert not ok and "soup evaluator (x1 at once) asks for 1 CPU, 1 GPU" in out
+    ok, out = _run(tiny_config(prepared_demo.output_uri, "soup.evaluator_resources.gpu=1", "ray.autoscaling=true",
+                               "storage.shared=true"))
     assert ok and "the autoscaler must add one" in out
+
+
+def test_with_an_autoscaler_a_local_output_uri_is_refused_and_workers_are_planned(prepared_demo, ray_local,
+                                                                                   tmp_path):
+    cluster_yaml = tmp_path / "cluster.yaml"
+    cluster_yaml.write_text("available_node_types:\n"
+                            "  head: {resources: {CPU: 0}}\n"
+                            "  cpu_worker: {min_workers: 0, max_workers: 4, resources: {CPU: 4}}\n"
+                            "  gpu_worker: {min_workers: 0, max_workers: 2, resources: {CPU: 8, GPU: 1}}\n")
+    settings = ("ray.autoscaling=true", f"ray.cluster_yaml={cluster_yaml}", "finetune.max_concurrent=6",
+                "finetune.resources.gpu=1", "evaluate.num_actors=8")
+    ok, out = _run(tiny_config(prepared_demo.output_uri, *settings))
+    assert not ok and "is a local path, which the cluster's other nodes (nodes the autoscaler adds) cannot see" in out
+    ok, out = _run(tiny_config(prepared_demo.output_uri, *settings, "storage.shared=true"))
+    assert ok, out
+    assert "finetune trials: up to 6 x gpu_worker (6 at once, 1 per node); its max_workers is 2" in out
+    assert "evaluate actors: up to 2 x cpu_worker (8 at once, 4 per node)" in out
+    assert "soup evaluators: up to 1 x cpu_worker (1 at once, 4 per node)" in out

@@ -199,7 +199,7 @@ def test_a_killed_sweep_on_s3_is_restored_not_restarted(prepared_demo, s3_bucket
     try:
         for line in proc.stdout:
             lines.append(line)
-            found = re.search(r"Trial train_ingredient_(\S+) completed after", line)
+            found = re.search(r"finetune: ft-\d+ finished .*Tune trial (\S+)\)", line)
             if found:
                 finished = found.group(1)
                 break

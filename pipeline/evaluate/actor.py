@@ -120,7 +120,7 @@ class EvaluatorHost:
         return {"ingredient_ids": self.ids, "split": self.split_name, "beta_shape": list(ev.beta_shape),
                 "component_names": list(ev.component_names), "n_images": int(ev.images.shape[0]),
                 "device": str(ev.device), "dtype": str(ev.dtype).removeprefix("torch."),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 # resources come from the caller: .options(num_cpus=..., num_gpus=...) (soup.evaluator_resources)

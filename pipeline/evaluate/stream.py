@@ -292,6 +292,7 @@ def _scored_batches(shards: dict[str, list[str]], actor_kwargs: dict, batch_size
     _reader_settings()
     scored = _read_splits(shards).map_batches(
         BatchScorer, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+        # Ray Data spreads the scorers over the nodes itself (DataContext.scheduling_strategy "SPREAD")
         num_cpus=resources.cpu, num_gpus=resources.gpu, fn_constructor_kwargs=actor_kwargs)
     yield from scored.iter_batches(batch_size=None, batch_format="numpy")
 

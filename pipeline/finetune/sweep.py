@@ -169,7 +169,7 @@ class TrialLog(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finished += 1
-        print(f"finetune: {self._name(trial)} finished ({self.finished}/{self.total})")
+        print(f"finetune: {self._name(trial)} finished ({self.finished}/{self.total}; Tune trial {trial.trial_id})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"finetune: {self._name(trial)} failed (retried from its last checkpoint while "
@@ -257,7 +257,8 @@ def trained_rows(cfg: Config, results, todo: list[dict]) -> list[dict]:
         storage.write_bytes(dest, data)
         rows.append({"id": t["id"], "hparams": t["hparams"], "val_acc": float(result.metrics["val_acc"]),
                      "val_content": val_content, "checkpoint_uri": dest, "sha256": storage.sha256(data),
-                     "status": "ok", "source": "tune", "key": t["key"], "node": result.metrics.get("node_ip"),
+                     "status": "ok", "source": "tune", "key": t["key"], "node_id": result.metrics.get("node_id"),
+                     "restored_from_epoch": result.metrics.get("restored_from_epoch", 0),
                      "trial_id": result.metrics.get("trial_id")})
     return rows
 

@@ -331,9 +331,13 @@ def train_ingredient(config: dict, setup: dict | None = None, hparams: dict | No
     if setup is not None:
         config = {**hparams[config["trial"]], **config, "setup": setup}
 
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()  # recorded in the registry: where it trained
+
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
+        tune.report({**metrics, "node_id": node}, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:

@@ -155,7 +155,8 @@ def start_evaluators(cfg: Config, split_name: str, ingredient_ids: Sequence[str]
         from ..evaluate.actor import MixtureEvaluatorActor as actor_class  # noqa: N813
     res = cfg.soup.evaluator_resources
     n = num_evaluators or cfg.soup.num_evaluators
-    options = {"num_cpus": res.cpu, "num_gpus": res.gpu}
+    # SPREAD: one evaluator per node first, so a lost node takes as few of them as possible
+    options = {"num_cpus": res.cpu, "num_gpus": res.gpu, "scheduling_strategy": "SPREAD"}
     return [actor_class.options(**options).remote(cfg, split_name, list(ingredient_ids), **actor_kwargs)
             for _ in range(n)]
 

@@ -408,6 +408,7 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tup
             metrics.close()
     log(f"soup: {evaluate.hits} mixtures from memo, {evaluate.misses} evaluated")
     counts = {"memo": layout.relative(cfg, memo.uri), "from_memo": evaluate.hits, "evaluated": evaluate.misses,
+              "evaluator_nodes": [i["node_id"] for i in pool.pool.infos] if pool.pool is not None else [],
               "phase1": result.phase1.n_evals, "phase2": result.phase2.n_evals if result.phase2 else 0,
               "evaluator_seconds": round(pool.seconds, 2)}
     return result, counts
