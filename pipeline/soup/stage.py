@@ -24,7 +24,8 @@ from ..model.components import components as model_components
 from . import baselines, mixture, mmms
 from . import publish as pub
 from . import report as rep
-from .journal import Journal, JournaledEvaluator
+from .dispatch import Dispatcher, dispatcher_of
+from .journal import Journal
 from .search import evaluator_pool
 
 Log = Callable[[str], None]
@@ -198,8 +199,11 @@ class ProgressPrinter:
         self._last_where, self._last_time = where, now
         ing = p.get("ingredient")
         name = "all chosen" if ing is None else self.ids[ing]
+        expected = p.get("expected", p["budget"])
+        extra = f", {p['dropped']} speculative dropped" if p.get("dropped") else ""
         self.log(f"soup phase {p['phase']} | ingredient {name} ({p.get('step')}) | "
-                 f"evaluations {p['evals']}/{p['budget']} | best val {p['best_val']:.4f}")
+                 f"evaluations {p['evals']} of ~{expected:.0f} expected (at most {p['budget']}{extra}) | "
+                 f"best val {p['best_val']:.4f}")
 
 
 # ---- the search -----------------------------------------------------------------------------
@@ -213,34 +217,42 @@ class SearchResult:
     phase2_kept: bool
     decision: str
     timings: dict[str, float]
+    cost: dict[str, dict]  # per method/phase: what the evaluators did (dispatch.Cost.report)
 
 
 def run_search(cfg: Config, evaluate, val_accs: Sequence[float], C: int, progress, log: Log) -> SearchResult:
-    """Baselines and MMMS phases 1 and 2, all through ``evaluate`` (Ray-free beyond it)."""
+    """Baselines and MMMS phases 1 and 2, all through ``evaluate`` (Ray-free beyond it): a plain
+    callable, an asynchronous evaluator (the Ray pool: phase 1 speculates) or a Dispatcher."""
     K = len(val_accs)
-    timings = {}
-    t0 = time.time()
+    evaluate = dispatcher_of(evaluate)
+    cost: dict[str, dict] = {}
+
+    def costed(name: str, run):
+        """Run one method's search; its evaluators' work goes to cost[name]."""
+        before, t = evaluate.cost.copy(), time.time()
+        out = run()
+        cost[name] = evaluate.cost.since(before).report(time.time() - t, evaluate.size)
+        return out
+
     betas = {"best_individual": baselines.best_individual(val_accs, C), "uniform_soup": baselines.uniform_soup(K, C)}
-    accs = evaluate([betas["best_individual"], betas["uniform_soup"]])
+    accs = costed("individual_and_uniform", lambda: evaluate([betas["best_individual"], betas["uniform_soup"]]))
     search_val = {"best_individual": accs[0], "uniform_soup": accs[1]}
     log(f"soup: best individual val {accs[0]:.4f}, uniform soup val {accs[1]:.4f}")
-    betas["greedy_soup"], greedy_trace = baselines.greedy_soup(val_accs, C, evaluate)
+    betas["greedy_soup"], greedy_trace = costed("greedy_soup", lambda: baselines.greedy_soup(val_accs, C, evaluate))
     search_val["greedy_soup"] = greedy_trace[-1][1]
     log(f"soup: greedy soup val {search_val['greedy_soup']:.4f} "
         f"({int(np.count_nonzero(betas['greedy_soup'].any(axis=1)))} of {K} ingredients)")
-    timings["baselines"] = time.time() - t0
 
-    t0 = time.time()
-    p1 = mmms.phase1(val_accs, C, evaluate, cfg.soup, progress)
-    timings["phase1"] = time.time() - t0
-    log(f"soup: mmms phase 1 val {p1.val_acc:.4f} ({p1.n_evals} evaluations, {len(p1.chosen)} ingredients mixed)")
+    p1 = costed("mmms_phase1", lambda: mmms.phase1(val_accs, C, evaluate, cfg.soup, progress))
+    c = cost["mmms_phase1"]
+    log(f"soup: mmms phase 1 val {p1.val_acc:.4f} ({p1.n_evals} evaluations, {len(p1.chosen)} ingredients mixed; "
+        f"{c['evaluations']} run on {c['evaluators']} evaluators, {c['speculative_dropped']} of them dropped "
+        f"speculation, {c['wall_seconds']:.1f}s)")
     betas["mmms_phase1"], search_val["mmms_phase1"] = p1.beta, p1.val_acc
 
     p2, kept = None, False
     if cfg.soup.phase2.enabled:
-        t0 = time.time()
-        p2 = mmms.phase2(p1.beta, evaluate, cfg.soup, progress)
-        timings["phase2"] = time.time() - t0
+        p2 = costed("mmms_phase2", lambda: mmms.phase2(p1.beta, evaluate, cfg.soup, progress))
         kept = p2.val_acc > p1.val_acc  # phase 2 must earn its place on val
         verdict = "kept" if kept else "not better, phase 1 kept"
         decision = f"phase 2 val {p2.val_acc:.4f} vs phase 1 {p1.val_acc:.4f}: {verdict}"
@@ -249,7 +261,11 @@ def run_search(cfg: Config, evaluate, val_accs: Sequence[float], C: int, progres
     log(f"soup: {decision}")
     betas["mmms"] = p2.beta if kept else p1.beta
     search_val["mmms"] = p2.val_acc if kept else p1.val_acc
-    return SearchResult(betas, search_val, p1, p2, kept, decision, timings)
+    timings = {"baselines": cost["individual_and_uniform"]["wall_seconds"] + cost["greedy_soup"]["wall_seconds"],
+               "phase1": cost["mmms_phase1"]["wall_seconds"]}
+    if p2 is not None:
+        timings["phase2"] = cost["mmms_phase2"]["wall_seconds"]
+    return SearchResult(betas, search_val, p1, p2, kept, decision, timings, cost)
 
 
 def search_trace(result: SearchResult) -> list[list[float]]:
@@ -334,6 +350,8 @@ def build_report(cfg: Config, run_id: str, ids: Sequence[str], component_names: 
             {m: {s: v["accuracy"] for s, v in by_split.items()} for m, by_split in evaluations.items()},
             ids, val, id_test, ood),
         "search_trace": search_trace(result),
+        "phase1_decisions": [[ids[j], outcome, acc] for j, outcome, acc in result.phase1.decisions],
+        "cost": result.cost,
         "splits": {"val": val, "id_test": id_test, "ood": ood},
         "split_sizes": sizes,
         "evaluations": journal_info,
@@ -365,13 +383,14 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tup
     pool = evaluator_pool(cfg, val, ids)
     try:
         _check_pool(pool.wait_ready(), ids, names)
-        evaluate = JournaledEvaluator(pool, journal)
+        # phase 1 speculates on the pool's idle actors; the journal answers what it holds
+        evaluate = Dispatcher(pool, memo=journal)
         result = run_search(cfg, evaluate, val_accs, len(names), ProgressPrinter(ids, log, metrics), log)
     finally:
         pool.close()  # the actors' CPUs/GPUs go to the scoring that follows
         if metrics is not None:
             metrics.close()
-    counts = {"journal": journal.uri, "replayed": evaluate.hits, "evaluated": evaluate.misses,
+    counts = {"journal": journal.uri, "replayed": evaluate.cost.memo_hits, "evaluated": evaluate.cost.evaluations,
               "phase1": result.phase1.n_evals, "phase2": result.phase2.n_evals if result.phase2 else 0,
               "evaluator_seconds": round(pool.seconds, 2)}
     return result, counts
