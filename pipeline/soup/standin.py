@@ -11,6 +11,7 @@ for some, enough to join for a few. ``StandInHost`` serves it like a mixture eva
 with a fixed latency per evaluation."""
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -65,9 +66,12 @@ class StandInHost:
     """A mixture evaluator actor's interface (info, evaluate, score) over ``ReferenceLike``,
     sleeping ``latency_s`` per evaluation as a val pass on a GPU would take."""
 
-    def __init__(self, K: int, C: int, seed: int, latency_s: float, n_images: int = 26_000, *_, **__):
+    def __init__(self, K: int, C: int, seed: int, latency_s: float, n_images: int = 26_000,
+                 die_after: int | None = None):
         self.function = ReferenceLike(K, C, seed, n_images)
         self.latency_s = latency_s
+        self.die_after = die_after  # tests: the process exits on this evaluation, as a lost node
+        self.scored = 0
 
     def info(self) -> dict:
         return {"ingredient_ids": [f"ing{j:02d}" for j in range(self.function.K)],
@@ -78,6 +82,9 @@ class StandInHost:
         return self.function.evaluate(betas)
 
     def score(self, betas, thresholds=None) -> list[Score]:
+        self.scored += 1
+        if self.die_after is not None and self.scored > self.die_after:
+            os._exit(1)
         t0 = time.perf_counter()
         time.sleep(self.latency_s * len(betas))
         scores = self.function.score(betas, thresholds)
