@@ -160,7 +160,7 @@ def test_speculation_through_the_ray_pool_with_an_actor_lost(ray_local):
     small = ReferenceLike(12, C, seed=1, n_images=FUNCTION.n_images)
     reference = mmms.phase1(small.val_accs, C, plain(small), cfg)
     host = ray.remote(StandInHost).options(num_cpus=0, max_restarts=0)
-    actors = [host.remote(12, C, 1, 0.0, small.n_images, die_after=25 if i == 0 else None) for i in range(3)]
+    actors = [host.remote(12, C, 1, 0.0, small.n_images, die_after=3 if i == 0 else None) for i in range(3)]
     with EvaluatorPool(actors) as pool:
         pool.wait_ready(3)
         result = mmms.phase1(small.val_accs, C, pool, cfg)

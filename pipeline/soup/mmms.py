@@ -334,15 +334,18 @@ def phase1(val_accs: Sequence[float], n_components: int, evaluate, cfg: SoupConf
     plan: list[_Planned] = []
     decided: list[tuple[str, int]] = []
     decisions: list[tuple[int, str, float | None]] = []
+
+    def plan_next(against: Soup) -> None:
+        j = candidates[committed + len(plan)]
+        plan.append(_Planned(j, against, Task(mix_in(against, j, cfg), j)))
+
     while committed < len(candidates):
         if not plan:
-            plan.append(_Planned(candidates[committed], soup, Task(mix_in(soup, candidates[committed], cfg), candidates[committed])))
+            plan_next(soup)
         # speculation: evaluators the planned candidates leave idle try the next ones
-        while (dispatcher.fill([p.task for p in plan]) and dispatcher.parallel
+        while (dispatcher.fill([p.task for p in plan]) and dispatcher.parallel and dispatcher.size > 1
                and committed + len(plan) < len(candidates)):
-            ahead = plan[-1].soup_after()
-            j = candidates[committed + len(plan)]
-            plan.append(_Planned(j, ahead, Task(mix_in(ahead, j, cfg), j)))
+            plan_next(plan[-1].soup_after())
         dispatcher.step([p.task for p in plan])
         # a candidate decided to join: what was tried after it assumed it would not
         for i, p in enumerate(plan[:-1]):
@@ -355,16 +358,11 @@ def phase1(val_accs: Sequence[float], n_components: int, evaluate, cfg: SoupConf
         while plan and plan[0].task.done:
             head = plan.pop(0)
             report.flush(head.task, head.j)
-            evals = sum(b.n for b in head.task.log)
+            outcome, acc = ("joined", head.task.result[1]) if head.joins else head.task.result
             if head.joins:
-                lam, acc = head.task.result
                 soup = head.soup_after()
-                decided.append(("joined", evals))
-                decisions.append((head.j, "joined", acc))
-            else:
-                outcome, acc = head.task.result
-                decided.append((outcome, evals))
-                decisions.append((head.j, outcome, acc))
+            decided.append((outcome, sum(b.n for b in head.task.log)))
+            decisions.append((head.j, outcome, acc))
             committed += 1
             report.expected = report.n_evals + expected_evaluations(decided, len(candidates) - committed, C, cfg)
             if plan:
