@@ -69,9 +69,7 @@ class SyncEvaluator:
         if score is not None:
             scores = list(score(betas, [t for _, _, t in queued]))
             if len(scores) != len(betas):
-                raise ValueError(f"evaluate returned {len(scores)} accuracies for {len(betas)} mixtures")
-            mixture.check_accuracies([s.accuracy for s in scores if s.accuracy is not None],
-                                     sum(s.accuracy is not None for s in scores))
+                raise ValueError(f"evaluate returned {len(scores)} scores for {len(betas)} mixtures")
         else:
             accs = mixture.check_accuracies(self.evaluate(betas), len(betas))
             each = (time.perf_counter() - t0) / len(betas)
@@ -239,17 +237,17 @@ class _Flight:
 
 
 class DictMemo:
-    """The in-process memo: full accuracies by mixture key (the journal has the same two methods)."""
+    """The in-process memo: full accuracies by mixture key. A memo is anything with
+    ``get(beta) -> accuracy | None`` and ``put(beta, accuracy)`` (the soup stage's is persistent)."""
 
     def __init__(self):
         self._accs: dict[str, float] = {}
 
-    def get(self, key: str) -> float | None:
-        return self._accs.get(key)
+    def get(self, beta: np.ndarray) -> float | None:
+        return self._accs.get(mixture.mixture_key(beta))
 
-    def append(self, betas: Sequence[np.ndarray], accs: Sequence[float]) -> None:
-        for b, a in zip(betas, accs):
-            self._accs.setdefault(mixture.mixture_key(b), float(a))
+    def put(self, beta: np.ndarray, accuracy: float) -> None:
+        self._accs.setdefault(mixture.mixture_key(beta), float(accuracy))
 
 
 class Dispatcher:
@@ -291,7 +289,7 @@ class Dispatcher:
                     continue
                 beta = mixture.validate(beta)
                 key = mixture.mixture_key(beta)
-                known = self.memo.get(key)
+                known = self.memo.get(beta)
                 if known is not None:
                     task.sent[i], task.answers[i] = True, Score(known, 0)
                     self.cost.memo_hits += 1
@@ -325,7 +323,7 @@ class Dispatcher:
                 self.cost.images = None if score.images is None else self.cost.images + score.images
             if score.accuracy is not None:
                 mixture.check_accuracies([score.accuracy], 1)
-                self.memo.append([flight.beta], [score.accuracy])
+                self.memo.put(flight.beta, score.accuracy)
             live = [(t, i) for t, i in flight.waiters if not t.dropped]
             if not live:
                 self.cost.dropped += 1

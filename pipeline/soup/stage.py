@@ -384,7 +384,7 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tup
     try:
         _check_pool(pool.wait_ready(), ids, names)
         # phase 1 speculates on the pool's idle actors; the journal answers what it holds
-        evaluate = Dispatcher(pool, memo=journal)
+        evaluate = Dispatcher(pool, memo=_JournalMemo(journal))
         result = run_search(cfg, evaluate, val_accs, len(names), ProgressPrinter(ids, log, metrics), log)
     finally:
         pool.close()  # the actors' CPUs/GPUs go to the scoring that follows
@@ -394,6 +394,19 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tup
               "phase1": result.phase1.n_evals, "phase2": result.phase2.n_evals if result.phase2 else 0,
               "evaluator_seconds": round(pool.seconds, 2)}
     return result, counts
+
+
+class _JournalMemo:
+    """The journal as the Dispatcher's memo: each evaluated mixture is journaled as it comes back."""
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+
+    def get(self, beta: np.ndarray) -> float | None:
+        return self.journal.get(mixture.mixture_key(beta))
+
+    def put(self, beta: np.ndarray, accuracy: float) -> None:
+        self.journal.append([beta], [accuracy])
 
 
 def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: bool = True) -> dict:
