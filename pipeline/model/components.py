@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-LEVEL_NAMES = {0: "model", 1: "stem / transformer / head", 2: "per block", 3: "per tensor",
-               "reference": "image tower / head weight / head bias"}
+LEVEL_NAMES = {0: "model", 1: "stem / transformer / head", 2: "per block", 3: "per tensor"}
+# the reference implementation's level 1, less its text-tower groups: image tower, head weight, head bias
+REFERENCE = "reference"
 
 STEM, BODY, HEAD = "stem", "transformer", "head"
 
@@ -118,7 +119,7 @@ def _grouped(places: dict[str, _Place], level: int) -> list[tuple[str, list[str]
     """(component name, params) in stable order: stem, blocks in forward order, head."""
     if level == 0:
         return [("model", list(places))]
-    if level == "reference":
+    if level == REFERENCE:
         # JrsUtilModel's level 1 keeps each top-level module whole; of its 8 groups these 3
         # touch the classifier: the image tower and the classification head's two tensors
         tower = [n for n in places if n.startswith("visual.")]
@@ -159,11 +160,11 @@ def _attach_buffers(model: nn.Module, comps: list[tuple[str, list[str]]]) -> lis
     return [Component(c, tuple(names), tuple(b)) for (c, names), b in zip(comps, buffers)]
 
 
-def components(model: nn.Module, level: int) -> list[Component]:
+def components(model: nn.Module, level: int | str) -> list[Component]:
     """The classifier's components at ``level`` (0-3 or "reference"); every parameter appears
     exactly once."""
-    if level not in LEVEL_NAMES:
-        raise ValueError(f"component level must be one of {list(LEVEL_NAMES)}, got {level!r}")
+    if level != REFERENCE and level not in LEVEL_NAMES:
+        raise ValueError(f"component level must be one of {[*LEVEL_NAMES, REFERENCE]}, got {level!r}")
     return _attach_buffers(model, _grouped(_placements(model), level))
 
 
