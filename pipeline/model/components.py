@@ -4,7 +4,8 @@ optimiser dimension is spent on tensors that cannot change a prediction.
 
 Levels: 0 whole model; 1 stem / transformer / head; 2 stem / one per block / head;
 3 one per parameter tensor; "reference": the reference implementation's level 1 without its
-five text-tower groups, i.e. the whole image tower, the head weight and the head bias. Works for open_clip's VisionTransformer and ModifiedResNet and,
+five text-tower groups, i.e. the whole image tower, the head weight and the head bias.
+Works for open_clip's VisionTransformer and ModifiedResNet and,
 through timm's own parameter grouping, for timm towers."""
 from __future__ import annotations
 

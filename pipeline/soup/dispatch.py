@@ -194,7 +194,8 @@ class Task:
         answers = list(self.answers)
         threshold = self.request.threshold
         # a failed threshold test logs no accuracy, whether it stopped early or came from the memo
-        accs = [a.accuracy for a in answers if a.accuracy is not None and (threshold is None or threshold.passes(a.accuracy))]
+        accs = [a.accuracy for a in answers
+                if a.accuracy is not None and (threshold is None or threshold.passes(a.accuracy))]
         self.log.append(Batch(self.request.step, len(answers), max(accs) if accs else None,
                               sum(a.seconds for a in answers)))
         self._advance(answers)

@@ -1,7 +1,8 @@
 """Manifold mixing model soup (ALGORITHM.md): phase 1 (sequential greedy with per-component
-lambdas) and phase 2 (joint mu refinement), on one optimiser loop. Ray-free: everything is
-judged by an ``evaluate(list of beta) -> list of val accuracy`` callable, one call per batch.
-See docs/algorithm.md."""
+lambdas) and phase 2 (joint mu refinement), on one optimiser loop. Ray-free: the searches are
+coroutines of mixture batches, run by a Dispatcher (dispatch.py) on a plain ``evaluate(list of
+beta) -> list of val accuracy`` callable or on an asynchronous pool of evaluators, where phase 1
+speculates with the same result. See docs/algorithm.md."""
 from __future__ import annotations
 
 import time
@@ -22,7 +23,7 @@ from .dispatch import Dispatcher, Request, Task, dispatcher_of
 # point as an "orphanated injected solution": harmless, and a multi-line warning per generation
 warnings.filterwarnings("ignore", message="orphanated injected solution", module="cma")
 
-Evaluate = Callable[[list[np.ndarray]], list[float]]
+Evaluate = Callable[[list[np.ndarray]], list[float]]  # or an asynchronous evaluator, or a Dispatcher
 Progress = Callable[[dict], None] | None
 
 
