@@ -147,8 +147,10 @@ class Phase2Config(Strict):
 
 
 class SoupConfig(Strict):
-    # component granularity: 0 whole model, 1 stem/transformer/head, 2 per block, 3 per tensor
-    granularity: int = Field(2, ge=0, le=3)
+    # component granularity: 0 whole model, 1 stem/transformer/head, 2 per block, 3 per tensor;
+    # "reference": the reference's level 1 without its text-tower groups (image tower, head
+    # weight, head bias), for like-for-like reproduction (docs/components.md)
+    granularity: Literal[0, 1, 2, 3, "reference"] = 2
     tau: float = Field(0.998, gt=0, le=1)
     bounds_delta: float = Field(0.5, gt=0, le=1)
     max_func_evals_per_dim: int = Field(30, gt=0)

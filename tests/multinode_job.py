@@ -120,14 +120,23 @@ def run(cfg, cluster, lose: bool) -> dict:
         pool.wait_ready(cfg.soup.num_evaluators)  # every evaluator placed before the search, so all are recorded
         call = pool.__call__
 
+        submit = pool.submit
+
         class Losing(type(pool)):
-            def __call__(self, betas):
+            def _maybe_lose(self):
                 calls.append(self.evaluations)
                 if lose and not any(x["stage"] == "soup" for x in killed):
                     # the node of an evaluator goes as the search hands it work: the mixtures it
                     # gets fail with it and go to the other evaluator
                     lose_a_node(cluster, "soup", self.infos[0]["node_id"], killed)
+
+            def __call__(self, betas):
+                self._maybe_lose()
                 return call(betas)
+
+            def submit(self, beta, threshold=None):
+                self._maybe_lose()
+                return submit(beta, threshold)
 
         pool.__class__ = Losing
         return pool

@@ -13,7 +13,7 @@ from ..config import Config, ConfigError
 from ..data.shards import decode_split, read_split
 from ..model import components, image_transform, load_classifier
 from ..model.weights import CheckpointError, decode_metadata
-from .mixture import MixtureEvaluator
+from .mixture import MixtureEvaluator, Score, Threshold
 from .stream import scoring_tensors, split_scoring
 
 # what every ingredient must share with the first one for their weights to be mixed
@@ -114,6 +114,10 @@ class EvaluatorHost:
 
     def evaluate(self, betas: Sequence) -> list[float]:
         return self.evaluator.evaluate(list(betas))
+
+    def score(self, betas: Sequence, thresholds: Sequence[Threshold | None] | None = None) -> list[Score]:
+        """Val accuracy per mixture; one with a threshold stops early once it cannot pass."""
+        return self.evaluator.score(list(betas), thresholds)
 
     def info(self) -> dict:
         ev = self.evaluator

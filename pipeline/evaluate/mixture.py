@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -315,6 +316,44 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+# ---- threshold tests ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Threshold:
+    """A search's accept test on a mixture's val accuracy: ``acc >= value`` (``acc > value`` when
+    ``strict``). Phase 1's short-circuit is ``Threshold(tau * accA)``, greedy soup's
+    ``Threshold(best, strict=True)``: the very float comparisons of the sequential code."""
+    value: float
+    strict: bool = False
+
+    def passes(self, accuracy: float) -> bool:
+        return accuracy > self.value if self.strict else accuracy >= self.value
+
+    def needed(self, n: int) -> int:
+        """The fewest correct images out of n that pass, judged on ``correct / n`` exactly as
+        the accuracy is computed (n + 1 when none pass): c / n is monotone in c, so this is
+        the boundary of the float comparison itself, not an approximation of it."""
+        c = min(max(int(self.value * n), 0), n)
+        while c > 0 and self.passes((c - 1) / n):
+            c -= 1
+        while c <= n and not self.passes(c / n):
+            c += 1
+        return c
+
+
+@dataclass(frozen=True)
+class Score:
+    """One evaluation: the val accuracy, or None when a threshold test stopped early because
+    the threshold could no longer be reached; ``images`` = images actually scored."""
+    accuracy: float | None
+    images: int
+    seconds: float = 0.0
+
+    @property
+    def below(self) -> bool:
+        return self.accuracy is None
+
+
 # ---- the evaluator --------------------------------------------------------------------------
 
 class MixtureEvaluator:
@@ -386,6 +425,22 @@ class MixtureEvaluator:
 
     __call__ = evaluate
 
+    def score(self, betas: Sequence[np.ndarray], thresholds: Sequence[Threshold | None] | None = None) -> list[Score]:
+        """Like ``evaluate``, but a mixture with a threshold is scored in batches and stopped as
+        soon as ``correct + images left < needed``: it is then reported below the threshold
+        (accuracy None). A mixture that can still pass is scored in full."""
+        thresholds = list(thresholds) if thresholds is not None else [None] * len(betas)
+        if len(thresholds) != len(betas):
+            raise EvaluatorInputError(f"{len(thresholds)} thresholds for {len(betas)} mixtures")
+        checked = [check_mixture(b, i, self.beta_shape, self.component_names) for i, b in enumerate(betas)]
+        out = []
+        for beta, threshold in zip(checked, thresholds):
+            t0 = time.perf_counter()
+            self._fuse(beta)
+            accuracy, images = self._count(threshold)
+            out.append(Score(accuracy, images, time.perf_counter() - t0))
+        return out
+
     def fused_state_dict(self, beta: np.ndarray) -> dict[str, torch.Tensor]:
         """The model's full state dict (fused tensors + its other buffers) for ``beta``, on the CPU.
         Leaves the resident model holding this mixture."""
@@ -394,18 +449,33 @@ class MixtureEvaluator:
 
     def forward_accuracy(self) -> float:
         """Val accuracy of the weights the resident model holds now (no fusing)."""
+        return self._count(None)[0]
+
+    def _count(self, threshold: Threshold | None) -> tuple[float | None, int]:
+        """(correct / n, n) for the resident weights; with a threshold, (None, images scored)
+        once the misses make it unreachable."""
         self.model.eval()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                                   enabled=self.device.type == "cuda" and self.dtype == torch.bfloat16)
         n = self.images.shape[0]
+        needed = None if threshold is None else threshold.needed(n)
+        if needed is not None and needed > n:
+            return None, 0  # no count of correct images can pass
         with torch.inference_mode(), autocast:
             correct = torch.zeros((), dtype=torch.long, device=self.device)
             for start in range(0, n, self.batch_size):
-                logits = self.model(self.images[start:start + self.batch_size])
+                stop = min(start + self.batch_size, n)
+                logits = self.model(self.images[start:stop])
                 predicted = predictions(logits, self.mask, self.class_map)
-                correct += (predicted == self.labels[start:start + self.batch_size]).sum()
+                correct += (predicted == self.labels[start:stop]).sum()
+                # a sync per batch only for threshold tests, whose early stop needs the count
+                if needed is not None and stop < n and correct.item() + (n - stop) < needed:
+                    return None, stop
             # one device sync per evaluation, not per batch
-            return correct.item() / n
+            total = correct.item()
+            if needed is not None and total < needed:
+                return None, n
+            return total / n, n
 
     # -- internals --
 

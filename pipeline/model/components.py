@@ -3,7 +3,9 @@ factor each. Only the image tower and the head exist here (never the text tower)
 optimiser dimension is spent on tensors that cannot change a prediction.
 
 Levels: 0 whole model; 1 stem / transformer / head; 2 stem / one per block / head;
-3 one per parameter tensor. Works for open_clip's VisionTransformer and ModifiedResNet and,
+3 one per parameter tensor; "reference": the reference implementation's level 1 without its
+five text-tower groups, i.e. the whole image tower, the head weight and the head bias.
+Works for open_clip's VisionTransformer and ModifiedResNet and,
 through timm's own parameter grouping, for timm towers."""
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 from torch import nn
 
 LEVEL_NAMES = {0: "model", 1: "stem / transformer / head", 2: "per block", 3: "per tensor"}
+# the reference implementation's level 1, less its text-tower groups: image tower, head weight, head bias
+REFERENCE = "reference"
 
 STEM, BODY, HEAD = "stem", "transformer", "head"
 
@@ -116,6 +120,12 @@ def _grouped(places: dict[str, _Place], level: int) -> list[tuple[str, list[str]
     """(component name, params) in stable order: stem, blocks in forward order, head."""
     if level == 0:
         return [("model", list(places))]
+    if level == REFERENCE:
+        # JrsUtilModel's level 1 keeps each top-level module whole; of its 8 groups these 3
+        # touch the classifier: the image tower and the classification head's two tensors
+        tower = [n for n in places if n.startswith("visual.")]
+        head = [n for n in places if not n.startswith("visual.")]
+        return [("visual", tower)] + [(n, [n]) for n in head]
     key_of = {STEM: (0, ()), HEAD: (2, ())}
     groups: dict[str, list[str]] = {}
     sort_key: dict[str, tuple] = {}
@@ -151,10 +161,11 @@ def _attach_buffers(model: nn.Module, comps: list[tuple[str, list[str]]]) -> lis
     return [Component(c, tuple(names), tuple(b)) for (c, names), b in zip(comps, buffers)]
 
 
-def components(model: nn.Module, level: int) -> list[Component]:
-    """The classifier's components at ``level`` (0-3); every parameter appears exactly once."""
-    if level not in LEVEL_NAMES:
-        raise ValueError(f"component level must be one of {sorted(LEVEL_NAMES)}, got {level!r}")
+def components(model: nn.Module, level: int | str) -> list[Component]:
+    """The classifier's components at ``level`` (0-3 or "reference"); every parameter appears
+    exactly once."""
+    if level != REFERENCE and level not in LEVEL_NAMES:
+        raise ValueError(f"component level must be one of {[*LEVEL_NAMES, REFERENCE]}, got {level!r}")
     return _attach_buffers(model, _grouped(_placements(model), level))
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..evaluate.mixture import Threshold
 from . import mixture
 from .mmms import sorted_best_first
 
@@ -23,15 +24,24 @@ def greedy_soup(val_accs: Sequence[float], C: int,
                 evaluate: Callable[[list[np.ndarray]], list[float]]) -> tuple[np.ndarray, list[tuple[int, float]]]:
     """Model soups' greedy soup: ingredients best first; one joins when the uniform soup with it
     is strictly better on val than the soup without it (main.py: ``if acc > best_so_far``).
+    An evaluator with ``score(betas, thresholds)`` gets that test as ``Threshold(best,
+    strict=True)`` and may stop scoring once it cannot pass: the same decisions, fewer images.
     Returns (beta, trace of (evaluations, best val so far))."""
     order = sorted_best_first(val_accs)
     K = len(order)
     chosen = [order[0]]
     best = mixture.check_accuracies(evaluate([mixture.one_hot(K, C, order[0])]), 1)[0]
     trace = [(1, best)]
+    score = getattr(evaluate, "score", None)
     for n, j in enumerate(order[1:], start=2):
-        acc = mixture.check_accuracies(evaluate([mixture.subset(K, C, chosen + [j])]), 1)[0]
-        if acc > best:
+        beta = mixture.subset(K, C, chosen + [j])
+        test = Threshold(best, strict=True)
+        if score is not None:
+            (result,) = score([beta], [test])
+            acc = result.accuracy
+        else:
+            acc = mixture.check_accuracies(evaluate([beta]), 1)[0]
+        if acc is not None and test.passes(acc):
             chosen.append(j)
             best = acc
         trace.append((n, best))

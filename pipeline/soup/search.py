@@ -1,5 +1,7 @@
-"""The soup's ``evaluate(list of beta) -> list of accuracies`` on Ray: one list is spread over
-a pool of E mixture evaluator actors and gathered back in list order.
+"""The soup's evaluators on Ray: a pool of E mixture evaluator actors, used two ways.
+Synchronously, ``pool(betas) -> accuracies``: one list is spread over the actors and gathered
+back in list order. Asynchronously (the speculative phase 1, pipeline/soup/dispatch.py):
+``submit(beta, threshold) -> ticket``, ``free()``, ``wait() -> [(ticket, Score)]``.
 
 E and the order in which actors finish never change a result: every actor holds the same
 ingredients and val tensors with a pinned torch thread count, each mixture is scored by
@@ -7,6 +9,7 @@ exactly one actor, and answers are placed by their index in the list. The number
 candidates per call (the core's W, ``soup.num_workers``) is the search's business."""
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +53,11 @@ class EvaluatorPool:
         self.evaluations = 0
         self.best_val: float | None = None
         self.seconds = 0.0
+        # the asynchronous side: queued (ticket, beta, threshold), refs in flight, idle actors
+        self._tickets = itertools.count()
+        self._queue: list[tuple] = []
+        self._running: dict = {}
+        self._idle: list = []
 
     @property
     def size(self) -> int:
@@ -76,6 +84,7 @@ class EvaluatorPool:
             actor = self._starting.pop(ref)
             self.infos.append(self._ray.get(ref))  # raises the actor's construction error
             self._ready.append(actor)
+            self._idle.append(actor)
 
     def wait_ready(self, count: int = 1) -> dict:
         """Block until ``count`` actors (at most all) are in service; returns the first one's info()."""
@@ -104,7 +113,7 @@ class EvaluatorPool:
                 try:
                     (results[index],) = self._ray.get(ref)
                 except RayActorError:
-                    self._ready.remove(actor)
+                    self._lose(actor)
                     todo.insert(0, index)
                     continue
                 idle.append(actor)
@@ -134,11 +143,78 @@ class EvaluatorPool:
             hook(len(accs), self.best_val, seconds)
         return accs
 
+    # -- asynchronous: one mixture per actor call, any number in flight --
+
+    parallel = True
+
+    def free(self) -> int:
+        """Actors that would start a submitted mixture right away (started ones join here)."""
+        self._admit_ready(0 if self._ready else 1)
+        return len(self._idle) - len(self._queue)
+
+    def submit(self, beta, threshold=None) -> int:
+        ticket = next(self._tickets)
+        self._queue.append((ticket, np.ascontiguousarray(beta, dtype=np.float64), threshold))
+        self._dispatch()
+        return ticket
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue:
+            actor = self._idle.pop(0)
+            ticket, beta, threshold = item = self._queue.pop(0)
+            self._running[actor.score.remote([beta], [threshold])] = (item, actor)
+
+    def wait(self) -> list:
+        """Block until at least one submitted mixture is scored: [(ticket, Score)]. A mixture
+        whose actor died goes back to the head of the queue for another actor."""
+        from ray.exceptions import RayActorError
+
+        out = []
+        while not out:
+            if not self._running:
+                if not self._queue:
+                    raise RuntimeError("wait() with nothing submitted")
+                self._replace_lost()  # every actor died: one still starting, or an error
+                self._idle = list(self._ready)  # nothing runs, so every live actor is idle
+                self._dispatch()
+                continue
+            # everything finished by now, at least one
+            done, _ = self._ray.wait(list(self._running), num_returns=1)
+            rest = [r for r in self._running if r not in done]
+            if rest:
+                done += self._ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            for ref in done:
+                item, actor = self._running.pop(ref)
+                try:
+                    (score,) = self._ray.get(ref)
+                except RayActorError:
+                    self._lose(actor)
+                    self._queue.insert(0, item)
+                    continue
+                self._idle.append(actor)
+                out.append((item[0], score))
+                self._count(score)
+            self._admit_ready(0)
+            self._dispatch()
+        return out
+
+    def _lose(self, actor) -> None:
+        if actor in self._ready:
+            self._ready.remove(actor)
+        if actor in self._idle:
+            self._idle.remove(actor)
+
+    def _count(self, score) -> None:
+        self.evaluations += 1
+        self.seconds += score.seconds
+        if score.accuracy is not None and math.isfinite(score.accuracy):
+            self.best_val = score.accuracy if self.best_val is None else max(self.best_val, score.accuracy)
+
     def close(self) -> None:
         """Stop every actor (their CPUs/GPUs go back to the cluster for the next step)."""
         for actor in self._all:
             self._ray.kill(actor)
-        self._all, self._ready, self._starting = [], [], {}
+        self._all, self._ready, self._starting, self._idle = [], [], {}, []
 
     def __enter__(self) -> "EvaluatorPool":
         return self

@@ -26,7 +26,8 @@ from . import baselines, mixture, mmms
 from . import publish as pub
 from . import report as rep
 from ..keys import digest, result_settings
-from .memo import Memo, MemoEvaluator
+from .dispatch import Dispatcher, dispatcher_of
+from .memo import Memo, content_key, mixture_content
 from .search import evaluator_pool
 
 Log = Callable[[str], None]
@@ -218,8 +219,11 @@ class ProgressPrinter:
         self._last_where, self._last_time = where, now
         ing = p.get("ingredient")
         name = "all chosen" if ing is None else self.ids[ing]
+        expected = p.get("expected", p["budget"])
+        extra = f", {p['dropped']} speculative dropped" if p.get("dropped") else ""
         self.log(f"soup phase {p['phase']} | ingredient {name} ({p.get('step')}) | "
-                 f"evaluations {p['evals']}/{p['budget']} | best val {p['best_val']:.4f}")
+                 f"evaluations {p['evals']} of ~{expected:.0f} expected (at most {p['budget']}{extra}) | "
+                 f"best val {p['best_val']:.4f}")
 
 
 # ---- the search -----------------------------------------------------------------------------
@@ -233,34 +237,42 @@ class SearchResult:
     phase2_kept: bool
     decision: str
     timings: dict[str, float]
+    cost: dict[str, dict]  # per method/phase: what the evaluators did (dispatch.Cost.report)
 
 
 def run_search(cfg: Config, evaluate, val_accs: Sequence[float], C: int, progress, log: Log) -> SearchResult:
-    """Baselines and MMMS phases 1 and 2, all through ``evaluate`` (Ray-free beyond it)."""
+    """Baselines and MMMS phases 1 and 2, all through ``evaluate`` (Ray-free beyond it): a plain
+    callable, an asynchronous evaluator (the Ray pool: phase 1 speculates) or a Dispatcher."""
     K = len(val_accs)
-    timings = {}
-    t0 = time.time()
+    evaluate = dispatcher_of(evaluate)
+    cost: dict[str, dict] = {}
+
+    def costed(name: str, run):
+        """Run one method's search; its evaluators' work goes to cost[name]."""
+        before, t = evaluate.cost.copy(), time.time()
+        out = run()
+        cost[name] = evaluate.cost.since(before).report(time.time() - t, evaluate.size)
+        return out
+
     betas = {"best_individual": baselines.best_individual(val_accs, C), "uniform_soup": baselines.uniform_soup(K, C)}
-    accs = evaluate([betas["best_individual"], betas["uniform_soup"]])
+    accs = costed("individual_and_uniform", lambda: evaluate([betas["best_individual"], betas["uniform_soup"]]))
     search_val = {"best_individual": accs[0], "uniform_soup": accs[1]}
     log(f"soup: best individual val {accs[0]:.4f}, uniform soup val {accs[1]:.4f}")
-    betas["greedy_soup"], greedy_trace = baselines.greedy_soup(val_accs, C, evaluate)
+    betas["greedy_soup"], greedy_trace = costed("greedy_soup", lambda: baselines.greedy_soup(val_accs, C, evaluate))
     search_val["greedy_soup"] = greedy_trace[-1][1]
     log(f"soup: greedy soup val {search_val['greedy_soup']:.4f} "
         f"({int(np.count_nonzero(betas['greedy_soup'].any(axis=1)))} of {K} ingredients)")
-    timings["baselines"] = time.time() - t0
 
-    t0 = time.time()
-    p1 = mmms.phase1(val_accs, C, evaluate, cfg.soup, progress)
-    timings["phase1"] = time.time() - t0
-    log(f"soup: mmms phase 1 val {p1.val_acc:.4f} ({p1.n_evals} evaluations, {len(p1.chosen)} ingredients mixed)")
+    p1 = costed("mmms_phase1", lambda: mmms.phase1(val_accs, C, evaluate, cfg.soup, progress))
+    c = cost["mmms_phase1"]
+    log(f"soup: mmms phase 1 val {p1.val_acc:.4f} ({p1.n_evals} evaluations, {len(p1.chosen)} ingredients mixed; "
+        f"{c['evaluations']} run on {c['evaluators']} evaluators, {c['speculative_dropped']} of them dropped "
+        f"speculation, {c['wall_seconds']:.1f}s)")
     betas["mmms_phase1"], search_val["mmms_phase1"] = p1.beta, p1.val_acc
 
     p2, kept = None, False
     if cfg.soup.phase2.enabled:
-        t0 = time.time()
-        p2 = mmms.phase2(p1.beta, evaluate, cfg.soup, progress)
-        timings["phase2"] = time.time() - t0
+        p2 = costed("mmms_phase2", lambda: mmms.phase2(p1.beta, evaluate, cfg.soup, progress))
         kept = p2.val_acc > p1.val_acc  # phase 2 must earn its place on val
         verdict = "kept" if kept else "not better, phase 1 kept"
         decision = f"phase 2 val {p2.val_acc:.4f} vs phase 1 {p1.val_acc:.4f}: {verdict}"
@@ -269,7 +281,11 @@ def run_search(cfg: Config, evaluate, val_accs: Sequence[float], C: int, progres
     log(f"soup: {decision}")
     betas["mmms"] = p2.beta if kept else p1.beta
     search_val["mmms"] = p2.val_acc if kept else p1.val_acc
-    return SearchResult(betas, search_val, p1, p2, kept, decision, timings)
+    timings = {"baselines": cost["individual_and_uniform"]["wall_seconds"] + cost["greedy_soup"]["wall_seconds"],
+               "phase1": cost["mmms_phase1"]["wall_seconds"]}
+    if p2 is not None:
+        timings["phase2"] = cost["mmms_phase2"]["wall_seconds"]
+    return SearchResult(betas, search_val, p1, p2, kept, decision, timings, cost)
 
 
 def search_trace(result: SearchResult) -> list[list[float]]:
@@ -350,6 +366,8 @@ def build_report(cfg: Config, run_id: str, ids: Sequence[str], component_names: 
             {m: {s: v["accuracy"] for s, v in by_split.items()} for m, by_split in evaluations.items()},
             ids, val, id_test, ood),
         "search_trace": search_trace(result),
+        "phase1_decisions": [[ids[j], outcome, acc] for j, outcome, acc in result.phase1.decisions],
+        "cost": result.cost,
         "splits": {"val": val, "id_test": id_test, "ood": ood},
         "split_sizes": sizes,
         "evaluations": counts,
@@ -370,17 +388,36 @@ def report_files(report: dict) -> dict[str, bytes]:
 
 class LazyPool:
     """The evaluator pool, started at the first mixture the memo cannot answer: a soup whose
-    every evaluation is in the memo starts no actor at all."""
+    every evaluation is in the memo starts no actor at all. Synchronous ``pool(betas)`` and the
+    asynchronous side the speculative phase 1 uses (``free``, ``submit``, ``wait``)."""
+
+    parallel = True
 
     def __init__(self, cfg: Config, val: str, ids: list[str], component_names: list[str], metrics):
         self.cfg, self.val, self.ids, self.names, self.metrics = cfg, val, ids, component_names, metrics
         self.pool = None
 
-    def __call__(self, betas: list[np.ndarray]) -> list[float]:
+    @property
+    def size(self) -> int:
+        return self.cfg.soup.num_evaluators
+
+    def started(self):
         if self.pool is None:
             self.pool = evaluator_pool(self.cfg, self.val, self.ids)
             _check_pool(self.pool.wait_ready(), self.ids, self.names)
-        return self.pool(betas)
+        return self.pool
+
+    def __call__(self, betas: list[np.ndarray]) -> list[float]:
+        return self.started()(betas)
+
+    def free(self) -> int:
+        return self.started().free()
+
+    def submit(self, beta, threshold=None) -> int:
+        return self.started().submit(beta, threshold)
+
+    def wait(self) -> list:
+        return self.started().wait()
 
     @property
     def seconds(self) -> float:
@@ -391,6 +428,35 @@ class LazyPool:
             self.pool.close()  # the actors' CPUs/GPUs go to the scoring that follows
 
 
+class _ContentMemo:
+    """The search memo as the Dispatcher's memo: mixtures keyed by content. Evaluations are
+    written in batches (one part file per ``FLUSH_EVERY`` answers, and at the end), not one
+    small object per evaluation; a crash loses at most the last batch."""
+
+    FLUSH_EVERY = 32
+
+    def __init__(self, memo: Memo, shas: Sequence[str]):
+        self.memo, self.shas = memo, list(shas)
+        self.pending: dict[str, tuple[list, float]] = {}
+
+    def get(self, beta: np.ndarray) -> float | None:
+        key = content_key(mixture_content(beta, self.shas))
+        hit = self.pending.get(key)
+        return hit[1] if hit is not None else self.memo.get(key)
+
+    def put(self, beta: np.ndarray, accuracy: float) -> None:
+        content = mixture_content(beta, self.shas)
+        self.pending[content_key(content)] = (content, accuracy)
+        if len(self.pending) >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            contents, accs = zip(*self.pending.values())
+            self.memo.append(list(contents), list(accs))
+            self.pending = {}
+
+
 def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tuple[SearchResult, dict]:
     """The search, every evaluation answered from the memo or spread over E evaluator actors."""
     val, _, _ = _split_names(cfg)
@@ -399,15 +465,19 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tup
     val_accs = [float(inputs.evaluations[i][val]["accuracy"]) for i in ids]
     metrics = dashboard_metrics(run_id)
     pool = LazyPool(cfg, val, ids, names, metrics)
-    evaluate = MemoEvaluator(pool, memo, [i.sha256 for i in inputs.ingredients])
+    # phase 1 speculates on the pool's idle actors; the memo answers what it holds
+    content_memo = _ContentMemo(memo, [i.sha256 for i in inputs.ingredients])
+    evaluate = Dispatcher(pool, memo=content_memo)
     try:
         result = run_search(cfg, evaluate, val_accs, len(names), ProgressPrinter(ids, log, metrics), log)
     finally:
+        content_memo.flush()  # what was evaluated is kept, even when the search failed
         pool.close()
         if metrics is not None:
             metrics.close()
-    log(f"soup: {evaluate.hits} mixtures from memo, {evaluate.misses} evaluated")
-    counts = {"memo": layout.relative(cfg, memo.uri), "from_memo": evaluate.hits, "evaluated": evaluate.misses,
+    hits, misses = evaluate.cost.memo_hits, evaluate.cost.evaluations
+    log(f"soup: {hits} mixtures from memo, {misses} evaluated")
+    counts = {"memo": layout.relative(cfg, memo.uri), "from_memo": hits, "evaluated": misses,
               "evaluator_nodes": [i["node_id"] for i in pool.pool.infos] if pool.pool is not None else [],
               "phase1": result.phase1.n_evals, "phase2": result.phase2.n_evals if result.phase2 else 0,
               "evaluator_seconds": round(pool.seconds, 2)}
@@ -438,6 +508,9 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
     if force:
         storage.delete(layout.soup_memo_root(cfg))
         storage.delete(layout.fused_scores_uri(cfg))
+    from ..raycluster import init_ray
+
+    init_ray(cfg)  # `frankensoup soup` alone starts or joins Ray like `run` does
     ids, meta = inputs.ids, inputs.meta
     log(f"soup: {len(ids)} ingredients x {len(inputs.components)} components "
         f"({', '.join(inputs.component_names)}), {cfg.soup.num_evaluators} evaluators, "

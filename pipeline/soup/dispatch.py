@@ -1,0 +1,395 @@
+"""Running the search's coroutines on evaluators: one ``Dispatcher`` between the algorithm and
+an asynchronous evaluator (Ray-free; the Ray pool in search.py is one such evaluator).
+
+The algorithm is written as coroutines (generators) that yield a ``Request`` — a batch of
+mixtures, maybe with a ``Threshold`` — and receive one ``Score`` per mixture. Because every
+accuracy is a deterministic function of the mixture, a coroutine's trajectory does not depend
+on when or where its requests were evaluated; the dispatcher only decides *when*: free
+evaluators go to the pending mixtures of the tasks in the order the caller lists them (its
+priority), identical mixtures are evaluated once (a memo by ``mixture_key``; a below-threshold
+answer is never memoised as an accuracy) and every evaluation is counted. See
+docs/algorithm.md, "Speculative phase 1"."""
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..evaluate.mixture import Score, Threshold
+from . import mixture
+
+
+@dataclass
+class Request:
+    """What a coroutine asks: val accuracy of ``betas``; with a threshold, each mixture may be
+    answered ``below`` (Score.accuracy None) once it provably fails ``threshold.passes``."""
+    betas: list[np.ndarray]
+    threshold: Threshold | None = None
+    step: str = ""
+
+
+Coroutine = Generator[Request, list[Score], object]
+
+
+# ---- evaluators ----------------------------------------------------------------------------
+
+class SyncEvaluator:
+    """A plain ``evaluate(betas) -> accuracies`` callable seen as an asynchronous evaluator with one
+    worker that runs everything submitted since the last ``wait`` as ONE call (a batch). Not
+    ``parallel``: the driver gives it only the sequential search's own requests. A callable with
+    ``score(betas, thresholds) -> list[Score]`` (the MixtureEvaluator) gets the thresholds."""
+
+    parallel = False
+    size = 1
+
+    def __init__(self, evaluate: Callable):
+        self.evaluate = evaluate
+        self._queued: list[tuple[int, np.ndarray, Threshold | None]] = []
+        self._tickets = itertools.count()
+
+    def free(self) -> int:
+        return 1 << 30  # batches are the caller's business
+
+    def submit(self, beta: np.ndarray, threshold: Threshold | None = None) -> int:
+        ticket = next(self._tickets)
+        self._queued.append((ticket, beta, threshold))
+        return ticket
+
+    def wait(self) -> list[tuple[int, Score]]:
+        queued, self._queued = self._queued, []
+        if not queued:
+            return []
+        betas = [b for _, b, _ in queued]
+        t0 = time.perf_counter()
+        score = getattr(self.evaluate, "score", None)
+        if score is not None:
+            scores = list(score(betas, [t for _, _, t in queued]))
+            if len(scores) != len(betas):
+                raise ValueError(f"evaluate returned {len(scores)} scores for {len(betas)} mixtures")
+        else:
+            accs = mixture.check_accuracies(self.evaluate(betas), len(betas))
+            each = (time.perf_counter() - t0) / len(betas)
+            scores = [Score(a, None, each) for a in accs]
+        return [(ticket, s) for (ticket, _, _), s in zip(queued, scores)]
+
+
+class SimulatedEvaluator:
+    """A deterministic stand-in for a pool of E evaluators (tests): accuracy = ``accuracy(beta)``
+    read as correct / ``n_images``; answers come back in a seeded random order, a few at a time;
+    ``lose_after`` evaluations in, one evaluator is lost and its evaluation re-queued, as the
+    Ray pool does. Threshold tests stop early as the real evaluator would (misses spread evenly)."""
+
+    parallel = True
+
+    def __init__(self, accuracy: Callable[[np.ndarray], float], n_evaluators: int, *, seed: int = 0,
+                 n_images: int = 1000, lose_after: int | None = None):
+        self.accuracy, self.size, self.n_images = accuracy, n_evaluators, n_images
+        self.rng = random.Random(seed)
+        self.lose_after = lose_after
+        self.alive = n_evaluators
+        self._queue: list[tuple[int, np.ndarray, Threshold | None]] = []
+        self._running: list[tuple[int, np.ndarray, Threshold | None]] = []
+        self._tickets = itertools.count()
+        self.completed = 0
+        self.max_running = 0
+
+    def free(self) -> int:
+        return self.alive - len(self._running) - len(self._queue)
+
+    def submit(self, beta, threshold=None) -> int:
+        ticket = next(self._tickets)
+        self._queue.append((ticket, np.array(beta), threshold))
+        self._start()
+        return ticket
+
+    def _start(self) -> None:
+        while self._queue and len(self._running) < self.alive:
+            self._running.append(self._queue.pop(0))
+        self.max_running = max(self.max_running, len(self._running))
+
+    def score(self, beta, threshold) -> Score:
+        return simulated_score(self.accuracy(beta), self.n_images, threshold)
+
+    def wait(self) -> list[tuple[int, Score]]:
+        if not self._running:
+            raise RuntimeError("wait() with nothing submitted")
+        if self.lose_after is not None and self.completed >= self.lose_after and self.alive > 1:
+            self.lose_after = None
+            self.alive -= 1
+            lost = self._running.pop(self.rng.randrange(len(self._running)))
+            self._queue.insert(0, lost)  # its evaluation goes to another evaluator
+            self._start()
+        self.rng.shuffle(self._running)
+        n = self.rng.randint(1, len(self._running))
+        done, self._running = self._running[:n], self._running[n:]
+        self.completed += len(done)
+        self._start()
+        return [(ticket, self.score(beta, threshold)) for ticket, beta, threshold in done]
+
+
+def simulated_score(accuracy: float, n_images: int, threshold: Threshold | None) -> Score:
+    """The Score a chunked evaluator gives for an accuracy of correct / n_images (misses spread
+    evenly over the images): below the threshold after the images that make it unreachable."""
+    correct = round(accuracy * n_images)
+    if threshold is None:
+        return Score(correct / n_images, n_images)
+    needed = threshold.needed(n_images)
+    if correct >= needed:
+        return Score(correct / n_images, n_images)
+    misses_allowed = n_images - needed  # stop at the first miss beyond these
+    misses = n_images - correct
+    images = n_images if misses == 0 else min(n_images, int(np.ceil((misses_allowed + 1) * n_images / misses)))
+    return Score(None, images)
+
+
+# ---- tasks and the dispatcher ---------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One answered request of a task, as the sequential search would log it."""
+    step: str
+    n: int
+    best: float | None  # best accuracy in the batch (None: all below a threshold)
+    seconds: float
+
+
+class Task:
+    """One coroutine in flight: its current request, the answers gathered so far, and the log of
+    its answered batches (in its own order, which is the sequential order within it)."""
+
+    def __init__(self, coroutine: Coroutine, label=None):
+        self.coroutine, self.label = coroutine, label
+        self.request: Request | None = None
+        self.answers: list[Score | None] = []
+        self.sent: list[bool] = []
+        self.log: list[Batch] = []
+        self.done = False
+        self.dropped = False
+        self.result = None
+        self.spent = 0  # evaluations run on this task's behalf
+        self.reported = 0  # log entries the caller has reported
+        self._advance(None)
+
+    def _advance(self, scores: list[Score] | None) -> None:
+        try:
+            request = next(self.coroutine) if scores is None else self.coroutine.send(scores)
+        except StopIteration as stop:
+            self.done, self.result, self.request = True, stop.value, None
+            return
+        if not request.betas:
+            raise ValueError("a coroutine asked for an empty batch")
+        self.request = request
+        self.answers = [None] * len(request.betas)
+        self.sent = [False] * len(request.betas)
+
+    @property
+    def ready(self) -> bool:
+        return not self.done and all(a is not None for a in self.answers)
+
+    def finish_batch(self) -> None:
+        answers = list(self.answers)
+        threshold = self.request.threshold
+        # a failed threshold test logs no accuracy, whether it stopped early or came from the memo
+        accs = [a.accuracy for a in answers
+                if a.accuracy is not None and (threshold is None or threshold.passes(a.accuracy))]
+        self.log.append(Batch(self.request.step, len(answers), max(accs) if accs else None,
+                              sum(a.seconds for a in answers)))
+        self._advance(answers)
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.coroutine.close()  # frees the optimizer (a recast one holds a thread)
+
+
+@dataclass
+class Cost:
+    """What the evaluators did. ``images`` is None when an evaluator does not report them."""
+    evaluations: int = 0
+    images: int | None = 0
+    memo_hits: int = 0
+    dropped: int = 0          # evaluations spent on speculation that was dropped
+    busy_seconds: float = 0.0
+
+    def since(self, before: "Cost") -> "Cost":
+        images = None if self.images is None or before.images is None else self.images - before.images
+        return Cost(self.evaluations - before.evaluations, images, self.memo_hits - before.memo_hits,
+                    self.dropped - before.dropped, self.busy_seconds - before.busy_seconds)
+
+    def copy(self) -> "Cost":
+        return Cost(**self.__dict__)
+
+    def report(self, wall_seconds: float, n_evaluators: int) -> dict:
+        busy = self.busy_seconds / (wall_seconds * n_evaluators) if wall_seconds > 0 else 0.0
+        return {"evaluations": self.evaluations, "images_scored": self.images, "memo_hits": self.memo_hits,
+                "speculative_dropped": self.dropped, "wall_seconds": round(wall_seconds, 3),
+                "evaluators": n_evaluators, "busy_fraction": round(min(busy, 1.0), 4)}
+
+
+@dataclass
+class _Flight:
+    key: str
+    beta: np.ndarray
+    threshold: Threshold | None
+    waiters: list[tuple[Task, int]] = field(default_factory=list)
+
+
+class DictMemo:
+    """The in-process memo: full accuracies by mixture key. A memo is anything with
+    ``get(beta) -> accuracy | None`` and ``put(beta, accuracy)`` (the soup stage's is persistent)."""
+
+    def __init__(self):
+        self._accs: dict[str, float] = {}
+
+    def get(self, beta: np.ndarray) -> float | None:
+        return self._accs.get(mixture.mixture_key(beta))
+
+    def put(self, beta: np.ndarray, accuracy: float) -> None:
+        self._accs.setdefault(mixture.mixture_key(beta), float(accuracy))
+
+
+class Dispatcher:
+    """Tasks' requests -> an asynchronous evaluator (``free()``, ``submit(beta, threshold)``,
+    ``wait() -> [(ticket, Score)]``, ``parallel``, ``size``), or a plain ``evaluate`` callable.
+    Also a synchronous ``evaluate`` itself: ``dispatcher(betas)`` and ``dispatcher.score(betas,
+    thresholds)`` for the searches that are not coroutines (baselines, greedy soup)."""
+
+    def __init__(self, evaluator, memo=None):
+        if not hasattr(evaluator, "submit"):
+            evaluator = SyncEvaluator(evaluator)
+        self.evaluator = evaluator
+        self.memo = memo if memo is not None else DictMemo()
+        self.cost = Cost()
+        self._flights: dict[int, _Flight] = {}
+        self._by_key: dict[str, list[int]] = {}
+
+    @property
+    def parallel(self) -> bool:
+        return bool(self.evaluator.parallel)
+
+    @property
+    def size(self) -> int:
+        return int(self.evaluator.size)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    def fill(self, tasks: Sequence[Task]) -> bool:
+        """Send the tasks' unsent mixtures, in task order, while evaluators are free; answer
+        what the memo or an identical evaluation in flight can. True if evaluators are left free."""
+        for task in tasks:
+            if task.done or task.dropped:
+                continue
+            request = task.request
+            for i, beta in enumerate(request.betas):
+                if task.sent[i]:
+                    continue
+                beta = mixture.validate(beta)
+                key = mixture.mixture_key(beta)
+                known = self.memo.get(beta)
+                if known is not None:
+                    task.sent[i], task.answers[i] = True, Score(known, 0)
+                    self.cost.memo_hits += 1
+                    continue
+                twin = next((t for t in self._by_key.get(key, ())
+                             if self._flights[t].threshold in (None, request.threshold)), None)
+                if twin is not None:
+                    self._flights[twin].waiters.append((task, i))
+                    task.sent[i] = True
+                    continue
+                if self.evaluator.free() <= 0:
+                    return False
+                ticket = self.evaluator.submit(beta, request.threshold)
+                self._flights[ticket] = _Flight(key, beta, request.threshold, [(task, i)])
+                self._by_key.setdefault(key, []).append(ticket)
+                task.sent[i] = True
+        return self.evaluator.free() > 0
+
+    def wait(self) -> None:
+        """Block until evaluations come back; hand each answer to the tasks waiting on it."""
+        if not self._flights:
+            raise RuntimeError("the dispatcher has nothing in flight to wait for")
+        for ticket, score in self.evaluator.wait():
+            flight = self._flights.pop(ticket)
+            self._by_key[flight.key].remove(ticket)
+            if not self._by_key[flight.key]:
+                del self._by_key[flight.key]
+            self.cost.evaluations += 1
+            self.cost.busy_seconds += score.seconds
+            if self.cost.images is not None:
+                self.cost.images = None if score.images is None else self.cost.images + score.images
+            if score.accuracy is not None:
+                mixture.check_accuracies([score.accuracy], 1)
+                self.memo.put(flight.beta, score.accuracy)
+            live = [(t, i) for t, i in flight.waiters if not t.dropped]
+            if not live:
+                self.cost.dropped += 1
+                continue
+            live[0][0].spent += 1
+            for task, i in live:
+                if score.below and task.request.threshold != flight.threshold:
+                    task.sent[i] = False  # answered for another threshold: ask again
+                else:
+                    task.answers[i] = score
+
+    def step(self, tasks: Sequence[Task]) -> list[Task]:
+        """Fill, then (if no task can move on without it) wait once; returns the tasks whose
+        batch was answered, each advanced to its next request."""
+        self.fill(tasks)
+        ready = [t for t in tasks if not t.dropped and t.ready]
+        if not ready:
+            self.wait()
+            ready = [t for t in tasks if not t.dropped and t.ready]
+        for t in ready:
+            t.finish_batch()
+        return ready
+
+    def drop(self, task: Task) -> None:
+        """Abandon a task: what it already spent counts as dropped speculation; its evaluations
+        in flight finish (they are memoised) and count as dropped if nobody else wants them."""
+        if not task.dropped:
+            task.drop()
+            self.cost.dropped += task.spent
+
+    def drain(self) -> None:
+        """Wait for every evaluation still in flight (dropped speculation at the end of a phase)."""
+        while self._flights:
+            self.wait()
+
+    def run(self, task: Task, on_batch: Callable[[Task], None] | None = None):
+        """Drive one task to its end; returns its result."""
+        while not task.done:
+            for t in self.step([task]):
+                if on_batch is not None:
+                    on_batch(t)
+        return task.result
+
+    # -- the synchronous evaluate, for searches that are not coroutines --
+
+    def score(self, betas: Sequence[np.ndarray], thresholds: Sequence[Threshold | None] | None = None) -> list[Score]:
+        thresholds = list(thresholds) if thresholds is not None else [None] * len(betas)
+        groups: dict = {}
+        for i, t in enumerate(thresholds):
+            groups.setdefault(t, []).append(i)
+        out: list[Score | None] = [None] * len(betas)
+        for t, idx in groups.items():
+            scores = self.run(Task(_ask(Request([betas[i] for i in idx], t))))
+            for i, s in zip(idx, scores):
+                out[i] = s
+        return out  # type: ignore[return-value]
+
+    def __call__(self, betas: Sequence[np.ndarray]) -> list[float]:
+        return [s.accuracy for s in self.score(betas)]
+
+
+def _ask(request: Request) -> Coroutine:
+    return (yield request)
+
+
+def dispatcher_of(evaluate) -> Dispatcher:
+    """``evaluate`` as a Dispatcher: itself, an asynchronous evaluator, or a plain callable."""
+    return evaluate if isinstance(evaluate, Dispatcher) else Dispatcher(evaluate)
