@@ -3,6 +3,7 @@ a Ray actor (`MixtureEvaluatorActor`) wrapping the very same class. The soup sea
 dispatches its candidate mixtures to these actors (pipeline/soup/search.py)."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import ray
@@ -103,6 +104,17 @@ def evaluator_device(cfg: Config) -> str:
     return "cuda" if cfg.soup.evaluator_resources.gpu > 0 and torch.cuda.is_available() else "cpu"
 
 
+def _evaluator_metrics():
+    """Busy seconds and call latency for the dashboard (per node); None where Ray has no metrics
+    agent (in-process use, a bare test): the evaluator works the same without them."""
+    try:
+        from ..metrics import EvaluatorMetrics
+
+        return EvaluatorMetrics()
+    except Exception:
+        return None
+
+
 class EvaluatorHost:
     """What a MixtureEvaluatorActor holds: one MixtureEvaluator, built once from URIs."""
 
@@ -111,13 +123,19 @@ class EvaluatorHost:
         self.ids = [r["id"] for r in chosen_ingredients(cfg, ingredient_ids)]
         self.split_name = split_name
         self.evaluator = build_mixture_evaluator(cfg, split_name, self.ids, device=evaluator_device(cfg))
+        self.metrics = _evaluator_metrics()
+
+    def _busy(self):
+        return self.metrics.evaluating() if self.metrics is not None else contextlib.nullcontext()
 
     def evaluate(self, betas: Sequence) -> list[float]:
-        return self.evaluator.evaluate(list(betas))
+        with self._busy():
+            return self.evaluator.evaluate(list(betas))
 
     def score(self, betas: Sequence, thresholds: Sequence[Threshold | None] | None = None) -> list[Score]:
         """Val accuracy per mixture; one with a threshold stops early once it cannot pass."""
-        return self.evaluator.score(list(betas), thresholds)
+        with self._busy():
+            return self.evaluator.score(list(betas), thresholds)
 
     def info(self) -> dict:
         ev = self.evaluator
