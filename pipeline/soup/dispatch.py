@@ -7,7 +7,7 @@ accuracy is a deterministic function of the mixture, a coroutine's trajectory do
 on when or where its requests were evaluated; the dispatcher only decides *when*: free
 evaluators go to the pending mixtures of the tasks in the order the caller lists them (its
 priority), identical mixtures are evaluated once (a memo by ``mixture_key``; a below-threshold
-answer is never memoised as an accuracy) and every evaluation is counted. See
+answer is memoised as the threshold it failed, never as an accuracy) and every evaluation is counted. See
 docs/algorithm.md, "Speculative phase 1"."""
 from __future__ import annotations
 
@@ -237,18 +237,36 @@ class _Flight:
     waiters: list[tuple[Task, int]] = field(default_factory=list)
 
 
+def settles(failed: Threshold, asked: Threshold) -> bool:
+    """Does a mixture known to fail ``failed`` also fail ``asked``? Failing ``acc >= v`` means
+    acc < v; failing ``acc > v`` means acc <= v. Either fails any test at least as demanding."""
+    if failed.strict and not asked.strict:
+        return asked.value > failed.value  # acc <= v may still reach acc >= v
+    return asked.value >= failed.value
+
+
 class DictMemo:
-    """The in-process memo: full accuracies by mixture key. A memo is anything with
-    ``get(beta) -> accuracy | None`` and ``put(beta, accuracy)`` (the soup stage's is persistent)."""
+    """The in-process memo: full accuracies by mixture key, and the thresholds a mixture is known
+    to fail (an early-stopped test: no accuracy, but a fact). A memo is anything with
+    ``get(beta) -> accuracy | None`` and ``put(beta, accuracy)``, and optionally
+    ``failed(beta) -> [Threshold]`` and ``put_failed(beta, threshold)`` (the soup stage's is
+    persistent)."""
 
     def __init__(self):
         self._accs: dict[str, float] = {}
+        self._failed: dict[str, list[Threshold]] = {}
 
     def get(self, beta: np.ndarray) -> float | None:
         return self._accs.get(mixture.mixture_key(beta))
 
     def put(self, beta: np.ndarray, accuracy: float) -> None:
         self._accs.setdefault(mixture.mixture_key(beta), float(accuracy))
+
+    def failed(self, beta: np.ndarray) -> list[Threshold]:
+        return self._failed.get(mixture.mixture_key(beta), [])
+
+    def put_failed(self, beta: np.ndarray, threshold: Threshold) -> None:
+        self._failed.setdefault(mixture.mixture_key(beta), []).append(threshold)
 
 
 class Dispatcher:
@@ -295,6 +313,12 @@ class Dispatcher:
                     task.sent[i], task.answers[i] = True, Score(known, 0)
                     self.cost.memo_hits += 1
                     continue
+                if request.threshold is not None and hasattr(self.memo, "failed") and any(
+                        settles(f, request.threshold) for f in self.memo.failed(beta)):
+                    # an earlier early-stopped test settles this one: the same decision, no images
+                    task.sent[i], task.answers[i] = True, Score(None, 0)
+                    self.cost.memo_hits += 1
+                    continue
                 twin = next((t for t in self._by_key.get(key, ())
                              if self._flights[t].threshold in (None, request.threshold)), None)
                 if twin is not None:
@@ -325,6 +349,8 @@ class Dispatcher:
             if score.accuracy is not None:
                 mixture.check_accuracies([score.accuracy], 1)
                 self.memo.put(flight.beta, score.accuracy)
+            elif flight.threshold is not None and hasattr(self.memo, "put_failed"):
+                self.memo.put_failed(flight.beta, flight.threshold)
             live = [(t, i) for t, i in flight.waiters if not t.dropped]
             if not live:
                 self.cost.dropped += 1

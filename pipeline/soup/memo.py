@@ -39,7 +39,9 @@ def _read_part(uri: str) -> list[dict]:
     try:
         records = [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
         for r in records:
-            if content_key(r["mixture"]) != r["key"] or not isinstance(r["acc"], float):
+            ok = isinstance(r.get("acc"), float) or (
+                isinstance(r.get("failed"), list) and len(r["failed"]) == 2 and isinstance(r["failed"][0], float))
+            if content_key(r["mixture"]) != r["key"] or not ok:
                 raise ValueError(f"record {r['key'][:12]}... does not match its mixture")
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise storage.StorageError(f"search memo part {uri!r} is damaged: {e}") from None
@@ -49,9 +51,11 @@ def _read_part(uri: str) -> list[dict]:
 class Memo:
     """Evaluated mixtures of one evaluation context. Open with ``Memo.open(root_uri, context)``."""
 
-    def __init__(self, uri: str, context: dict, accs: dict[str, float], last_part: int):
+    def __init__(self, uri: str, context: dict, accs: dict[str, float], last_part: int,
+                 failed: dict[str, list[tuple[float, bool]]] | None = None):
         self.uri, self.context = uri, context
         self._accs = accs
+        self._failed = failed or {}
         self._last_part = last_part
 
     @classmethod
@@ -65,6 +69,7 @@ class Memo:
         else:
             storage.write_json(context_uri, normalised)
         accs: dict[str, float] = {}
+        failed: dict[str, list[tuple[float, bool]]] = {}
         last = 0
         for name in storage.listdir(uri):
             m = PART.match(name)
@@ -72,8 +77,11 @@ class Memo:
                 continue  # context.json, or a temporary file a crash left behind
             last = max(last, int(m[1]))
             for r in _read_part(storage.join(uri, name)):
-                accs.setdefault(r["key"], r["acc"])  # first answer wins, as in the run that wrote it
-        return cls(uri, normalised, accs, last)
+                if "acc" in r:
+                    accs.setdefault(r["key"], r["acc"])  # first answer wins, as in the run that wrote it
+                else:
+                    failed.setdefault(r["key"], []).append((r["failed"][0], bool(r["failed"][1])))
+        return cls(uri, normalised, accs, last, failed)
 
     def __len__(self) -> int:
         return len(self._accs)
@@ -81,16 +89,27 @@ class Memo:
     def get(self, key: str) -> float | None:
         return self._accs.get(key)
 
-    def append(self, contents: Sequence[list], accs: Sequence[float]) -> None:
-        """Write one part file holding these evaluations."""
-        if not contents:
+    def failed(self, key: str) -> list[tuple[float, bool]]:
+        """The threshold tests (value, strict) the mixture is known to fail (early-stopped)."""
+        return self._failed.get(key, [])
+
+    def append(self, contents: Sequence[list], accs: Sequence[float],
+               failed: Sequence[tuple[list, tuple[float, bool]]] = ()) -> None:
+        """Write one part file holding these evaluations: accuracies, and ``failed`` threshold
+        tests as (mixture content, (threshold value, strict))."""
+        if not contents and not failed:
             return
         records = [{"key": content_key(c), "mixture": c, "acc": float(a)} for c, a in zip(contents, accs, strict=True)]
+        records += [{"key": content_key(c), "mixture": c, "failed": [float(v), bool(strict)]}
+                    for c, (v, strict) in failed]
         self._last_part += 1
         storage.write_bytes(storage.join(self.uri, f"part-{self._last_part:06d}.jsonl"),
                             ("\n".join(json.dumps(r) for r in records) + "\n").encode())
         for r in records:
-            self._accs.setdefault(r["key"], r["acc"])
+            if "acc" in r:
+                self._accs.setdefault(r["key"], r["acc"])
+            else:
+                self._failed.setdefault(r["key"], []).append((r["failed"][0], r["failed"][1]))
 
 
 class MemoEvaluator:

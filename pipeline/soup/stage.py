@@ -25,6 +25,7 @@ from ..model.components import components as model_components
 from . import baselines, mixture, mmms
 from . import publish as pub
 from . import report as rep
+from ..evaluate.mixture import Threshold
 from ..keys import digest, result_settings
 from .dispatch import Dispatcher, dispatcher_of
 from .memo import Memo, content_key, mixture_content
@@ -429,32 +430,52 @@ class LazyPool:
 
 
 class _ContentMemo:
-    """The search memo as the Dispatcher's memo: mixtures keyed by content. Evaluations are
-    written in batches (one part file per ``FLUSH_EVERY`` answers, and at the end), not one
-    small object per evaluation; a crash loses at most the last batch."""
+    """The search memo as the Dispatcher's memo: mixtures keyed by content, with their accuracy
+    or the threshold tests they failed (an early stop is a fact too: a rerun makes the same
+    decision without scoring). Written in batches (one part file per ``FLUSH_EVERY`` answers,
+    and at the end), not one small object per evaluation; a crash loses at most the last batch."""
 
     FLUSH_EVERY = 32
 
     def __init__(self, memo: Memo, shas: Sequence[str]):
         self.memo, self.shas = memo, list(shas)
         self.pending: dict[str, tuple[list, float]] = {}
+        self.pending_failed: list[tuple[str, list, tuple[float, bool]]] = []
+
+    def _content(self, beta: np.ndarray) -> tuple[str, list]:
+        content = mixture_content(beta, self.shas)
+        return content_key(content), content
 
     def get(self, beta: np.ndarray) -> float | None:
-        key = content_key(mixture_content(beta, self.shas))
+        key, _ = self._content(beta)
         hit = self.pending.get(key)
         return hit[1] if hit is not None else self.memo.get(key)
 
     def put(self, beta: np.ndarray, accuracy: float) -> None:
-        content = mixture_content(beta, self.shas)
-        self.pending[content_key(content)] = (content, accuracy)
-        if len(self.pending) >= self.FLUSH_EVERY:
+        key, content = self._content(beta)
+        self.pending[key] = (content, accuracy)
+        self._maybe_flush()
+
+    def failed(self, beta: np.ndarray) -> list[Threshold]:
+        key, _ = self._content(beta)
+        known = self.memo.failed(key) + [t for k, _, t in self.pending_failed if k == key]
+        return [Threshold(value, strict) for value, strict in known]
+
+    def put_failed(self, beta: np.ndarray, threshold: Threshold) -> None:
+        key, content = self._content(beta)
+        self.pending_failed.append((key, content, (threshold.value, threshold.strict)))
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if len(self.pending) + len(self.pending_failed) >= self.FLUSH_EVERY:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
-            contents, accs = zip(*self.pending.values())
-            self.memo.append(list(contents), list(accs))
-            self.pending = {}
+        if self.pending or self.pending_failed:
+            contents = [c for c, _ in self.pending.values()]
+            accs = [a for _, a in self.pending.values()]
+            self.memo.append(contents, accs, [(c, t) for _, c, t in self.pending_failed])
+            self.pending, self.pending_failed = {}, []
 
 
 def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tuple[SearchResult, dict]:
