@@ -66,10 +66,6 @@ def soup_root(cfg: Config) -> str:
     return storage.join(cfg.output_uri, "soup")
 
 
-def journal_root(cfg: Config) -> str:
-    return storage.join(cfg.output_uri, "soup", "journal")
-
-
 def latest_pointer(cfg: Config) -> str:
     return storage.join(cfg.output_uri, "soup", "LATEST")
 

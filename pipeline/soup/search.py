@@ -123,7 +123,7 @@ class EvaluatorPool:
         """Every actor in service died: wait for one still starting, or give up."""
         if not self._starting:
             raise EvaluatorPoolError(f"all {self.size} mixture evaluators died; rerun the soup to resume "
-                                      "from its journal")
+                                      "from its memo")
         self._admit_ready()
 
     def __call__(self, betas: Sequence) -> list[float]:
