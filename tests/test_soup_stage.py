@@ -301,7 +301,9 @@ def test_every_baseline_rebuilt_from_its_beta_matches_its_numbers(souped):
     from pipeline.model.classifier import classifier_from_state
 
     cfg, report = souped["cfg"], souped["report"]
-    rows = {r["id"]: r for r in storage.read_json(layout.registry_uri(cfg))["ingredients"]}
+    from pipeline.finetune import read_registry
+
+    rows = {r["id"]: r for r in read_registry(cfg)["ingredients"]}
     ref, meta = load_classifier(rows[report["methods"]["mmms"]["ingredients"][0]]["checkpoint_uri"])
     comps = components(ref, cfg.soup.granularity)
     splits = decoded_splits(cfg, image_transform(meta["preprocess"]))
