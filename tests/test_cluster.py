@@ -71,13 +71,6 @@ def ray_head():
     if out.returncode != 0:
         _kill_tree_using(tmp)
         raise RuntimeError(f"ray start failed: {out.stderr[-2000:]}")
-    # a second node joins: jobs run on a cluster of two, as on a real one
-    worker = subprocess.run(["ray", "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-                             "--num-cpus=1", "--disable-usage-stats"], env=env, capture_output=True, text=True,
-                            timeout=120)
-    if worker.returncode != 0:
-        _kill_tree_using(tmp)
-        raise RuntimeError(f"ray start (worker) failed: {worker.stderr[-2000:]}")
     yield {"dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
            "token": token, "env": env, "tmp": tmp}
     _kill_tree_using(tmp)
@@ -128,9 +121,7 @@ def test_job_submit_round_trip_with_metrics(ray_head, tmp_path):
 
     client = JobSubmissionClient(ray_head["dashboard"], headers={"Authorization": f"Bearer {ray_head['token']}"})
     out = tmp_path / "job-output"
-    # two nodes on one machine share its disk: a local output_uri is declared shared (without it
-    # the job is refused, see test_multinode.py)
-    overrides = [o for o in TINY_OVERRIDES if not o.startswith("ray.")] + [f"output_uri={out}", "storage.shared=true"]
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("ray.")] + [f"output_uri={out}"]
     entry = "python -m pipeline run " + " ".join(f"--set {o}" for o in overrides)
     job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": REPO,
                                                            "excludes": [".git", "frankensoup-output", "*.ipynb"]})
