@@ -314,7 +314,7 @@ def test_every_baseline_rebuilt_from_its_beta_matches_its_numbers(souped):
                                     len(meta["class_names"])).eval()
         assert accuracies(clf, splits) == report_accuracies(m, report), name
     zs = report["methods"]["zero_shot"]
-    evaluated = stage.read_evaluations(cfg)["zero_shot"]
+    evaluated = stage.load_inputs(cfg).evaluations["zero_shot"]
     assert report_accuracies(zs, report) == {s: v["accuracy"] for s, v in evaluated.items()}
 
 
