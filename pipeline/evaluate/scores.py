@@ -21,6 +21,14 @@ def score_key(model_sha256: str, content: str, split: SplitConfig, precision: st
     return digest({"model": model_sha256, "split": content, "scoring": scoring, "precision": precision})
 
 
+def score_keys(cfg: Config, shas: Mapping[str, str], splits: Mapping[str, SplitConfig]) -> dict[tuple[str, str], str]:
+    """{(model, split): score key} for models (name -> checkpoint sha256) on splits as they are
+    now: each split's content read once, from its dataset.json."""
+    contents = {s: split_content(split.uri) for s, split in splits.items()}
+    return {(m, s): score_key(sha, contents[s], splits[s], cfg.evaluate.ingredient_dtype)
+            for m, sha in shas.items() for s in splits}
+
+
 class ScoreMemo:
     """{score key: entry} kept in one JSON file, rewritten after each batch of new scores."""
 
@@ -41,17 +49,16 @@ class ScoreMemo:
 
 def score_with_memo(cfg: Config, memo: ScoreMemo, models: Mapping[str, tuple[str, str]],
                     splits: Mapping[str, SplitConfig], class_names: list[str],
-                    progress: Callable[[int, int], None] | None = None) -> tuple[dict, int, int]:
+                    progress: Callable[[int, int], None] | None = None,
+                    key: Mapping[tuple[str, str], str] | None = None) -> tuple[dict, int, int]:
     """({split: {model: entry}}, reused, computed) for every model (name -> (uri, sha256)) on
     every split. Only (model, split) pairs not in the memo are scored, in one streaming pass per
     group of splits that miss the same models (a new ood set: every model on that set; a new
-    ingredient: that model on every set)."""
+    ingredient: that model on every set). ``key``: their score keys, if the caller has them."""
     from .stream import score_splits
 
     ev = cfg.evaluate
-    contents = {s: split_content(split.uri) for s, split in splits.items()}
-    key = {(m, s): score_key(sha, contents[s], splits[s], ev.ingredient_dtype)
-           for m, (_, sha) in models.items() for s in splits}
+    key = key or score_keys(cfg, {m: sha for m, (_, sha) in models.items()}, splits)
     groups: dict[tuple[str, ...], list[str]] = {}
     for s in splits:
         # one model per checkpoint content: two names for the same weights are scored once

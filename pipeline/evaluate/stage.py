@@ -134,7 +134,7 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
     """Score every model on every split, reusing every score whose key (checkpoint sha256,
     split content, scoring) is in evaluate/memo.json (none with ``force``); write the results
     table; returns the stage marker."""
-    from .scores import ScoreMemo, score_key, score_with_memo
+    from .scores import ScoreMemo, score_keys, score_with_memo
 
     t0 = time.time()
     registry = read_inputs(cfg)
@@ -150,18 +150,15 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
     # the old marker goes first: if scoring fails, the stage reads as not done (scores already
     # made stay in the memo)
     layout.clear_done(cfg, "evaluate")
-    from ..data.shards import split_content
-
-    contents = {s: split_content(split.uri) for s, split in splits.items()}
-    unscored = [m for m in models if any(score_key(models[m][1], contents[s], splits[s],
-                                                   cfg.evaluate.ingredient_dtype) not in memo for s in splits)]
+    keys = score_keys(cfg, {m: sha for m, (_, sha) in models.items()}, splits)
+    unscored = [m for m in models if any(keys[m, s] not in memo for s in splits)]
     if unscored:
         verify_checkpoints(models, unscored)
         from ..raycluster import init_ray
 
         init_ray(cfg)
     scores, reused, computed = score_with_memo(cfg, memo, models, splits, registry["class_names"],
-                                               progress=progress_printer(log))
+                                               progress=progress_printer(log), key=keys)
     rows = result_rows(scores, splits)
     table = markdown_table(rows)
     storage.write_bytes(layout.evaluations_uri(cfg), parquet_bytes(rows))
@@ -172,9 +169,7 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
         log(table)
     val = next(iter(splits))
     best = max((m for m in models if m != ZERO_SHOT), key=lambda m: scores[val][m]["accuracy"])
-    key = digest(sorted(score_key(models[m][1], contents[s], splits[s], cfg.evaluate.ingredient_dtype)
-                        for m in models for s in splits))
-    return layout.mark_done(cfg, "evaluate", key, {
+    return layout.mark_done(cfg, "evaluate", digest(sorted(keys.values())), {
         "models": list(models), "splits": list(splits),
         "best_val": {"model": best, "accuracy": scores[val][best]["accuracy"]},
         "reused": reused, "computed": computed, "unit": "scores", "seconds": seconds})

@@ -64,23 +64,21 @@ def read_evaluations(cfg: Config, ingredients: Sequence[Ingredient]) -> dict[str
     """{model: {split: {"accuracy", "correct", "n", "role"}}} of the zero-shot head and every
     ingredient, looked up in the evaluate stage's memo by content key: a score of another
     checkpoint or another split content is never used."""
-    from ..data.shards import split_content
-    from ..evaluate.scores import ScoreMemo, score_key
+    from ..evaluate.scores import ScoreMemo, score_keys
     from ..evaluate.stage import ZERO_SHOT, splits_to_score
     from ..prepare import zero_shot_record
 
     memo = ScoreMemo(layout.evaluate_memo_uri(cfg))
     splits = splits_to_score(cfg)
-    models = {ZERO_SHOT: zero_shot_record(cfg)["sha256"], **{i.id: i.sha256 for i in ingredients}}
+    shas = {ZERO_SHOT: zero_shot_record(cfg)["sha256"], **{i.id: i.sha256 for i in ingredients}}
+    keys = score_keys(cfg, shas, splits)
     out: dict[str, dict[str, dict]] = {}
     for s, split in splits.items():
-        content = split_content(split.uri)
-        for m, sha in models.items():
-            key = score_key(sha, content, split, cfg.evaluate.ingredient_dtype)
-            if key not in memo:
+        for m in shas:
+            if keys[m, s] not in memo:
                 raise SoupInputError(f"no current score of {m!r} on split {s!r} (its checkpoint or the split "
                                      "changed, or it is new): run `frankensoup evaluate` first")
-            out.setdefault(m, {})[s] = {**memo[key], "role": split.role}
+            out.setdefault(m, {})[s] = {**memo[keys[m, s]], "role": split.role}
     return out
 
 
