@@ -102,14 +102,14 @@ def run(cfg, cluster, lose: bool) -> dict:
         sweep.TrialLog.on_trial_result = result_then_loss
         original_scoring = scores_lib.score_with_memo
 
-        def scoring_with_loss(cfg_, memo, models, splits, class_names, progress=None):
+        def scoring_with_loss(cfg_, memo, models, splits, class_names, progress=None, **kw):
             def tick(done, total):
                 if not any(k["stage"] == "evaluate" for k in killed):
                     lose_a_node(cluster, "evaluate", None, killed)  # blocks in flight are lost with it
                 if progress is not None:
                     progress(done, total)
 
-            return original_scoring(cfg_, memo, models, splits, class_names, progress=tick)
+            return original_scoring(cfg_, memo, models, splits, class_names, progress=tick, **kw)
 
         scores_lib.score_with_memo = scoring_with_loss
     original_pool = soup_stage.evaluator_pool
