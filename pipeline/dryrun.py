@@ -165,12 +165,10 @@ def check_cluster(cfg: Config, c: Checks) -> None:
 
 
 def evaluation_budget(cfg: Config, n_ingredients: int, n_components: int) -> dict[str, int]:
-    """Upper bounds on mixture evaluations per method (phase 1 stops early on skipped candidates)."""
-    s = cfg.soup
-    per_pass = n_components * s.max_func_evals_per_dim
-    phase1 = 1 + max(0, n_ingredients - 1) * (1 + 3 * per_pass)
-    phase2 = n_ingredients * n_components * s.phase2.evals_per_dim if s.phase2.enabled else 0
-    return {"greedy_soup": n_ingredients + 1, "uniform_soup": 1, "mmms_phase1": phase1, "mmms_phase2": phase2}
+    """Upper bounds on mixture evaluations per soup method (phase 1 stops early on skipped candidates)."""
+    from .soup.methods import methods
+
+    return {m.name: m.budget(cfg.soup, n_ingredients, n_components) for m in methods()}
 
 
 def _trials_to_train(cfg: Config) -> str:

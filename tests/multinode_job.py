@@ -82,7 +82,7 @@ def run(cfg, cluster, lose: bool) -> dict:
     from pipeline import layout, storage
     from pipeline.finetune.registry import read_registry
     from pipeline.run import run_all
-    from pipeline.soup import stage as soup_stage
+    from pipeline.soup import pool as pool_lib
 
     killed: list = []
     if lose:
@@ -112,7 +112,7 @@ def run(cfg, cluster, lose: bool) -> dict:
             return original_scoring(cfg_, memo, models, splits, class_names, progress=tick, **kw)
 
         scores_lib.score_with_memo = scoring_with_loss
-    original_pool = soup_stage.evaluator_pool
+    original_pool = pool_lib.evaluator_pool
     calls: list = []
 
     def pool_of_all_evaluators(*a, **k):
@@ -141,11 +141,11 @@ def run(cfg, cluster, lose: bool) -> dict:
         pool.__class__ = Losing
         return pool
 
-    soup_stage.evaluator_pool = pool_of_all_evaluators
+    pool_lib.evaluator_pool = pool_of_all_evaluators
     try:
         report = run_all(cfg, log=print)
     finally:
-        soup_stage.evaluator_pool = original_pool
+        pool_lib.evaluator_pool = original_pool
     rows = read_registry(cfg)["ingredients"]
     return {"report": report, "killed": killed, "pool_calls": calls,
             "trials": [{k: r.get(k) for k in ("id", "node_id", "restored_from_epoch", "sha256")} for r in rows],

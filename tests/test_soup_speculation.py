@@ -154,7 +154,7 @@ def test_the_mixture_evaluator_stops_early_exactly():
 def test_speculation_through_the_ray_pool_with_an_actor_lost(ray_local):
     import ray
 
-    from pipeline.soup.search import EvaluatorPool
+    from pipeline.soup.pool import EvaluatorPool
 
     cfg = cfg_of("NGOpt W=1")
     small = ReferenceLike(12, C, seed=1, n_images=FUNCTION.n_images)
@@ -181,7 +181,7 @@ def test_expected_work_follows_the_observed_outcomes():
 
 
 def test_the_progress_line_shows_expected_work():
-    from pipeline.soup.stage import ProgressPrinter
+    from pipeline.soup.progress import ProgressPrinter
 
     lines = []
     ProgressPrinter(["a", "b"], lines.append)({"phase": 1, "ingredient": 1, "step": "pass 1", "evals": 458,

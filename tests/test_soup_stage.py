@@ -15,7 +15,9 @@ import torch
 from conftest import EVALUATED_OVERRIDES, clone_output, tiny_config
 from pipeline import layout, storage
 from pipeline.evaluate.actor import EvaluatorHost
-from pipeline.soup import publish, search, stage
+from pipeline.soup import pool as pool_lib, publish, stage
+from pipeline.soup.inputs import SoupInputError, load_inputs, memo_context, split_names
+from pipeline.soup.methods import run_methods
 from pipeline.soup.memo import Memo, MemoEvaluator
 from pipeline.soup.mixture import fuse, mixture_key
 
@@ -32,18 +34,18 @@ def soup_clone(evaluated_demo, dst, *extra):
 
 
 def search_inputs(cfg):
-    inputs = stage.load_inputs(cfg)
-    val, _, _ = stage._split_names(cfg)
+    inputs = load_inputs(cfg)
+    val, _, _ = split_names(cfg)
     val_accs = [inputs.evaluations[i][val]["accuracy"] for i in inputs.ids]
     return inputs, val, val_accs
 
 
 def search_with(cfg, num_evaluators, actor_class=None, **actor_kwargs):
     inputs, val, val_accs = search_inputs(cfg)
-    with search.evaluator_pool(cfg, val, inputs.ids, num_evaluators=num_evaluators, actor_class=actor_class,
+    with pool_lib.evaluator_pool(cfg, val, inputs.ids, num_evaluators=num_evaluators, actor_class=actor_class,
                                **actor_kwargs) as pool:
         pool.wait_ready(num_evaluators)  # every actor takes part from the first batch
-        result = stage.run_search(cfg, pool, val_accs, len(inputs.components), None, QUIET["log"])
+        result = run_methods(cfg, pool, val_accs, len(inputs.components), None, QUIET["log"])
     return result, pool
 
 
@@ -75,7 +77,8 @@ def assert_same_search(a, b):
     for name in a.betas:
         np.testing.assert_array_equal(a.betas[name], b.betas[name], err_msg=name)
     assert a.search_val == b.search_val
-    assert a.phase1.chosen == b.phase1.chosen and a.phase2_kept == b.phase2_kept
+    assert a["mmms_phase1"].details.chosen == b["mmms_phase1"].details.chosen
+    assert a.report_fields()["phase2_kept"] == b.report_fields()["phase2_kept"]
 
 
 @pytest.mark.parametrize("num_evaluators", [2, 4])
@@ -90,17 +93,17 @@ def test_the_order_evaluators_finish_in_never_changes_the_result(evaluated_demo,
     cfg = tiny_config(evaluated_demo.output_uri, *SOUP, SHARED_CPUS)
     requested: list[str] = []
     inputs, val, val_accs = search_inputs(cfg)
-    actors = [search.start_evaluators(cfg, val, inputs.ids, num_evaluators=1, actor_class=search_ray_class(),
+    actors = [pool_lib.start_evaluators(cfg, val, inputs.ids, num_evaluators=1, actor_class=search_ray_class(),
                                       seed=seed, finish_log=str(tmp_path / f"actor{seed}.log"))[0]
               for seed in range(3)]
-    with search.EvaluatorPool(actors) as pool:
+    with pool_lib.EvaluatorPool(actors) as pool:
         pool.wait_ready(len(actors))
 
         def evaluate(betas):
             requested.extend(mixture_key(b) for b in betas)
             return pool(betas)
 
-        result = stage.run_search(cfg, evaluate, val_accs, len(inputs.components), None, QUIET["log"])
+        result = run_methods(cfg, evaluate, val_accs, len(inputs.components), None, QUIET["log"])
     assert_same_search(result, reference_search)
     finished = [line.split() for p in tmp_path.glob("actor*.log") for line in p.read_text().splitlines()]
     finish_order = [key for _, key in sorted(finished, key=lambda r: float(r[0]))]
@@ -113,9 +116,9 @@ def test_a_lost_evaluator_hands_its_work_to_the_others(evaluated_demo, reference
 
     cfg = tiny_config(evaluated_demo.output_uri, *SOUP, SHARED_CPUS)
     inputs, val, val_accs = search_inputs(cfg)
-    actors = search.start_evaluators(cfg, val, inputs.ids, num_evaluators=2)
+    actors = pool_lib.start_evaluators(cfg, val, inputs.ids, num_evaluators=2)
     calls = 0
-    with search.EvaluatorPool(actors) as pool:
+    with pool_lib.EvaluatorPool(actors) as pool:
         pool.wait_ready(2)
 
         def evaluate(betas):
@@ -125,7 +128,7 @@ def test_a_lost_evaluator_hands_its_work_to_the_others(evaluated_demo, reference
                 ray.kill(actors[0])  # its node is lost mid-search
             return pool(betas)
 
-        result = stage.run_search(cfg, evaluate, val_accs, len(inputs.components), None, QUIET["log"])
+        result = run_methods(cfg, evaluate, val_accs, len(inputs.components), None, QUIET["log"])
         assert pool.in_service == 1
     assert_same_search(result, reference_search)
 
@@ -143,7 +146,7 @@ def search_ray_class():
 
 # ---- one run, crashed and resumed, then published -------------------------------------------
 
-class CrashAfter(search.EvaluatorPool):
+class CrashAfter(pool_lib.EvaluatorPool):
     """The real pool, crashing once it has evaluated ``limit`` mixtures; records every mixture
     it was asked to evaluate."""
 
@@ -165,8 +168,8 @@ class CrashAfter(search.EvaluatorPool):
 
 
 def patched_pool(monkeypatch, limit, seen):
-    monkeypatch.setattr(stage, "evaluator_pool",
-                        lambda cfg, split, ids, **kw: CrashAfter(search.start_evaluators(cfg, split, ids), limit, seen))
+    monkeypatch.setattr(pool_lib, "evaluator_pool",
+                        lambda cfg, split, ids, **kw: CrashAfter(pool_lib.start_evaluators(cfg, split, ids), limit, seen))
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +189,7 @@ def souped(evaluated_demo, tmp_path_factory):
     patched_pool(mp, None, seen)
     report = stage.run_soup(cfg, **QUIET)
     mp.undo()
-    keys = MemoEvaluator(None, None, [i.sha256 for i in stage.load_inputs(cfg).ingredients])
+    keys = MemoEvaluator(None, None, [i.sha256 for i in load_inputs(cfg).ingredients])
     second = [keys.key(b) for b in seen]
     return {"cfg": cfg, "report": report, "journaled": journaled, "second": second}
 
@@ -314,13 +317,13 @@ def test_every_baseline_rebuilt_from_its_beta_matches_its_numbers(souped):
                                     len(meta["class_names"])).eval()
         assert accuracies(clf, splits) == report_accuracies(m, report), name
     zs = report["methods"]["zero_shot"]
-    evaluated = stage.load_inputs(cfg).evaluations["zero_shot"]
+    evaluated = load_inputs(cfg).evaluations["zero_shot"]
     assert report_accuracies(zs, report) == {s: v["accuracy"] for s, v in evaluated.items()}
 
 
 def test_a_finished_soup_is_skipped(souped, monkeypatch):
     cfg = souped["cfg"]
-    monkeypatch.setattr(stage, "evaluator_pool", lambda *a, **k: pytest.fail("a finished soup started evaluators"))
+    monkeypatch.setattr(pool_lib, "evaluator_pool", lambda *a, **k: pytest.fail("a finished soup started evaluators"))
     runs = [n for n in storage.listdir(layout.soup_root(cfg)) if n[:1].isdigit()]
     assert stage.run_soup(cfg, **QUIET) == souped["report"]
     assert [n for n in storage.listdir(layout.soup_root(cfg)) if n[:1].isdigit()] == runs
@@ -331,7 +334,7 @@ def test_the_memo_context_holds_what_an_accuracy_depends_on(souped):
     inputs, val, _ = search_inputs(cfg)
 
     def memo(c):
-        return Memo.open(layout.soup_memo_root(c), stage.memo_context(c, inputs.components, val))
+        return Memo.open(layout.soup_memo_root(c), memo_context(c, inputs.components, val))
 
     assert len(memo(cfg)) > 0  # the run's own memo
     # search settings and the evaluator count change which mixtures are asked, not their accuracy
@@ -435,7 +438,7 @@ def test_an_ingredient_of_another_architecture_is_refused_by_name(evaluated_demo
     registry["ingredients"].append({**registry["ingredients"][0], "id": "ft-odd", "checkpoint_uri": uri,
                                     "sha256": storage.sha256(data)})
     write_registry(cfg, registry)
-    with pytest.raises(stage.SoupInputError, match=r"ingredient 'ft-odd' .* architecture"):
+    with pytest.raises(SoupInputError, match=r"ingredient 'ft-odd' .* architecture"):
         stage.run_soup(cfg, **QUIET)
     assert not storage.exists(layout.soup_memo_root(cfg))  # refused before anything was evaluated
 
@@ -447,12 +450,12 @@ def test_a_changed_checkpoint_is_refused(evaluated_demo, tmp_path):
     registry = read_registry(cfg)
     registry["ingredients"][1]["sha256"] = "0" * 64
     write_registry(cfg, registry)
-    with pytest.raises(stage.SoupInputError, match=f"ingredient '{registry['ingredients'][1]['id']}'.*sha256"):
+    with pytest.raises(SoupInputError, match=f"ingredient '{registry['ingredients'][1]['id']}'.*sha256"):
         stage.run_soup(cfg, **QUIET)
 
 
 def test_the_soup_needs_current_scores_of_every_ingredient(evaluated_demo, tmp_path):
     cfg = soup_clone(evaluated_demo, tmp_path / "out")
     storage.delete(layout.evaluate_memo_uri(cfg))  # scores gone: the soup must not guess them
-    with pytest.raises(stage.SoupInputError, match="no current score of 'zero_shot' on split 'val'.*frankensoup evaluate"):
+    with pytest.raises(SoupInputError, match="no current score of 'zero_shot' on split 'val'.*frankensoup evaluate"):
         stage.run_soup(cfg, **QUIET)

@@ -1,6 +1,6 @@
 """The mixture evaluator built from a run's URIs, in-process (`build_mixture_evaluator`) and as
 a Ray actor (`MixtureEvaluatorActor`) wrapping the very same class. The soup search
-dispatches its candidate mixtures to these actors (pipeline/soup/search.py)."""
+dispatches its candidate mixtures to these actors (pipeline/soup/pool.py)."""
 from __future__ import annotations
 
 import contextlib

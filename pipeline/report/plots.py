@@ -9,14 +9,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METHOD_STYLE = {
-    "zero_shot": ("s", "tab:gray"),
-    "best_individual": ("D", "tab:blue"),
-    "uniform_soup": ("^", "tab:green"),
-    "greedy_soup": ("v", "tab:orange"),
-    "mmms_phase1": ("P", "tab:pink"),
-    "mmms": ("*", "tab:red"),
-}
+ZERO_SHOT_STYLE = ("s", "tab:gray")
+
+
+def method_style(name: str) -> tuple[str, str]:
+    """(marker, colour) of a report row: each soup method says its own (soup/methods)."""
+    from ..soup.methods import REGISTRY
+
+    if name == "zero_shot":
+        return ZERO_SHOT_STYLE
+    return REGISTRY[name].marker if name in REGISTRY else ("o", "black")
 
 
 def _png(fig) -> bytes:
@@ -33,7 +35,7 @@ def id_vs_ood(report: dict) -> bytes:
         ax.scatter([s["id_test"] for s in ing.values()], [s["ood_avg"] for s in ing.values()],
                    c="lightsteelblue", edgecolors="steelblue", label="finetuned ingredients", zorder=2)
     for name, m in report["methods"].items():
-        marker, color = METHOD_STYLE.get(name, ("o", "black"))
+        marker, color = method_style(name)
         ax.scatter([m["id_test"]], [m["ood_avg"]], marker=marker, s=140 if name == "mmms" else 70,
                    c=color, edgecolors="black", label=name, zorder=3)
     ax.set_xlabel("ID test accuracy")
@@ -67,7 +69,7 @@ def search_trace(report: dict) -> bytes:
         ax.step(xs, ys, where="post", color="tab:red", label="mmms best val")
     for name in ("best_individual", "greedy_soup"):
         if name in report["methods"]:
-            ax.axhline(report["methods"][name]["val"], ls="--", lw=1, color=METHOD_STYLE[name][1], label=name)
+            ax.axhline(report["methods"][name]["val"], ls="--", lw=1, color=method_style(name)[1], label=name)
     ax.set_xlabel("evaluations")
     ax.set_ylabel("best val accuracy")
     ax.set_title("Search trace")

@@ -1,5 +1,5 @@
 """Running the search's coroutines on evaluators: one ``Dispatcher`` between the algorithm and
-an asynchronous evaluator (Ray-free; the Ray pool in search.py is one such evaluator).
+an asynchronous evaluator (Ray-free; the Ray pool in pool.py is one such evaluator).
 
 The algorithm is written as coroutines (generators) that yield a ``Request`` — a batch of
 mixtures, maybe with a ``Threshold`` — and receive one ``Score`` per mixture. Because every
@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, Union
 
 import numpy as np
 
@@ -36,6 +37,30 @@ Coroutine = Generator[Request, list[Score], object]
 
 
 # ---- evaluators ----------------------------------------------------------------------------
+
+class Evaluate(Protocol):
+    """The plain evaluator: the val accuracy of each mixture, in order, in one call (a batch)."""
+
+    def __call__(self, betas: Sequence[np.ndarray]) -> list[float]: ...
+
+
+class AsyncEvaluator(Protocol):
+    """An evaluator of E workers: ``submit`` a mixture (maybe with the threshold it must pass) for
+    a ticket, ``wait`` for some answers. The Ray pool (pool.py) and the simulator below are two."""
+
+    parallel: bool
+    size: int
+
+    def free(self) -> int: ...
+
+    def submit(self, beta: np.ndarray, threshold: Threshold | None = None) -> int: ...
+
+    def wait(self) -> list[tuple[int, Score]]: ...
+
+
+# what every search accepts: dispatcher_of() makes a Dispatcher of any of them
+Evaluator = Union[Evaluate, AsyncEvaluator, "Dispatcher"]
+
 
 class SyncEvaluator:
     """A plain ``evaluate(betas) -> accuracies`` callable seen as an asynchronous evaluator with one

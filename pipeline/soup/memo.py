@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import storage
+from ..evaluate.mixture import Threshold
 from ..keys import digest
 from .mixture import check_accuracies, validate
 
@@ -138,3 +139,52 @@ class MemoEvaluator:
         self.misses += len(missing)
         self.hits += len(betas) - len(missing)
         return [self.memo.get(k) for k in keys]
+
+
+class ContentMemo:
+    """The search memo as the Dispatcher's memo: mixtures keyed by content, with their accuracy
+    or the threshold tests they failed (an early stop is a fact too: a rerun makes the same
+    decision without scoring). Written in batches (one part file per ``FLUSH_EVERY`` answers,
+    and at the end), not one small object per evaluation; a crash loses at most the last batch."""
+
+    FLUSH_EVERY = 32
+
+    def __init__(self, memo: Memo, shas: Sequence[str]):
+        self.memo, self.shas = memo, list(shas)
+        self.pending: dict[str, tuple[list, float]] = {}
+        self.pending_failed: list[tuple[str, list, tuple[float, bool]]] = []
+
+    def _content(self, beta: np.ndarray) -> tuple[str, list]:
+        content = mixture_content(beta, self.shas)
+        return content_key(content), content
+
+    def get(self, beta: np.ndarray) -> float | None:
+        key, _ = self._content(beta)
+        hit = self.pending.get(key)
+        return hit[1] if hit is not None else self.memo.get(key)
+
+    def put(self, beta: np.ndarray, accuracy: float) -> None:
+        key, content = self._content(beta)
+        self.pending[key] = (content, accuracy)
+        self._maybe_flush()
+
+    def failed(self, beta: np.ndarray) -> list[Threshold]:
+        key, _ = self._content(beta)
+        known = self.memo.failed(key) + [t for k, _, t in self.pending_failed if k == key]
+        return [Threshold(value, strict) for value, strict in known]
+
+    def put_failed(self, beta: np.ndarray, threshold: Threshold) -> None:
+        key, content = self._content(beta)
+        self.pending_failed.append((key, content, (threshold.value, threshold.strict)))
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if len(self.pending) + len(self.pending_failed) >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending or self.pending_failed:
+            contents = [c for c, _ in self.pending.values()]
+            accs = [a for _, a in self.pending.values()]
+            self.memo.append(contents, accs, [(c, t) for _, c, t in self.pending_failed])
+            self.pending, self.pending_failed = {}, []

@@ -17,13 +17,12 @@ from nevergrad.optimization.optimizerlib import NGOptBase
 from ..config import SoupConfig
 from ..evaluate.mixture import Threshold
 from . import mixture
-from .dispatch import Dispatcher, Request, Task, dispatcher_of
+from .dispatch import Dispatcher, Evaluator, Request, Task, dispatcher_of
 
 # nevergrad tells CMA the bounded point, not its raw sample, and pycma then reports every bounced
 # point as an "orphanated injected solution": harmless, and a multi-line warning per generation
 warnings.filterwarnings("ignore", message="orphanated injected solution", module="cma")
 
-Evaluate = Callable[[list[np.ndarray]], list[float]]  # or an asynchronous evaluator, or a Dispatcher
 Progress = Callable[[dict], None] | None
 
 
@@ -305,7 +304,7 @@ def _evaluate_one(beta: np.ndarray, step: str):
     return score.accuracy
 
 
-def phase1(val_accs: Sequence[float], n_components: int, evaluate, cfg: SoupConfig,
+def phase1(val_accs: Sequence[float], n_components: int, evaluate: Evaluator, cfg: SoupConfig,
            progress: Progress = None) -> Phase1Result:
     """Sequential greedy mixing: ingredients best to worst, each mixed into the soup A with
     per-component lambdas when that does not lower A's val accuracy.
@@ -389,7 +388,7 @@ class Phase2Result:
     cost: dict = field(default_factory=dict)
 
 
-def phase2(beta: np.ndarray, evaluate, cfg: SoupConfig, progress: Progress = None) -> Phase2Result:
+def phase2(beta: np.ndarray, evaluate: Evaluator, cfg: SoupConfig, progress: Progress = None) -> Phase2Result:
     """Joint refinement of phase 1's beta over the chosen ingredients:
     beta'[j, c] = mu[j, c] beta[j, c] / P_c, mu in cfg.phase2.bounds, start 1. The caller keeps
     the result only if it beats phase 1 on val (and runs it only if cfg.phase2.enabled).

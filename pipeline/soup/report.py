@@ -9,7 +9,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-METHODS = ("zero_shot", "best_individual", "uniform_soup", "greedy_soup", "mmms_phase1", "mmms")
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
 
 
@@ -129,6 +128,7 @@ def render_markdown(report: Mapping) -> str:
         "",
         "Images per split: " + ", ".join(f"{s} {n}" for s, n in sizes.items()) + ".",
         "",
+        *[f"- {name}: {summary}" for name, summary in method_summaries(report)],
         f"- components ({len(report['components'])}): {', '.join(report['components'])}",
         f"- ingredients ({len(ids)}): {', '.join(ids)}",
         f"- mmms mixes: {', '.join(chosen)}",
@@ -142,3 +142,11 @@ def render_markdown(report: Mapping) -> str:
         "(zero_shot: the evaluate stage's numbers).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def method_summaries(report: Mapping) -> list[tuple[str, str]]:
+    """(name, what it is) of each row of the table, from the soup-method registry."""
+    from .methods import REGISTRY
+
+    out = [("zero_shot", "the base CLIP with its zero-shot head (prompt templates), not finetuned")]
+    return out + [(n, REGISTRY[n].summary) for n in report["methods"] if n in REGISTRY]

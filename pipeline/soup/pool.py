@@ -241,3 +241,52 @@ def evaluator_pool(cfg: Config, split_name: str, ingredient_ids: Sequence[str], 
                    on_batch: Sequence[OnBatch] = (), **kwargs) -> EvaluatorPool:
     """The Ray-backed ``evaluate`` for the soup: E actors behind one callable."""
     return EvaluatorPool(start_evaluators(cfg, split_name, ingredient_ids, **kwargs), on_batch=on_batch)
+
+
+class LazyPool:
+    """The evaluator pool, started at the first mixture the memo cannot answer: a soup whose
+    every evaluation is in the memo starts no actor at all. Synchronous ``pool(betas)`` and the
+    asynchronous side the speculative phase 1 uses (``free``, ``submit``, ``wait``)."""
+
+    parallel = True
+
+    def __init__(self, cfg: Config, val: str, ids: list[str], component_names: list[str], metrics):
+        self.cfg, self.val, self.ids, self.names, self.metrics = cfg, val, ids, component_names, metrics
+        self.pool = None
+
+    @property
+    def size(self) -> int:
+        return self.cfg.soup.num_evaluators
+
+    def started(self):
+        if self.pool is None:
+            self.pool = evaluator_pool(self.cfg, self.val, self.ids)
+            check_pool(self.pool.wait_ready(), self.ids, self.names)
+        return self.pool
+
+    def __call__(self, betas: list[np.ndarray]) -> list[float]:
+        return self.started()(betas)
+
+    def free(self) -> int:
+        return self.started().free()
+
+    def submit(self, beta, threshold=None) -> int:
+        return self.started().submit(beta, threshold)
+
+    def wait(self) -> list:
+        return self.started().wait()
+
+    @property
+    def seconds(self) -> float:
+        return self.pool.seconds if self.pool is not None else 0.0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()  # the actors' CPUs/GPUs go to the scoring that follows
+
+
+def check_pool(info: dict, ids: list[str], component_names: list[str]) -> None:
+    """The actors' beta rows and columns must be the ones this stage names in the report."""
+    if info["ingredient_ids"] != ids or info["component_names"] != component_names:
+        raise RuntimeError(f"evaluator actors mix {info['ingredient_ids']} x {info['component_names']}, "
+                           f"the soup stage expected {ids} x {component_names}")

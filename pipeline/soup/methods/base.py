@@ -1,0 +1,165 @@
+"""The soup-method interface and its registry. Every way of making one classifier from the
+ingredients is a ``SoupMethod``: a name, the settings it reads, an upper bound on its val
+evaluations, and ``run(context) -> MethodResult``. Registering it is all it takes: the soup
+stage runs every registered method in registration order, and the report, the plots and the
+dry run list them from here. A method's model is a mixture (``beta``, ingredients x components)
+unless it says otherwise (``state``: a fused state dict; ``ensemble``: rows whose logits are
+averaged)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ...config import Config, SoupConfig
+from ...errors import UserError
+from ..dispatch import Dispatcher, Evaluator, dispatcher_of
+
+Log = Callable[[str], None]
+
+
+class MethodError(UserError, ValueError):
+    """A method registered twice, or one whose result is not a model."""
+
+
+@dataclass
+class MethodResult:
+    """What a method made. Exactly one of ``beta``, ``state`` and ``ensemble`` is the model."""
+    beta: np.ndarray | None = None          # a mixture: rows = ingredients, columns = components
+    search_val: float | None = None          # the val accuracy its own search measured, if it searched
+    summary: str = ""                        # one console line
+    details: Any = None                      # the method's own record (e.g. mmms.Phase1Result)
+    report: dict = field(default_factory=dict)  # top-level report.json fields it adds
+    state: dict[str, torch.Tensor] | None = None  # a fused classifier made otherwise (WiSE-FT)
+    ensemble: list[int] | None = None        # ingredient rows whose logits are averaged
+    cost: dict = field(default_factory=dict)  # what the evaluators did for it (filled by run_methods)
+
+    def __post_init__(self):
+        kinds = sum(x is not None for x in (self.beta, self.state, self.ensemble))
+        if kinds != 1:
+            raise MethodError(f"a method's result is one model (beta, state or ensemble), got {kinds}")
+
+
+@dataclass
+class MethodContext:
+    """What a method may use: the settings, the ingredients' val accuracies (row order), the
+    number of components, the mixture evaluator on val, and what earlier methods made."""
+    cfg: Config
+    val_accs: list[float]
+    n_components: int
+    evaluate: Dispatcher
+    progress: Callable[[dict], None] | None
+    log: Log
+    results: dict[str, MethodResult]
+    ids: list[str]                       # the ingredients' ids, in row order
+    models: Any = None  # the stage's model services (fused-model scoring, the zero-shot head): ModelServices
+
+    @property
+    def soup(self) -> SoupConfig:
+        return self.cfg.soup
+
+    @property
+    def K(self) -> int:
+        return len(self.val_accs)
+
+
+class SoupMethod:
+    """Subclass, set ``name``, implement ``run``; decorate with ``@register``."""
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""             # what it is, one line (docs, report.md)
+    marker: ClassVar[tuple[str, str]] = ("o", "tab:purple")  # plot marker and colour
+    needs: ClassVar[tuple[str, ...]] = ()   # methods whose results it reads (registered before it)
+    needs_models: ClassVar[bool] = False    # uses the stage's model services (not the mixture evaluator alone)
+
+    def settings(self, soup: SoupConfig) -> dict:
+        """The settings it reads, for the report (typed in config.py)."""
+        return {}
+
+    def budget(self, soup: SoupConfig, n_ingredients: int, n_components: int) -> int:
+        """An upper bound on its mixture evaluations on val (the dry run's plan)."""
+        return 0
+
+    def run(self, ctx: MethodContext) -> MethodResult:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, SoupMethod] = {}
+
+
+def register(cls: type[SoupMethod]) -> type[SoupMethod]:
+    """Add a method to the registry (class decorator)."""
+    name = getattr(cls, "name", None)
+    if not name or name == "zero_shot":
+        raise MethodError(f"{cls.__name__} needs a name other than 'zero_shot'")
+    if name in REGISTRY and type(REGISTRY[name]) is not cls:
+        raise MethodError(f"soup method {name!r} is registered twice ({type(REGISTRY[name]).__name__}, {cls.__name__})")
+    missing = [n for n in cls.needs if n not in REGISTRY]
+    if missing:
+        raise MethodError(f"soup method {name!r} needs {missing}, which are not registered before it")
+    REGISTRY[name] = cls()
+    return cls
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name, None)
+
+
+def methods() -> list[SoupMethod]:
+    """Every registered method, in registration order (the report's row order)."""
+    return list(REGISTRY.values())
+
+
+@dataclass
+class SearchResult:
+    """Every method's result, in registration order."""
+    results: dict[str, MethodResult]
+
+    @property
+    def betas(self) -> dict[str, np.ndarray]:
+        return {n: r.beta for n, r in self.results.items() if r.beta is not None}
+
+    @property
+    def search_val(self) -> dict[str, float]:
+        return {n: r.search_val for n, r in self.results.items() if r.search_val is not None}
+
+    @property
+    def cost(self) -> dict[str, dict]:
+        return {n: r.cost for n, r in self.results.items()}
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return {n: r.cost["wall_seconds"] for n, r in self.results.items()}
+
+    def report_fields(self) -> dict:
+        out: dict = {}
+        for r in self.results.values():
+            out.update(r.report)
+        return out
+
+    def __getitem__(self, name: str) -> MethodResult:
+        return self.results[name]
+
+
+def run_methods(cfg: Config, evaluate: Evaluator, val_accs: Sequence[float], n_components: int,
+                progress=None, log: Log = print, ids: Sequence[str] | None = None, models=None) -> SearchResult:
+    """Every registered method, in order, through ``evaluate`` (a plain callable, an asynchronous
+    evaluator such as the Ray pool, or a Dispatcher); each method's evaluator work is costed.
+    Methods that need the stage's model services are skipped when ``models`` is None (the
+    mixture-only search the tests and benchmarks run)."""
+    evaluate = dispatcher_of(evaluate)
+    ids = list(ids) if ids is not None else [str(j) for j in range(len(val_accs))]
+    ctx = MethodContext(cfg, [float(a) for a in val_accs], n_components, evaluate, progress, log, {}, ids, models)
+    for method in methods():
+        if method.needs_models and models is None:
+            continue
+        before, t = evaluate.cost.copy(), time.time()
+        result = method.run(ctx)
+        result.cost = evaluate.cost.since(before).report(time.time() - t, evaluate.size)
+        ctx.results[method.name] = result
+        if result.summary:
+            log(f"soup: {result.summary}")
+    return SearchResult(ctx.results)
