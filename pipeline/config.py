@@ -146,6 +146,26 @@ class Phase2Config(Strict):
     evals_per_dim: int = Field(50, gt=0)
 
 
+class WiseFTConfig(Strict):
+    """WiSE-FT (Wortsman et al. 2022): (1 - alpha) zero-shot + alpha best individual, in weight
+    space, alpha the grid point with the best val accuracy (ties: the first)."""
+    enabled: bool = True
+    alphas: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+    @field_validator("alphas")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= a <= 1.0 for a in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct numbers in [0, 1], at least one; got {v}")
+        return v
+
+
+class OutputEnsembleConfig(Strict):
+    """The mean of every ingredient's logits: K forward passes per image (model soups' reference
+    without a cost limit); scored on every split, so off for large K on large sets if need be."""
+    enabled: bool = True
+
+
 class SoupConfig(Strict):
     # component granularity: 0 whole model, 1 stem/transformer/head, 2 per block, 3 per tensor;
     # "reference": the reference's level 1 without its text-tower groups (image tower, head
@@ -161,6 +181,8 @@ class SoupConfig(Strict):
     evaluator_resources: Resources = neutral(Resources())
     seed: int = 123456789
     phase2: Phase2Config = Phase2Config()
+    wise_ft: WiseFTConfig = WiseFTConfig()
+    output_ensemble: OutputEnsembleConfig = OutputEnsembleConfig()
 
     @field_validator("optimizer")
     @classmethod

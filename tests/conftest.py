@@ -102,6 +102,9 @@ TINY_OVERRIDES = [
     "soup.num_workers=2",
     "soup.num_evaluators=1",
     "soup.phase2.evals_per_dim=1",
+    # the two reference rows cost two more scoring passes per soup: on where a test needs them
+    "soup.wise_ft.enabled=false",
+    "soup.output_ensemble.enabled=false",
     "ray.address=local",
     "ray.num_cpus=2",
 ]

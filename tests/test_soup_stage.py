@@ -26,7 +26,10 @@ QUIET = {"log": lambda *_: None}
 SOUP = (*EVALUATED_OVERRIDES, "soup.num_workers=4")
 # half a CPU each, so 4 evaluators fit the 2-CPU test cluster together
 SHARED_CPUS = "soup.evaluator_resources.cpu=0.5"
-METHODS = ["zero_shot", "best_individual", "uniform_soup", "greedy_soup", "mmms_phase1", "mmms"]
+METHODS = ["zero_shot", "best_individual", "uniform_soup", "greedy_soup", "wise_ft", "output_ensemble",
+           "mmms_phase1", "mmms"]
+NOT_MIXTURES = ("zero_shot", "wise_ft", "output_ensemble")
+REFERENCE_ROWS = ("soup.wise_ft.enabled=true", "soup.output_ensemble.enabled=true")
 
 
 def soup_clone(evaluated_demo, dst, *extra):
@@ -175,7 +178,7 @@ def patched_pool(monkeypatch, limit, seen):
 @pytest.fixture(scope="module")
 def souped(evaluated_demo, tmp_path_factory):
     """A soup run that crashed after 12 evaluations, then was rerun to the end."""
-    cfg = soup_clone(evaluated_demo, tmp_path_factory.mktemp("souped") / "out")
+    cfg = soup_clone(evaluated_demo, tmp_path_factory.mktemp("souped") / "out", *REFERENCE_ROWS)
     mp = pytest.MonkeyPatch()
     patched_pool(mp, 12, [])
     with pytest.raises(RuntimeError, match="injected crash"):
@@ -207,8 +210,9 @@ def test_the_report_has_every_method_and_its_mixture(souped):
     report, cfg = souped["report"], souped["cfg"]
     assert list(report["methods"]) == METHODS
     ids = [r["id"] for r in storage.read_json(layout.registry_uri(cfg))["ingredients"] if r["status"] == "ok"]
-    assert report["methods"]["zero_shot"]["beta"] == []
-    for name in METHODS[1:]:
+    for name in NOT_MIXTURES:
+        assert report["methods"][name]["beta"] == [] and report["methods"][name]["ingredients"] == []
+    for name in (n for n in METHODS if n not in NOT_MIXTURES):
         m = report["methods"][name]
         assert m["ingredients"] == sorted(ids)
         beta = np.array(m["beta"])
@@ -459,3 +463,65 @@ def test_the_soup_needs_current_scores_of_every_ingredient(evaluated_demo, tmp_p
     storage.delete(layout.evaluate_memo_uri(cfg))  # scores gone: the soup must not guess them
     with pytest.raises(SoupInputError, match="no current score of 'zero_shot' on split 'val'.*frankensoup evaluate"):
         stage.run_soup(cfg, **QUIET)
+
+
+# ---- the reference rows: WiSE-FT and the output ensemble ------------------------------------
+
+def test_wise_ft_ends_are_the_zero_shot_model_and_the_best_individual_bit_for_bit(souped):
+    from pipeline.soup.fusing import ModelServices
+
+    cfg, report = souped["cfg"], souped["report"]
+    inputs = load_inputs(cfg)
+    services = ModelServices(cfg, inputs, "unused", split_names(cfg)[0])
+    best = report["wise_ft"]["ingredient"]
+    assert np.array(report["methods"]["best_individual"]["beta"])[inputs.ids.index(best)].all()
+    ends = [services.zero_shot_state(), services.ingredient_state(inputs.ids.index(best))]
+    C = services.n_components
+    for alpha, end in ((0.0, ends[0]), (1.0, ends[1])):
+        fused = services.fuse(ends, np.array([[1.0 - alpha] * C, [alpha] * C]))
+        assert fused.keys() == end.keys()
+        for name, t in end.items():
+            assert fused[name].dtype == t.dtype and torch.equal(fused[name], t), (alpha, name)
+    # and their val scores are those rows' scores
+    by_alpha = report["wise_ft"]["val_by_alpha"]
+    assert by_alpha["0"] == report["methods"]["zero_shot"]["val"]
+    assert by_alpha["1"] == report["methods"]["best_individual"]["val"]
+    alpha = report["wise_ft"]["alpha"]
+    assert report["methods"]["wise_ft"]["val"] == by_alpha[f"{alpha:g}"] == max(by_alpha.values())
+
+
+def test_the_output_ensemble_is_the_argmax_of_the_mean_logits(souped):
+    from pipeline.data.shards import decode_split, read_split
+    from pipeline.evaluate.stream import split_scoring
+    from pipeline.model import image_transform, load_classifier
+
+    cfg, report = souped["cfg"], souped["report"]
+    inputs = load_inputs(cfg)
+    _, id_test, _ = split_names(cfg)
+    split_cfg = layout.splits(cfg)[id_test]
+    split = read_split(split_cfg.uri)
+    images, labels = decode_split(split, image_transform(inputs.meta["preprocess"], train=False))
+    scoring = split_scoring(id_test, split_cfg, split.class_names, list(inputs.meta["class_names"]))
+    with torch.inference_mode():
+        logits = [load_classifier(i.uri)[0].eval()(images) for i in inputs.ingredients]
+    mean = torch.stack(logits).mean(dim=0)
+    by_hand = (mean.argmax(dim=1).numpy() == scoring.target_of_label[labels.numpy()]).mean()
+    assert report["methods"]["output_ensemble"]["id_test"] == pytest.approx(by_hand, abs=1e-12)
+    singles = [(lg.argmax(dim=1).numpy() == scoring.target_of_label[labels.numpy()]).mean() for lg in logits]
+    assert sorted(singles) == sorted(report["ingredient_scores"][i]["id_test"] for i in inputs.ids)
+
+
+def test_the_report_tests_mmms_against_every_row_on_the_same_images(souped):
+    report = souped["report"]
+    tests = report["mcnemar"]["tests"]
+    id_test, ood = report["splits"]["id_test"], report["splits"]["ood"]
+    assert report["mcnemar"]["reference"] == "mmms" and set(tests) == set(METHODS) - {"mmms"}
+    n = report["split_sizes"][id_test]
+    for name, by_split in tests.items():
+        assert set(by_split) == {id_test, *ood}
+        t = by_split[id_test]
+        # the discordant pairs account exactly for the difference in correct images
+        diff = round((report["methods"]["mmms"]["id_test"] - report["methods"][name]["id_test"]) * n)
+        assert t["reference_only"] - t["other_only"] == diff and 0.0 <= t["p"] <= 1.0
+    if not report["phase2_kept"]:  # the same model: no discordant image
+        assert tests["mmms_phase1"][id_test] == {"reference_only": 0, "other_only": 0, "p": 1.0}

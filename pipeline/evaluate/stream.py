@@ -137,11 +137,13 @@ def _device(gpu: float):
 
 class BatchScorer:
     """A Ray Data actor: holds every model, decodes each batch once, returns per-row correctness
-    (column ``correct_<i>`` for model i) and the row's split."""
+    (column ``correct_<i>`` for model i, then one per ensemble: the argmax of its members' mean
+    logits, summed in member order), the row's split and, with ``row_keys``, a key of the row's
+    content (image bytes and label) that orders per-image results canonically."""
 
     def __init__(self, checkpoint_uris: list[str], scorings: dict[str, Scoring],
                  shard_of_path: dict[str, tuple[str, str]], preprocess: dict, threads: int, gpu: float,
-                 autocast_bf16: bool):
+                 autocast_bf16: bool, ensembles: list[list[int]] = (), row_keys: bool = False):
         import torch
 
         from ..model import image_transform, load_classifier
@@ -153,6 +155,8 @@ class BatchScorer:
         self.scoring = {name: scoring_tensors(s, self.device) for name, s in scorings.items()}
         self.shard_of_path = shard_of_path  # Ray's row path -> (split, shard URI)
         self.autocast = self.device.type == "cuda" and autocast_bf16
+        self.ensembles = [list(m) for m in ensembles]
+        self.row_keys = row_keys
 
     def decode(self, images, paths):
         import torch
@@ -174,20 +178,53 @@ class BatchScorer:
         except DataError as e:
             # Ray's wrapping of a failed UDF loses the message that names the shard: send it as data
             return {"split": splits, "error": np.full(len(paths), str(e), dtype=object),
-                    **{f"correct_{i}": np.zeros(len(paths), dtype=bool) for i in range(len(self.models))}}
+                    "row_key": np.zeros(len(paths), dtype=np.uint64),
+                    **{f"correct_{i}": np.zeros(len(paths), dtype=bool)
+                       for i in range(len(self.models) + len(self.ensembles))}}
         labels = torch.as_tensor(batch["label"].astype(np.int64), device=self.device)
         rows = {s: torch.as_tensor(np.flatnonzero(splits == s), device=self.device) for s in set(splits)}
-        out = {"split": splits, "error": np.full(len(paths), "", dtype=object)}
+        out = {"split": splits, "error": np.full(len(paths), "", dtype=object),
+               "row_key": row_keys(batch["image"], batch["label"]) if self.row_keys
+               else np.zeros(len(paths), dtype=np.uint64)}
+
+        def correct_of(logits):
+            correct = torch.zeros(len(paths), dtype=torch.bool, device=self.device)
+            for s, idx in rows.items():
+                target, mask, class_map = self.scoring[s]
+                correct[idx] = predictions(logits[idx], mask, class_map) == target[labels[idx]]
+            return correct.cpu().numpy()
+
+        members = {i for m in self.ensembles for i in m}
+        kept: dict[int, torch.Tensor] = {}
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             for i, model in enumerate(self.models):
                 logits = model(images)
-                correct = torch.zeros(len(paths), dtype=torch.bool, device=self.device)
-                for s, idx in rows.items():
-                    target, mask, class_map = self.scoring[s]
-                    predicted = predictions(logits[idx], mask, class_map)
-                    correct[idx] = predicted == target[labels[idx]]
-                out[f"correct_{i}"] = correct.cpu().numpy()
+                out[f"correct_{i}"] = correct_of(logits)
+                if i in members:
+                    kept[i] = logits.float()
+            for e, member_rows in enumerate(self.ensembles):
+                total = kept[member_rows[0]].clone()
+                for i in member_rows[1:]:
+                    total += kept[i]
+                out[f"correct_{len(self.models) + e}"] = correct_of(total / len(member_rows))
         return out
+
+
+def row_keys(images, labels) -> np.ndarray:
+    """A 64-bit key of each row's content (encoded image and label): per-image results sorted by
+    it line up across models scored in different passes over the same split content."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(bytes(img) + int(lab).to_bytes(8, "little", signed=True),
+                                                    digest_size=8).digest(), "little")
+                     for img, lab in zip(images, labels)], dtype=np.uint64)
+
+
+def correct_bits(keys: np.ndarray, correct: np.ndarray) -> bytes:
+    """Per-image correctness in the split's canonical order (by row key; identical rows, which
+    only duplicate images give, by their outcome), packed 8 images a byte."""
+    order = np.lexsort((correct, keys))
+    return np.packbits(correct[order]).tobytes()
 
 
 # ---- the pass over the shards ---------------------------------------------------------------
@@ -300,12 +337,25 @@ def _scored_batches(shards: dict[str, list[str]], actor_kwargs: dict, batch_size
 def score_splits(checkpoint_uris: Mapping[str, str], splits: Mapping[str, SplitConfig], *, batch_size: int,
                  num_actors: int, resources: Resources, class_names: list[str] | None = None,
                  threads: int = 1, autocast_bf16: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, dict]]:
+                 progress: Callable[[int, int], None] | None = None,
+                 ensembles: Mapping[str, list[str]] | None = None,
+                 per_image: bool = False) -> dict[str, dict[str, dict]]:
     """{split: {model: {"correct", "n", "accuracy"}}} for every model on every split, in one
-    streaming pass. ``checkpoint_uris`` maps a model's name to its classifier checkpoint.
+    streaming pass. ``checkpoint_uris`` maps a model's name to its classifier checkpoint;
+    ``ensembles`` maps an output ensemble's name to its members (names in ``checkpoint_uris``):
+    the mean of their logits is scored as one more model. ``per_image``: each entry also gets
+    ``correct_bits`` (base64 of correct_bits(): per-image outcomes, for paired tests).
     ``autocast_bf16``: forward under bfloat16 autocast on CUDA (the mixture evaluator does so
     with bfloat16 ingredients). ``progress(rows_done, rows_total)`` is called per gathered batch."""
-    names = list(checkpoint_uris)
+    import base64
+
+    ensembles = dict(ensembles or {})
+    for e, members in ensembles.items():
+        unknown = [m for m in members if m not in checkpoint_uris]
+        if not members or unknown or e in checkpoint_uris:
+            raise ValueError(f"ensemble {e!r}: members {members} must be scored models and its name new")
+    model_names = list(checkpoint_uris)
+    names = model_names + list(ensembles)
     shared = shared_metadata(checkpoint_uris, class_names)
     shards = {s: check_shard_footers(cfg.uri) for s, cfg in splits.items()}
     infos = {s: split_info(cfg.uri) for s, cfg in splits.items()}
@@ -315,10 +365,13 @@ def score_splits(checkpoint_uris: Mapping[str, str], splits: Mapping[str, SplitC
     if len(shard_of_path) != sum(len(u) for u in shards.values()):
         raise DataError(f"splits {sorted(splits)} share shard files: score them separately")
 
-    actor_kwargs = dict(checkpoint_uris=[checkpoint_uris[n] for n in names], scorings=scorings,
+    actor_kwargs = dict(checkpoint_uris=[checkpoint_uris[n] for n in model_names], scorings=scorings,
                         shard_of_path=shard_of_path, preprocess=shared["preprocess"], threads=threads,
-                        gpu=resources.gpu, autocast_bf16=autocast_bf16)
+                        gpu=resources.gpu, autocast_bf16=autocast_bf16,
+                        ensembles=[[model_names.index(m) for m in ms] for ms in ensembles.values()],
+                        row_keys=per_image)
     correct = {s: np.zeros(len(names), dtype=np.int64) for s in splits}
+    rows_of: dict[str, list] = {s: [] for s in splits}  # per_image: (row keys, correctness per model)
     seen = dict.fromkeys(splits, 0)
     total = sum(info["num_rows"] for info in infos.values())
     try:
@@ -330,6 +383,9 @@ def score_splits(checkpoint_uris: Mapping[str, str], splits: Mapping[str, SplitC
                 rows = batch["split"] == s
                 seen[s] += int(rows.sum())
                 correct[s] += [int(batch[f"correct_{i}"][rows].sum()) for i in range(len(names))]
+                if per_image:
+                    rows_of[s].append((batch["row_key"][rows],
+                                       np.stack([batch[f"correct_{i}"][rows] for i in range(len(names))])))
             if progress is not None:
                 progress(sum(seen.values()), total)
     except DataError:
@@ -339,8 +395,15 @@ def score_splits(checkpoint_uris: Mapping[str, str], splits: Mapping[str, SplitC
     for s, cfg in splits.items():
         if seen[s] != infos[s]["num_rows"]:
             raise DataError(f"split {s!r} ({cfg.uri}): scored {seen[s]} rows, dataset.json says {infos[s]['num_rows']}")
-    return {s: {name: {"correct": int(c), "n": seen[s], "accuracy": float(c) / seen[s]}
-                for name, c in zip(names, correct[s])} for s in splits}
+    out = {s: {name: {"correct": int(c), "n": seen[s], "accuracy": float(c) / seen[s]}
+               for name, c in zip(names, correct[s])} for s in splits}
+    if per_image:
+        for s, parts in rows_of.items():
+            keys = np.concatenate([k for k, _ in parts])
+            outcomes = np.concatenate([c for _, c in parts], axis=1)
+            for i, name in enumerate(names):
+                out[s][name]["correct_bits"] = base64.b64encode(correct_bits(keys, outcomes[i])).decode()
+    return out
 
 
 def score_models(checkpoint_uris: Mapping[str, str], split: SplitConfig, *, batch_size: int, num_actors: int,

@@ -2,16 +2,17 @@
 fusion, and scored like every other model (the evaluate stage's Ray Data scoring)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from .. import layout, storage
 from ..config import Config
 from ..model import classifier as clf_lib
 from ..model import weights
 from . import mixture
-from .inputs import Ingredient, load_state
+from .inputs import Ingredient, SoupInputs, load_state
 
 
 def fuse_methods(betas: dict[str, np.ndarray], ingredients: Sequence[Ingredient], components) -> dict[str, dict]:
@@ -21,22 +22,62 @@ def fuse_methods(betas: dict[str, np.ndarray], ingredients: Sequence[Ingredient]
     return mixture.fuse_many(((j, load_state(ingredients[j].uri)) for j in used), betas, components)
 
 
-def score_fused(cfg: Config, fused: dict[str, dict], model_name: str, class_names: list[str], preprocess: dict,
-                scratch_uri: str, split_names: Sequence[str]) -> tuple[dict[str, dict[str, dict]], int, int]:
-    """({method: {split: {"accuracy", "correct", "n"}}}, reused, computed) of fused classifiers,
-    scored like every other model (the evaluate stage's Ray Data scoring) from checkpoints under
-    ``scratch_uri``. Scores are memoised by the fused weights' content hash and the split's
-    content, so an added ood set scores only that set, and an unchanged soup nothing."""
+def score_fused(cfg: Config, inputs: SoupInputs, states: Mapping[str, dict], scratch_uri: str,
+                split_names: Sequence[str], ensembles: Mapping[str, Sequence[int]] | None = None
+                ) -> tuple[dict[str, dict[str, dict]], int, int]:
+    """({model: {split: {"accuracy", "correct", "n"}}}, reused, computed) of classifiers made
+    from the ingredients (``states``: fused state dicts; ``ensembles``: ingredient rows whose
+    logits are averaged), scored like every other model (the evaluate stage's Ray Data scoring)
+    from checkpoints under ``scratch_uri``. Scores are memoised by the weights' content hash
+    (an ensemble's: its members') and the split's content, so an added ood set scores only
+    that set, and an unchanged soup nothing. Entries carry per-image outcomes (``correct_bits``,
+    for the report's paired tests)."""
     from ..evaluate.scores import ScoreMemo, score_with_memo
 
+    meta = inputs.meta
+    model_name, class_names = meta["model_name"], list(meta["class_names"])
     models = {}
-    for name, state in fused.items():
+    for name, state in states.items():
         clf = clf_lib.classifier_from_state(model_name, state, len(class_names), source=f"fused {name}")
         uri = storage.join(scratch_uri, f"{name}.safetensors")
         weights.save_classifier(uri, clf, model_name=model_name, class_names=class_names,
-                                preprocess=preprocess, extra={"source": "soup"})
+                                preprocess=meta["preprocess"], extra={"source": "soup"})
         models[name] = (uri, weights.tensors_sha256(state))  # the weights' content, not the file's bytes
+    members: dict[str, list[str]] = {}
+    for name, rows in (ensembles or {}).items():
+        members[name] = [f"ingredient {inputs.ingredients[j].id}" for j in rows]
+        models.update({f"ingredient {inputs.ingredients[j].id}": (inputs.ingredients[j].uri, inputs.ingredients[j].sha256)
+                       for j in rows})
     splits = layout.splits(cfg)
     memo = ScoreMemo(layout.fused_scores_uri(cfg))
-    by_split, reused, computed = score_with_memo(cfg, memo, models, {s: splits[s] for s in split_names}, class_names)
-    return {name: {s: by_split[s][name] for s in split_names} for name in fused}, reused, computed
+    by_split, reused, computed = score_with_memo(cfg, memo, models, {s: splits[s] for s in split_names}, class_names,
+                                                 ensembles=members, per_image=True)
+    return {name: {s: by_split[s][name] for s in split_names} for name in [*states, *members]}, reused, computed
+
+
+class ModelServices:
+    """What soup methods whose models are not ingredient mixtures use (WiSE-FT, the output
+    ensemble): the zero-shot and ingredient weights, the reference fusion, and val scores of
+    the models they make, through the fused-model score memo."""
+
+    def __init__(self, cfg: Config, inputs: SoupInputs, scratch_uri: str, val: str):
+        self.cfg, self.inputs, self.scratch_uri, self.val = cfg, inputs, scratch_uri, val
+
+    def zero_shot_state(self) -> dict[str, torch.Tensor]:
+        return self.inputs.reference.state_dict()
+
+    def ingredient_state(self, row: int) -> dict[str, torch.Tensor]:
+        return load_state(self.inputs.ingredients[row].uri)
+
+    def fuse(self, states: Sequence[dict[str, torch.Tensor]], beta: np.ndarray) -> dict[str, torch.Tensor]:
+        """``sum_j beta[j, c] * states[j]`` per component: the reference fusion of any models."""
+        return mixture.fuse(states, beta, self.inputs.components)
+
+    @property
+    def n_components(self) -> int:
+        return len(self.inputs.components)
+
+    def val_accuracy(self, states: Mapping[str, dict] | None = None,
+                     ensembles: Mapping[str, Sequence[int]] | None = None) -> dict[str, float]:
+        scores, _, _ = score_fused(self.cfg, self.inputs, states or {}, self.scratch_uri, [self.val], ensembles)
+        return {name: by_split[self.val]["accuracy"] for name, by_split in scores.items()}

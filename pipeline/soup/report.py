@@ -35,6 +35,57 @@ def mean_interval(accuracies: Sequence[float], ns: Sequence[int], z: float = Z_9
     return max(0.0, mean - half), min(1.0, mean + half)
 
 
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value of paired outcomes with ``b`` and ``c`` discordant pairs
+    (A right and B wrong, and the reverse): the binomial test of min(b, c) under p = 1/2, in
+    exact integer arithmetic so it holds for tens of thousands of images."""
+    if b < 0 or c < 0:
+        raise ValueError(f"mcnemar_exact: counts must be >= 0, got {b}, {c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def discordant(a: bytes, b: bytes, n: int) -> tuple[int, int]:
+    """(a right and b wrong, a wrong and b right) of two per-image correctness bitmaps of the
+    same ``n`` images in the same order (numpy.packbits)."""
+    x = np.unpackbits(np.frombuffer(a, dtype=np.uint8), count=n).astype(bool)
+    y = np.unpackbits(np.frombuffer(b, dtype=np.uint8), count=n).astype(bool)
+    if x.size != n or y.size != n:
+        raise ValueError(f"discordant: bitmaps of {x.size} and {y.size} images, expected {n}")
+    return int(np.count_nonzero(x & ~y)), int(np.count_nonzero(~x & y))
+
+
+SIGNIFICANCE = 0.05
+
+
+def mcnemar_tests(scores: Mapping[str, Mapping[str, Mapping]], reference: str, names: Sequence[str],
+                  split_names: Sequence[str]) -> dict:
+    """The exact McNemar test of ``reference`` against each other model on each split, from the
+    per-image outcomes the scoring kept (``correct_bits``): {"reference", "alpha", "tests":
+    {model: {split: {"reference_only", "other_only", "p"}}}}."""
+    import base64
+
+    tests: dict = {}
+    for name in names:
+        if name == reference:
+            continue
+        for split in split_names:
+            ref, other = scores[reference][split], scores[name][split]
+            b, c = discordant(base64.b64decode(ref["correct_bits"]), base64.b64decode(other["correct_bits"]),
+                              int(ref["n"]))
+            tests.setdefault(name, {})[split] = {"reference_only": b, "other_only": c, "p": mcnemar_exact(b, c)}
+    return {"reference": reference, "alpha": SIGNIFICANCE, "tests": tests}
+
+
+def not_significant(report: Mapping, name: str, split: str) -> bool:
+    """Whether the paired test cannot tell ``name`` from the reference (mmms) on ``split``."""
+    test = report.get("mcnemar", {}).get("tests", {}).get(name, {}).get(split)
+    return test is not None and test["p"] >= report["mcnemar"]["alpha"]
+
+
 # ---- report.json ----------------------------------------------------------------------------
 
 def method_entry(val: float, id_test: float, ood: Mapping[str, float], ingredients: Sequence[str],
@@ -93,11 +144,13 @@ def table_rows(report: Mapping) -> tuple[list[str], list[list[str]]]:
     ood_names = list(splits["ood"])
     header = ["method", f"val ({splits['val']})", f"id_test ({splits['id_test']})", *ood_names, "ood avg"]
     rows = []
+    mark = lambda name, split: " ≈" if not_significant(report, name, split) else ""  # noqa: E731
     for name, m in report["methods"].items():
         cells = [name,
                  _cell(m["val"], wilson_interval(m["val"], sizes[splits["val"]])),
-                 _cell(m["id_test"], wilson_interval(m["id_test"], sizes[splits["id_test"]]))]
-        cells += [_cell(m["ood"][s], wilson_interval(m["ood"][s], sizes[s])) for s in ood_names]
+                 _cell(m["id_test"], wilson_interval(m["id_test"], sizes[splits["id_test"]]))
+                 + mark(name, splits["id_test"])]
+        cells += [_cell(m["ood"][s], wilson_interval(m["ood"][s], sizes[s])) + mark(name, s) for s in ood_names]
         cells.append(_cell(m["ood_avg"], mean_interval([m["ood"][s] for s in ood_names], [sizes[s] for s in ood_names])
                            if ood_names else None))
         rows.append(cells)
@@ -126,6 +179,7 @@ def render_markdown(report: Mapping) -> str:
         "",
         markdown_table(report),
         "",
+        *mcnemar_lines(report),
         "Images per split: " + ", ".join(f"{s} {n}" for s, n in sizes.items()) + ".",
         "",
         *[f"- {name}: {summary}" for name, summary in method_summaries(report)],
@@ -150,3 +204,18 @@ def method_summaries(report: Mapping) -> list[tuple[str, str]]:
 
     out = [("zero_shot", "the base CLIP with its zero-shot head (prompt templates), not finetuned")]
     return out + [(n, REGISTRY[n].summary) for n in report["methods"] if n in REGISTRY]
+
+
+def mcnemar_lines(report: Mapping) -> list[str]:
+    """report.md's note on the paired tests: what ≈ means, and the p-values."""
+    tests = report.get("mcnemar")
+    if not tests or not tests["tests"]:
+        return []
+    ref, alpha = tests["reference"], tests["alpha"]
+    splits = list(next(iter(tests["tests"].values())))
+    lines = [f"≈: not told apart from {ref} by the exact McNemar test on the same images (p ≥ {alpha:g}); "
+             f"p-values of {ref} against each row:", "",
+             "| vs | " + " | ".join(splits) + " |", "|" + "---|" * (len(splits) + 1)]
+    for name, by_split in tests["tests"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{by_split[s]['p']:.3g}" for s in splits) + " |")
+    return lines + [""]

@@ -18,7 +18,7 @@ from ..config import Config
 from . import publish as pub
 from . import report as rep
 from .dispatch import Dispatcher
-from .fusing import fuse_methods, score_fused
+from .fusing import ModelServices, fuse_methods, score_fused
 from .inputs import SoupInputs, load_inputs, memo_context, soup_key, split_names
 from .memo import ContentMemo, Memo
 from .methods import SearchResult, run_methods
@@ -34,13 +34,13 @@ def build_report(cfg: Config, run_id: str, ids: Sequence[str], component_names: 
     from ..evaluate.stage import ZERO_SHOT
 
     val, id_test, ood = split_names(cfg)
-    zs = evaluations[ZERO_SHOT]
-    methods = {"zero_shot": rep.method_entry(zs[val]["accuracy"], zs[id_test]["accuracy"],
-                                             {s: zs[s]["accuracy"] for s in ood}, [], [])}
+    zs = scores[ZERO_SHOT]
+    methods = {ZERO_SHOT: rep.method_entry(zs[val]["accuracy"], zs[id_test]["accuracy"],
+                                           {s: zs[s]["accuracy"] for s in ood}, [], [])}
     for name, r in result.results.items():
         s = scores[name]
         methods[name] = rep.method_entry(s[val]["accuracy"], s[id_test]["accuracy"],
-                                         {o: s[o]["accuracy"] for o in ood}, ids,
+                                         {o: s[o]["accuracy"] for o in ood}, ids if r.beta is not None else [],
                                          r.beta if r.beta is not None else [], search_val=r.search_val)
     sizes = {split: int(zs[split]["n"]) for split in (val, id_test, *ood)}
     return {
@@ -56,6 +56,7 @@ def build_report(cfg: Config, run_id: str, ids: Sequence[str], component_names: 
             {m: {s: v["accuracy"] for s, v in by_split.items()} for m, by_split in evaluations.items()},
             ids, val, id_test, ood),
         "cost": result.cost,
+        "mcnemar": rep.mcnemar_tests(scores, "mmms", list(methods), [id_test, *ood]),
         "splits": {"val": val, "id_test": id_test, "ood": ood},
         "split_sizes": sizes,
         "evaluations": counts,
@@ -74,8 +75,10 @@ def report_files(report: dict) -> dict[str, bytes]:
     return files
 
 
-def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tuple[SearchResult, dict]:
-    """The search, every evaluation answered from the memo or spread over E evaluator actors."""
+def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
+                  models: ModelServices | None = None) -> tuple[SearchResult, dict]:
+    """Every method's search, every mixture evaluation answered from the memo or spread over E
+    evaluator actors; methods that make other models score them through ``models``."""
     val, _, _ = split_names(cfg)
     ids, names = inputs.ids, inputs.component_names
     memo = Memo.open(layout.soup_memo_root(cfg), memo_context(cfg, inputs.components, val))
@@ -86,7 +89,8 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log) -> tup
     content_memo = ContentMemo(memo, [i.sha256 for i in inputs.ingredients])
     evaluate = Dispatcher(pool, memo=content_memo)
     try:
-        result = run_methods(cfg, evaluate, val_accs, len(names), ProgressPrinter(ids, log, metrics), log, ids)
+        result = run_methods(cfg, evaluate, val_accs, len(names), ProgressPrinter(ids, log, metrics), log, ids,
+                             models)
     finally:
         content_memo.flush()  # what was evaluated is kept, even when the search failed
         pool.close()
@@ -134,22 +138,24 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
     run_id = pub.make_run_id(key)
     layout.clear_done(cfg, "soup")
 
-    t0 = time.time()
-    result, counts = search_on_ray(cfg, inputs, run_id, log)
-    timings = {**result.timings, "search": time.time() - t0}
-
-    t0 = time.time()
     val, id_test, ood = split_names(cfg)
-    fused = fuse_methods(result.betas, inputs.ingredients, inputs.components)
-    # the fused classifiers are scored from files every scoring actor can read
+    # the models the methods make are scored from files every scoring actor can read
     scratch = storage.join(layout.soup_root(cfg), f"scratch-{run_id}")
     try:
-        scores, scores_reused, scores_made = score_fused(cfg, fused, meta["model_name"], list(meta["class_names"]),
-                                                         meta["preprocess"], scratch, [val, id_test, *ood])
+        t0 = time.time()
+        result, counts = search_on_ray(cfg, inputs, run_id, log, ModelServices(cfg, inputs, scratch, val))
+        timings = {**result.timings, "search": time.time() - t0}
+
+        t0 = time.time()
+        fused = fuse_methods(result.betas, inputs.ingredients, inputs.components)
+        states = {"zero_shot": inputs.reference.state_dict(), **fused,
+                  **{n: r.state for n, r in result.results.items() if r.state is not None}}
+        ensembles = {n: r.ensemble for n, r in result.results.items() if r.ensemble is not None}
+        scores, scores_reused, scores_made = score_fused(cfg, inputs, states, scratch, [val, id_test, *ood], ensembles)
     finally:
         storage.delete(scratch)
     counts.update(scores_reused=scores_reused, scores_computed=scores_made)
-    log(f"soup: fused-model scores: {scores_reused} reused, {scores_made} scored")
+    log(f"soup: model scores: {scores_reused} reused, {scores_made} scored")
     timings["scoring"] = time.time() - t0
     _note_if_val_moved(result, scores, val, log)
 

@@ -75,6 +75,10 @@ class SoupMethod:
     needs: ClassVar[tuple[str, ...]] = ()   # methods whose results it reads (registered before it)
     needs_models: ClassVar[bool] = False    # uses the stage's model services (not the mixture evaluator alone)
 
+    def enabled(self, soup: SoupConfig) -> bool:
+        """Whether the run makes it (a method with a switch in config.py says so here)."""
+        return True
+
     def settings(self, soup: SoupConfig) -> dict:
         """The settings it reads, for the report (typed in config.py)."""
         return {}
@@ -154,7 +158,7 @@ def run_methods(cfg: Config, evaluate: Evaluator, val_accs: Sequence[float], n_c
     ids = list(ids) if ids is not None else [str(j) for j in range(len(val_accs))]
     ctx = MethodContext(cfg, [float(a) for a in val_accs], n_components, evaluate, progress, log, {}, ids, models)
     for method in methods():
-        if method.needs_models and models is None:
+        if not method.enabled(cfg.soup) or (method.needs_models and models is None):
             continue
         before, t = evaluate.cost.copy(), time.time()
         result = method.run(ctx)
