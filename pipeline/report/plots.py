@@ -9,13 +9,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..soup.methods import REGISTRY  # noqa: E402
+
 ZERO_SHOT_STYLE = ("s", "tab:gray")
 
 
 def method_style(name: str) -> tuple[str, str]:
     """(marker, colour) of a report row: each soup method says its own (soup/methods)."""
-    from ..soup.methods import REGISTRY
-
     if name == "zero_shot":
         return ZERO_SHOT_STYLE
     return REGISTRY[name].marker if name in REGISTRY else ("o", "black")

@@ -89,8 +89,9 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
     content_memo = ContentMemo(memo, [i.sha256 for i in inputs.ingredients])
     evaluate = Dispatcher(pool, memo=content_memo)
     try:
+        # the evaluators' CPUs and GPUs go to the scoring of WiSE-FT's and the ensemble's models
         result = run_methods(cfg, evaluate, val_accs, len(names), ProgressPrinter(ids, log, metrics), log, ids,
-                             models)
+                             models, mixtures_done=pool.close)
     finally:
         content_memo.flush()  # what was evaluated is kept, even when the search failed
         pool.close()

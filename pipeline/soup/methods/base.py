@@ -104,6 +104,10 @@ def register(cls: type[SoupMethod]) -> type[SoupMethod]:
     missing = [n for n in cls.needs if n not in REGISTRY]
     if missing:
         raise MethodError(f"soup method {name!r} needs {missing}, which are not registered before it")
+    later = [n for n in cls.needs if REGISTRY[n].needs_models and not cls.needs_models]
+    if later:
+        raise MethodError(f"soup method {name!r} searches with the mixture evaluator, which is done before "
+                          f"{later} run: it cannot need them")
     REGISTRY[name] = cls()
     return cls
 
@@ -149,21 +153,29 @@ class SearchResult:
 
 
 def run_methods(cfg: Config, evaluate: Evaluator, val_accs: Sequence[float], n_components: int,
-                progress=None, log: Log = print, ids: Sequence[str] | None = None, models=None) -> SearchResult:
-    """Every registered method, in order, through ``evaluate`` (a plain callable, an asynchronous
-    evaluator such as the Ray pool, or a Dispatcher); each method's evaluator work is costed.
-    Methods that need the stage's model services are skipped when ``models`` is None (the
-    mixture-only search the tests and benchmarks run)."""
+                progress=None, log: Log = print, ids: Sequence[str] | None = None, models=None,
+                mixtures_done: Callable[[], None] | None = None) -> SearchResult:
+    """Every registered method through ``evaluate`` (a plain callable, an asynchronous evaluator
+    such as the Ray pool, or a Dispatcher); each method's evaluator work is costed. The methods
+    that search with the mixture evaluator run first, in registration order; then
+    ``mixtures_done()`` (the stage frees the evaluators' CPUs and GPUs there) and the methods
+    that use the stage's model services, which are skipped when ``models`` is None (the
+    mixture-only search the tests and benchmarks run). Results come in registration order."""
     evaluate = dispatcher_of(evaluate)
     ids = list(ids) if ids is not None else [str(j) for j in range(len(val_accs))]
     ctx = MethodContext(cfg, [float(a) for a in val_accs], n_components, evaluate, progress, log, {}, ids, models)
-    for method in methods():
-        if not method.enabled(cfg.soup) or (method.needs_models and models is None):
-            continue
-        before, t = evaluate.cost.copy(), time.time()
-        result = method.run(ctx)
-        result.cost = evaluate.cost.since(before).report(time.time() - t, evaluate.size)
-        ctx.results[method.name] = result
-        if result.summary:
-            log(f"soup: {result.summary}")
-    return SearchResult(ctx.results)
+    enabled = [m for m in methods() if m.enabled(cfg.soup)]
+    for group in ([m for m in enabled if not m.needs_models], [m for m in enabled if m.needs_models]):
+        if group and group[0].needs_models:
+            if mixtures_done is not None:
+                mixtures_done()
+            if models is None:
+                break
+        for method in group:
+            before, t = evaluate.cost.copy(), time.time()
+            result = method.run(ctx)
+            result.cost = evaluate.cost.since(before).report(time.time() - t, evaluate.size)
+            ctx.results[method.name] = result
+            if result.summary:
+                log(f"soup: {result.summary}")
+    return SearchResult({m.name: ctx.results[m.name] for m in enabled if m.name in ctx.results})
