@@ -189,6 +189,11 @@ class StorageConfig(Strict):
     shared: bool = neutral(False)
 
 
+class ConsoleConfig(Strict):
+    # seconds between progress status lines when the output is not a terminal (a bar otherwise)
+    status_every_s: float = neutral(10.0, gt=0)
+
+
 class Config(Strict):
     output_uri: str = "./frankensoup-output"
     seed: int = 0
@@ -199,6 +204,7 @@ class Config(Strict):
     soup: SoupConfig = SoupConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+    console: ConsoleConfig = neutral(ConsoleConfig())
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some top-level sections: a stage is redone when its hash changes."""

@@ -79,3 +79,15 @@ def test_imagenet_config_keeps_the_reference_search():
     assert cfg.soup.seed == 123456789 and cfg.soup.optimizer == "NGOpt" and cfg.soup.num_workers == 1
     roles = sorted(s.role for s in cfg.data.splits.values())
     assert roles.count("ood") == 5 and "val" in roles and "id_test" in roles
+
+
+
+@pytest.mark.parametrize("override,field,says", [
+    ("console.status_every_s=0", "console.status_every_s", "greater than 0"),
+    ("console.status_every_s=soon", "console.status_every_s", "valid number"),
+])
+def test_bad_console_values_are_refused_in_one_line(override, field, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and f"{field}: " in message and says in message

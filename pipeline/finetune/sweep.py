@@ -150,10 +150,18 @@ class TrialGauges(tune.Callback):
 
 class TrialLog(tune.Callback):
     """One console line per trial event (start, each epoch, restore, finish, error) instead of
-    Tune's status tables, which come back with ``-v``."""
+    Tune's status tables, which come back with ``-v``; a finished trial's line says the rate and
+    ETA of the trials left (console.Progress, from the trials finished so far)."""
 
     def __init__(self, ids: dict[int, str], total: int):
         self.ids, self.total, self.finished = ids, total, 0
+        self._progress: console.Progress | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_progress": None}  # the Tuner pickles its callbacks
+
+    def setup(self, **info):
+        self._progress = console.Progress(self.total, "finetune", "trial", bar=False)
 
     def _name(self, trial) -> str:
         return self.ids.get(trial.config.get("trial"), str(trial))
@@ -169,7 +177,10 @@ class TrialLog(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finished += 1
-        print(f"finetune: {self._name(trial)} finished ({self.finished}/{self.total}; Tune trial {trial.trial_id})")
+        if self._progress is None:
+            self.setup()
+        self._progress.update(self.finished, force=True,
+                              text=f"{self._name(trial)} finished ({self.finished}/{self.total}; Tune trial {trial.trial_id})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"finetune: {self._name(trial)} failed (retried from its last checkpoint while "
