@@ -90,7 +90,7 @@ def ray_data_settings() -> None:
 
 def duration(seconds: float) -> str:
     """A short human duration: 42s, 3m05s, 2h07m."""
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
@@ -197,7 +197,7 @@ def _isatty(stream) -> bool:
 
 
 def _whole(n: float | None) -> int | None:
-    return None if n is None else int(math.ceil(n))
+    return None if n is None else math.ceil(n)
 
 
 def _field(value) -> str:
