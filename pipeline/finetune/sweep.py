@@ -193,6 +193,8 @@ def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
     the trial index, so Tune's tables show one column."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from .tracking import tune_callbacks
+
     ft = cfg.finetune
     hparams = {t["trial"]: t["hparams"] for t in todo}
     trainable = tune.with_resources(tune.with_parameters(train_ingredient, setup=trial_setup(cfg), hparams=hparams),
@@ -221,8 +223,8 @@ def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             # Tune's tables only with -v; our TrialLog gives one line per trial event
             verbose=None if console.verbosity() >= console.VERBOSE else 0,
-            callbacks=[TrialGauges(name)] + ([TrialLog({t["trial"]: t["id"] for t in todo}, len(todo))]
-                                             if console.verbosity() > console.QUIET else [])),
+            callbacks=[TrialGauges(name), *tune_callbacks(cfg, todo, name)]
+            + ([TrialLog({t["trial"]: t["id"] for t in todo}, len(todo))] if console.verbosity() > console.QUIET else [])),
     )
 
 
