@@ -196,3 +196,16 @@ def test_a_finished_trial_says_the_eta_of_the_rest(capsys, restore_console):
     log.on_trial_complete(0, [], SimpleNamespace(config={"trial": 1}, trial_id="abc_00001"))
     line = capsys.readouterr().out.strip()
     assert line.startswith("finetune: ft-001 finished (1/2; Tune trial abc_00001) | ") and "| ETA " in line
+
+
+def test_evaluate_progress_ends_each_scoring_pass_with_a_line(restore_console, monkeypatch):
+    from pipeline.evaluate.stage import progress_printer
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
+    lines = []
+    progress = progress_printer(lines.append, every_s=3600)
+    for done, total in [(40, 100), (100, 100), (5, 20), (20, 20)]:  # two passes (two groups of splits)
+        progress(done, total)
+    assert [line.split(" | ")[0] for line in lines] == ["evaluate: 100 of 100 images (100.0%)",
+                                                        "evaluate: 20 of 20 images (100.0%)"]
+    assert all(line.endswith("ETA 0s") for line in lines)
