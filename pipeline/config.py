@@ -211,6 +211,38 @@ class StorageConfig(Strict):
     shared: bool = neutral(False)
 
 
+class ConsoleConfig(Strict):
+    # seconds between progress status lines when the output is not a terminal (a bar otherwise)
+    status_every_s: float = neutral(10.0, gt=0)
+
+
+class TrackingConfig(Strict):
+    """Experiment tracking (docs/tracking.md): finetune trials' metrics and the soup's search
+    trace and scores, for TensorBoard and, with ``mlflow_uri``, MLflow. Never changes a result."""
+    tensorboard: bool = neutral(True)
+    # where the event files go (local path, file:// or s3://); None: <output_uri>/tracking/tensorboard
+    tensorboard_uri: str | None = neutral(None)
+    # an MLflow tracking URI: a server (http://, https://, databricks), a database
+    # (sqlite:///...), or a file store (file:///... or a path); None: no MLflow
+    mlflow_uri: str | None = neutral(None)
+    mlflow_experiment: str = neutral("frankensoup", min_length=1)
+
+    @field_validator("tensorboard_uri")
+    @classmethod
+    def _storage_uri(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or ("://" in v and v.split("://", 1)[0] not in ("file", "s3"))):
+            raise ValueError(f"must be a local path, file:// or s3:// URI; got {v!r}")
+        return v
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _tracking_uri(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or v.startswith("s3://")):
+            raise ValueError(f"must be an MLflow tracking URI (http(s)://, databricks, sqlite:///, file:///, "
+                             f"or a path); an s3:// bucket only stores MLflow's artifacts; got {v!r}")
+        return v
+
+
 class Config(Strict):
     output_uri: str = "./frankensoup-output"
     seed: int = 0
@@ -221,6 +253,8 @@ class Config(Strict):
     soup: SoupConfig = SoupConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+    console: ConsoleConfig = neutral(ConsoleConfig())
+    tracking: TrackingConfig = neutral(TrackingConfig())
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some top-level sections: a stage is redone when its hash changes."""

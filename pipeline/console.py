@@ -1,12 +1,17 @@
 """What the command line shows: ``-q`` errors and the final table, the default our own progress
-lines and warnings, ``-v`` Ray's INFO logs and Ray Data's progress bars as well. Call
-``configure`` before Ray starts (the environment variables reach local workers only if set
-before ``ray.init``)."""
+(a bar on a terminal, a status line every few seconds elsewhere) and warnings, ``-v`` Ray's
+INFO logs and Ray Data's progress bars as well. Call ``configure`` before Ray starts (the
+environment variables reach local workers only if set before ``ray.init``)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
+import sys
 import tempfile
+import time
+from collections.abc import Callable
+from typing import TextIO
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 _verbosity = NORMAL
@@ -81,3 +86,119 @@ def ray_data_settings() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = _verbosity >= VERBOSE
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: 42s, 3m05s, 2h07m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def rate_text(rate: float, unit: str) -> str:
+    """Units per second, or seconds per unit when slower than one a second (as tqdm does)."""
+    return f"{rate:,.1f} {unit}s/s" if rate >= 1 else f"{1 / rate:,.1f} s/{unit}"
+
+
+class Progress:
+    """Progress of some work towards ``total`` units (``update(done)`` as it goes, ``close()``
+    at the end): on a terminal a tqdm bar with rate and ETA; elsewhere (``ray job submit``
+    logs, files) one status line every ``every_s`` seconds, with rate and ETA; nothing with -q.
+
+    ``stream`` decides which (its ``isatty()``; default stderr) and takes the bar; status lines
+    go to ``log``. ``clock`` is injectable so the interval can be tested without sleeping.
+    The rate is the average since the helper was made."""
+
+    def __init__(self, total: float | None, label: str, unit: str = "item", *, every_s: float = 10.0,
+                 stream: TextIO | None = None, log: Callable[[str], None] = print,
+                 clock: Callable[[], float] = time.monotonic, bar: bool | None = None):
+        self.total, self.label, self.unit, self.every_s = total, label, unit, every_s
+        self.log, self.clock = log, clock
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet = verbosity() <= QUIET
+        self.start = self._last_line = clock()
+        self.done = 0.0
+        self._bar = None
+        self._said_complete = False
+        use_bar = bar if bar is not None else _isatty(self.stream)
+        if use_bar and not self.quiet:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=_whole(total), desc=label, unit=unit, file=self.stream, dynamic_ncols=True,
+                             leave=True)
+
+    @property
+    def bar(self):
+        """The tqdm bar, or None when progress goes to status lines (or nowhere)."""
+        return self._bar
+
+    def rate(self) -> float:
+        elapsed = self.clock() - self.start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def eta(self) -> float | None:
+        """Seconds left at the average rate so far; None when that cannot be told yet."""
+        rate = self.rate()
+        if self.total is None or rate <= 0:
+            return None
+        return max(0.0, self.total - self.done) / rate
+
+    def status(self, text: str | None = None, **fields) -> str:
+        """The status line: ``text`` (default: done of total, then ``fields``), rate, ETA."""
+        if text is None:
+            of = f" of {self.total:,.0f}" if self.total is not None else ""
+            pct = f" ({100 * self.done / self.total:.1f}%)" if self.total else ""
+            text = " | ".join([f"{self.done:,.0f}{of} {self.unit}s{pct}",
+                               *(f"{k.replace('_', ' ')} {_field(v)}" for k, v in fields.items())])
+        rate, eta = self.rate(), self.eta()
+        return " | ".join([f"{self.label}: {text}", *([rate_text(rate, self.unit)] if rate > 0 else []),
+                           "ETA " + (duration(eta) if eta is not None else "?")])
+
+    def update(self, done: float, total: float | None = None, *, text: str | None = None,
+               force: bool = False, desc: str | None = None, **fields) -> None:
+        """``done`` units so far (of ``total``, when it changed). A status line is written when
+        ``every_s`` passed since the last one, when the work is complete, or with ``force``;
+        ``text`` replaces its "done of total" part, ``desc`` the bar's label; ``fields`` (e.g.
+        best_val=0.93) show in the bar and, without ``text``, in the line."""
+        self.done = float(done)
+        if total is not None:
+            self.total = total
+        if self.quiet:
+            return
+        if self._bar is not None:
+            if total is not None:
+                self._bar.total = _whole(total)
+            if desc is not None:
+                self._bar.set_description_str(desc, refresh=False)
+            if fields:
+                self._bar.set_postfix({k: _field(v) for k, v in fields.items()}, refresh=False)
+            self._bar.update(_whole(done) - self._bar.n)
+            return
+        now = self.clock()
+        complete = self.total is not None and self.done >= self.total and not self._said_complete
+        if force or complete or now - self._last_line >= self.every_s:
+            self._last_line, self._said_complete = now, self._said_complete or complete
+            self.log(self.status(text, **fields))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or unusual stream: no terminal
+        return False
+
+
+def _whole(n: float | None) -> int | None:
+    return None if n is None else math.ceil(n)
+
+
+def _field(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -79,3 +79,38 @@ def test_imagenet_config_keeps_the_reference_search():
     assert cfg.soup.seed == 123456789 and cfg.soup.optimizer == "NGOpt" and cfg.soup.num_workers == 1
     roles = sorted(s.role for s in cfg.data.splits.values())
     assert roles.count("ood") == 5 and "val" in roles and "id_test" in roles
+
+
+
+@pytest.mark.parametrize("override,field,says", [
+    ("console.status_every_s=0", "console.status_every_s", "greater than 0"),
+    ("console.status_every_s=soon", "console.status_every_s", "valid number"),
+])
+def test_bad_console_values_are_refused_in_one_line(override, field, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and f"{field}: " in message and says in message
+
+
+def test_tracking_defaults():
+    cfg = Config()
+    assert cfg.tracking.tensorboard and cfg.tracking.tensorboard_uri is None and cfg.tracking.mlflow_uri is None
+    assert cfg.tracking.mlflow_experiment == "frankensoup"
+    cfg = load_config(None, ["tracking.mlflow_uri=http://mlflow:5000", "tracking.tensorboard_uri=s3://b/tb"])
+    assert cfg.tracking.mlflow_uri == "http://mlflow:5000" and cfg.tracking.tensorboard_uri == "s3://b/tb"
+
+
+@pytest.mark.parametrize("override,field,says", [
+    ("tracking.mlflow_uri=s3://bucket/mlruns", "tracking.mlflow_uri", "an s3:// bucket only stores MLflow's artifacts"),
+    ("tracking.mlflow_uri=", "tracking.mlflow_uri", "must be an MLflow tracking URI"),
+    ("tracking.tensorboard_uri=gs://bucket/tb", "tracking.tensorboard_uri", "local path, file:// or s3://"),
+    ("tracking.mlflow_experiment=", "tracking.mlflow_experiment", "at least 1 character"),
+    ("tracking.tensorboard=maybe", "tracking.tensorboard", "boolean"),
+    ("tracking.wandb=true", "tracking.wandb", "Extra inputs"),
+])
+def test_bad_tracking_values_are_refused_in_one_line(override, field, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and f"{field}: " in message and says in message

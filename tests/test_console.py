@@ -1,7 +1,9 @@
-"""What the command line shows: --version, -q, Ray Data's console logging, and no false
-"initialized randomly" warning for the models we create without weights on purpose."""
+"""What the command line shows: --version, -q, Ray Data's console logging, no false
+"initialized randomly" warning for the models we create without weights on purpose, and
+progress as a bar on a terminal or status lines with rate and ETA elsewhere."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 
@@ -78,3 +80,132 @@ def test_creating_a_model_without_weights_does_not_warn(caplog, restore_console)
     logging.warning("another warning")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["another warning"]
+
+
+# ---- progress: a bar on a terminal, status lines with rate and ETA elsewhere ----------------
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_status_lines_come_at_the_configured_interval_with_rate_and_eta(restore_console):
+    from pipeline.config import load_config
+
+    every = load_config(None, ["console.status_every_s=5"]).console.status_every_s
+    clock, lines = FakeClock(), []
+    progress = console.Progress(1000, "evaluate", "image", every_s=every, stream=io.StringIO(), log=lines.append,
+                                clock=clock)
+    assert progress.bar is None
+    for step in range(1, 11):
+        clock.now += 2
+        progress.update(100 * step)
+    progress.close()
+    # every 5 s of the fake clock (t = 6, 12, 18), and the end
+    assert lines == ["evaluate: 300 of 1,000 images (30.0%) | 50.0 images/s | ETA 14s",
+                     "evaluate: 600 of 1,000 images (60.0%) | 50.0 images/s | ETA 8s",
+                     "evaluate: 900 of 1,000 images (90.0%) | 50.0 images/s | ETA 2s",
+                     "evaluate: 1,000 of 1,000 images (100.0%) | 50.0 images/s | ETA 0s"]
+
+
+def test_slow_work_says_seconds_per_unit_and_its_own_text(restore_console):
+    clock, lines = FakeClock(), []
+    progress = console.Progress(8, "finetune", "trial", bar=False, log=lines.append, clock=clock)
+    clock.now += 150
+    progress.update(2, text="ft-001 finished (2/8)", force=True)
+    progress.update(3, best_val=0.5)  # not forced, interval not reached: no line
+    assert lines == ["finetune: ft-001 finished (2/8) | 75.0 s/trial | ETA 7m30s"]
+
+
+def test_a_terminal_gets_a_tqdm_bar_and_no_lines(restore_console):
+    from tqdm import tqdm
+
+    stream, lines = Terminal(), []
+    progress = console.Progress(200, "evaluate", "image", stream=stream, log=lines.append)
+    assert isinstance(progress.bar, tqdm)
+    progress.update(50, best_val=0.9)
+    progress.update(120, total=240)
+    progress.close()
+    out = stream.getvalue()
+    assert "120/240" in out and "image/s" in out and "best_val=0.9000" in out and lines == []
+
+
+def test_quiet_shows_no_progress(restore_console):
+    console.configure(console.QUIET)
+    lines, terminal = [], Terminal()
+    for stream in (terminal, io.StringIO()):
+        progress = console.Progress(10, "evaluate", "image", stream=stream, log=lines.append, every_s=0)
+        assert progress.bar is None
+        progress.update(5, force=True)
+        progress.update(10)
+        progress.close()
+    assert lines == [] and terminal.getvalue() == ""
+
+
+def soup_progress(phase: int, ingredient: int | None, evals: int, expected: float) -> dict:
+    return {"phase": phase, "ingredient": ingredient, "step": "pass 1", "evals": evals, "budget": 3158,
+            "expected": expected, "dropped": 0, "best_val": 0.5 + evals / 10_000, "batch": 1, "seconds": 0.1}
+
+
+def test_the_soup_search_prints_a_line_per_phase_and_per_interval(restore_console):
+    from pipeline.soup.progress import ProgressPrinter
+
+    clock, lines = FakeClock(), []
+    printer = ProgressPrinter(["ft-000", "ft-001"], lines.append, every_s=10, stream=io.StringIO(), clock=clock)
+    printer(soup_progress(1, 0, 1, 900))
+    for evals in range(2, 31):  # one evaluation a second
+        clock.now += 1
+        printer(soup_progress(1, evals % 2, evals, 900))
+    printer(soup_progress(2, None, 1, 400))  # a new phase: a line at once, its own rate
+    printer.close()
+    # phase 1 at its start, after 10 s and after 20 s; phase 2 at its start
+    assert [line.split(" | ")[0] for line in lines] == ["soup: phase 1"] * 3 + ["soup: phase 2"]
+    assert lines[2] == ("soup: phase 1 | ingredient ft-001 (pass 1) | evaluations 21 of ~900 expected "
+                        "(at most 3158) | best val 0.5021 | 1.1 evaluations/s | ETA 13m57s")
+    assert lines[-1].endswith("| best val 0.5001 | ETA ?")
+
+
+def test_the_soup_search_on_a_terminal_is_a_bar_per_phase(restore_console):
+    from pipeline.soup.progress import ProgressPrinter
+
+    stream, lines = Terminal(), []
+    printer = ProgressPrinter(["ft-000", "ft-001"], lines.append, stream=stream)
+    printer(soup_progress(1, 1, 458, 1210.4))
+    printer(soup_progress(2, None, 3, 400))
+    printer.close()
+    out = stream.getvalue()
+    assert "soup phase 1 ft-001" in out and "458/1211" in out and "soup phase 2 all chosen" in out
+    assert "best_val=" in out and lines == []
+
+
+def test_a_finished_trial_says_the_eta_of_the_rest(capsys, restore_console):
+    from types import SimpleNamespace
+
+    from pipeline.finetune.sweep import TrialLog
+
+    log = TrialLog({0: "ft-000", 1: "ft-001"}, 2)
+    log.setup()
+    log.on_trial_complete(0, [], SimpleNamespace(config={"trial": 1}, trial_id="abc_00001"))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("finetune: ft-001 finished (1/2; Tune trial abc_00001) | ") and "| ETA " in line
+
+
+def test_evaluate_progress_ends_each_scoring_pass_with_a_line(restore_console, monkeypatch):
+    from pipeline.evaluate.stage import progress_printer
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
+    lines = []
+    progress = progress_printer(lines.append, every_s=3600)
+    for done, total in [(40, 100), (100, 100), (5, 20), (20, 20)]:  # two passes (two groups of splits)
+        progress(done, total)
+    assert [line.split(" | ")[0] for line in lines] == ["evaluate: 100 of 100 images (100.0%)",
+                                                        "evaluate: 20 of 20 images (100.0%)"]
+    assert all(line.endswith("ETA 0s") for line in lines)

@@ -156,6 +156,7 @@ def test_sweep_registers_ingredients_and_resumes_a_failed_trial(ray_local, prepa
         clf, meta = load_classifier(row["checkpoint_uri"])
         assert meta["hparams"] == row["hparams"] and meta["epoch"] == 2 and 0 < row["val_acc"] <= 1
     assert layout.read_marker(cfg, "finetune")["computed"] == 2
+    assert_tracked(cfg, ["ft-000", "ft-001"])
 
     experiment = experiment_location(cfg, trial_plan(cfg))[2]
     ft0, ft1 = (final_state(experiment, r["trial_id"])["metrics"] for r in registry["ingredients"])
@@ -167,6 +168,15 @@ def test_sweep_registers_ingredients_and_resumes_a_failed_trial(ray_local, prepa
     capsys.readouterr()
     assert run_finetune(cfg) == registry
     assert "finetune: 2 reused, 0 trained" in capsys.readouterr().out
+
+
+def assert_tracked(cfg, ids: list[str]) -> None:
+    """Each trained ingredient has TensorBoard event files under output_uri (tracking's default)."""
+    board = storage.join(cfg.output_uri, "tracking", "tensorboard", "finetune")
+    runs = storage.listdir(board)
+    assert [r[:6] for r in runs] == ids
+    for run in runs:
+        assert any(n.startswith("events.out.tfevents.") for n in storage.listdir(storage.join(board, run)))
 
 
 def upload(local_dir: str, uri: str) -> None:
@@ -223,6 +233,7 @@ def test_a_killed_sweep_on_s3_is_restored_not_restarted(prepared_demo, s3_bucket
 
     registry = read_registry(cfg)
     assert [r["id"] for r in registry["ingredients"]] == ["ft-000", "ft-001"]
+    assert_tracked(cfg, ["ft-000", "ft-001"])
     by_trial = {r["trial_id"]: r for r in registry["ingredients"]}
     # the finished trial was kept, not retrained: the same checkpoints, nothing new, and its
     # registered result is the one it had before the kill

@@ -22,11 +22,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"PIL": "pillow", "open_clip": "open_clip_torch", "skimage": "scikit-image", "sklearn": "scikit-learn",
-                "yaml": "pyyaml"}
+                "yaml": "pyyaml", "mlflow": "mlflow-skinny"}
 
 
 def _declared() -> set[str]:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    """The dependencies and the optional extras a feature needs (not dev's test tools)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    deps = project["dependencies"] + [d for name, ds in extras.items() if name != "dev" for d in ds]
     return {re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].lower().replace("-", "_") for d in deps}
 
 

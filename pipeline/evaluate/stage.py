@@ -112,13 +112,19 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def progress_printer(log: Log, every_s: float = 10.0) -> Callable[[int, int], None]:
-    """A line every ``every_s`` seconds while images are scored, and one at the end."""
-    last = [time.time()]
+    """``progress(done, total)`` for score_splits: images scored with rate and ETA, as a bar on a
+    terminal or a line every ``every_s`` seconds and one at the end (console.Progress); each
+    scoring pass gets its own."""
+    from ..console import Progress
+
+    current: list[Progress] = []
 
     def progress(done: int, total: int) -> None:
-        if done == total or time.time() - last[0] >= every_s:
-            last[0] = time.time()
-            log(f"evaluate: {done:,} / {total:,} images scored")
+        if not current:
+            current.append(Progress(total, "evaluate", "image", every_s=every_s, log=log))
+        current[0].update(done, total)
+        if done >= total:
+            current.pop().close()
 
     return progress
 
@@ -158,7 +164,7 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
 
         init_ray(cfg)
     scores, reused, computed = score_with_memo(cfg, memo, models, splits, registry["class_names"],
-                                               progress=progress_printer(log), key=keys)
+                                               progress=progress_printer(log, cfg.console.status_every_s), key=keys)
     rows = result_rows(scores, splits)
     table = markdown_table(rows)
     storage.write_bytes(layout.evaluations_uri(cfg), parquet_bytes(rows))

@@ -150,10 +150,18 @@ class TrialGauges(tune.Callback):
 
 class TrialLog(tune.Callback):
     """One console line per trial event (start, each epoch, restore, finish, error) instead of
-    Tune's status tables, which come back with ``-v``."""
+    Tune's status tables, which come back with ``-v``; a finished trial's line says the rate and
+    ETA of the trials left (console.Progress, from the trials finished so far)."""
 
     def __init__(self, ids: dict[int, str], total: int):
         self.ids, self.total, self.finished = ids, total, 0
+        self._progress: console.Progress | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_progress": None}  # the Tuner pickles its callbacks
+
+    def setup(self, **info):
+        self._progress = console.Progress(self.total, "finetune", "trial", bar=False)
 
     def _name(self, trial) -> str:
         return self.ids.get(trial.config.get("trial"), str(trial))
@@ -169,7 +177,10 @@ class TrialLog(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finished += 1
-        print(f"finetune: {self._name(trial)} finished ({self.finished}/{self.total}; Tune trial {trial.trial_id})")
+        if self._progress is None:
+            self.setup()
+        self._progress.update(self.finished, force=True,
+                              text=f"{self._name(trial)} finished ({self.finished}/{self.total}; Tune trial {trial.trial_id})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"finetune: {self._name(trial)} failed (retried from its last checkpoint while "
@@ -181,6 +192,8 @@ def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
     interrupted. Fixed inputs go through ``tune.with_parameters``; the only searched value is
     the trial index, so Tune's tables show one column."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from .tracking import tune_callbacks
 
     ft = cfg.finetune
     hparams = {t["trial"]: t["hparams"] for t in todo}
@@ -210,8 +223,8 @@ def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             # Tune's tables only with -v; our TrialLog gives one line per trial event
             verbose=None if console.verbosity() >= console.VERBOSE else 0,
-            callbacks=[TrialGauges(name)] + ([TrialLog({t["trial"]: t["id"] for t in todo}, len(todo))]
-                                             if console.verbosity() > console.QUIET else [])),
+            callbacks=[TrialGauges(name), *tune_callbacks(cfg, todo, name)]
+            + ([TrialLog({t["trial"]: t["id"] for t in todo}, len(todo))] if console.verbosity() > console.QUIET else [])),
     )
 
 

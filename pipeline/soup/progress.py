@@ -1,8 +1,11 @@
-"""The soup search's progress: console lines and the Ray dashboard's metrics."""
+"""The soup search's progress: the console (a bar or status lines) and the Ray dashboard's metrics."""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from ..console import Progress
 
 Log = Callable[[str], None]
 
@@ -18,26 +21,39 @@ def dashboard_metrics(run: str):
 
 
 class ProgressPrinter:
-    """The core's progress dict -> one line per new ingredient/step, and at most every
-    ``every_s`` seconds in between; also feeds the dashboard metrics."""
+    """The core's progress dict -> the console (console.Progress per phase: a bar on a terminal,
+    otherwise a status line at each new phase and at most every ``every_s`` seconds, each with
+    the rate and ETA of the expected evaluations); also feeds the dashboard metrics."""
 
-    def __init__(self, ids: Sequence[str], log: Log, metrics=None, every_s: float = 10.0):
+    def __init__(self, ids: Sequence[str], log: Log, metrics=None, every_s: float = 10.0,
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
         self.ids, self.log, self.metrics, self.every_s = list(ids), log, metrics, every_s
-        self._last_where = None
-        self._last_time = 0.0
+        self.stream, self.clock = stream, clock
+        self._phase = None
+        self._progress: Progress | None = None
 
     def __call__(self, p: dict) -> None:
         if self.metrics is not None:
             self.metrics.on_batch(p["batch"], p["best_val"], p["seconds"])
-        where = (p["phase"], p.get("ingredient"), p.get("step"))
-        now = time.time()
-        if where == self._last_where and now - self._last_time < self.every_s:
-            return
-        self._last_where, self._last_time = where, now
+        expected = p.get("expected", p["budget"])
+        new_phase = p["phase"] != self._phase
+        if new_phase:
+            self.close()
+            self._phase = p["phase"]
+            self._progress = Progress(expected, "soup", "evaluation", every_s=self.every_s, stream=self.stream,
+                                      log=self.log, clock=self.clock)
         ing = p.get("ingredient")
         name = "all chosen" if ing is None else self.ids[ing]
-        expected = p.get("expected", p["budget"])
         extra = f", {p['dropped']} speculative dropped" if p.get("dropped") else ""
-        self.log(f"soup phase {p['phase']} | ingredient {name} ({p.get('step')}) | "
-                 f"evaluations {p['evals']} of ~{expected:.0f} expected (at most {p['budget']}{extra}) | "
-                 f"best val {p['best_val']:.4f}")
+        best = p["best_val"]
+        text = (f"phase {p['phase']} | ingredient {name} ({p.get('step')}) | "
+                f"evaluations {p['evals']} of ~{expected:.0f} expected (at most {p['budget']}{extra}) | "
+                f"best val {best:.4f}")
+        self._progress.update(p["evals"], expected, text=text, force=new_phase,
+                              desc=f"soup phase {p['phase']} {name}", best_val=best)
+
+    def close(self) -> None:
+        """Ends the current phase's bar (the next phase, or the end of the search)."""
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
