@@ -30,7 +30,7 @@ import ray
 
 from pipeline.config import SoupConfig
 from pipeline.soup import mmms
-from pipeline.soup.search import EvaluatorPool
+from pipeline.soup.pool import EvaluatorPool
 from pipeline.soup.standin import ReferenceLike, StandInHost
 
 warnings.filterwarnings("ignore", message="COBYLA")
