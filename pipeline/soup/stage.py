@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 
-from .. import layout, storage
+from .. import layout, storage, tracking
 from ..config import Config
 from . import publish as pub
 from . import report as rep
@@ -88,12 +88,18 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
     # phase 1 speculates on the pool's idle actors; the memo answers what it holds
     content_memo = ContentMemo(memo, [i.sha256 for i in inputs.ingredients])
     evaluate = Dispatcher(pool, memo=content_memo)
+    printer = ProgressPrinter(ids, log, metrics, every_s=cfg.console.status_every_s)
+
+    def mixtures_done() -> None:
+        printer.close()
+        pool.close()  # the evaluators' CPUs and GPUs go to scoring WiSE-FT's and the ensemble's models
+
     try:
-        # the evaluators' CPUs and GPUs go to the scoring of WiSE-FT's and the ensemble's models
-        result = run_methods(cfg, evaluate, val_accs, len(names), ProgressPrinter(ids, log, metrics), log, ids,
-                             models, mixtures_done=pool.close)
+        result = run_methods(cfg, evaluate, val_accs, len(names), printer, log, ids, models,
+                             mixtures_done=mixtures_done)
     finally:
         content_memo.flush()  # what was evaluated is kept, even when the search failed
+        printer.close()
         pool.close()
         if metrics is not None:
             metrics.close()
@@ -176,6 +182,7 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
                                         "unit": "mixtures", "scores_reused": scores_reused,
                                         "scores_computed": scores_made, "seconds": seconds})
     log(f"soup: published {dest} ({time.time() - t0:.1f}s); LATEST -> {run_id}")
+    tracking.log_soup(cfg, report, log=log)
     if show_table:
         log(rep.markdown_table(report))
     return report
