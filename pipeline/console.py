@@ -15,6 +15,7 @@ from typing import TextIO
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 _verbosity = NORMAL
+VERBOSITY_ENV = "FRANKENSOUP_VERBOSITY"
 
 # Ray Data's logging config (its default, console level changed): the file log keeps DEBUG
 _RAY_DATA_LOGGING = """\
@@ -45,6 +46,13 @@ class RandomInitNoise(logging.Filter):
                     and str(record.msg).endswith("Model initialized randomly."))
 
 
+class RayAuthNotice(logging.Filter):
+    """Drops Ray's notice that token authentication is on: we keep it on, so it says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
 class RayDataNoise(logging.Filter):
     """Drops the notice Ray Data logs once because we turned its progress bars off."""
 
@@ -60,9 +68,13 @@ def configure(level: int = NORMAL) -> None:
     """Set the verbosity for this process and the Ray workers it starts."""
     global _verbosity
     _verbosity = level
+    os.environ[VERBOSITY_ENV] = str(level)  # read by the workers this process's Ray starts
     root = logging.getLogger()
     if not any(isinstance(f, RandomInitNoise) for f in root.filters):
         root.addFilter(RandomInitNoise())  # open_clip logs on the root logger
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if level < VERBOSE and not any(isinstance(f, RayAuthNotice) for f in auth.filters):
+        auth.addFilter(RayAuthNotice())
     if level < VERBOSE:
         name = "ERROR" if level <= QUIET else "WARNING"
         path = os.path.join(tempfile.gettempdir(), f"frankensoup-ray-data-logging-{name.lower()}.yaml")
@@ -79,6 +91,14 @@ def ray_init_kwargs() -> dict:
     output is shown (with ``-q`` only the errors they raise reach the driver)."""
     level = {QUIET: logging.ERROR, NORMAL: logging.WARNING}.get(_verbosity, logging.INFO)
     return {"logging_level": level, "log_to_driver": _verbosity > QUIET}
+
+
+def quiet_worker_logs() -> None:
+    """In a Ray worker: Ray Train's per-checkpoint INFO lines only with ``-v`` (the driver's
+    verbosity arrives through the environment)."""
+    if int(os.environ.get(VERBOSITY_ENV, NORMAL)) < VERBOSE:
+        for name in ("ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def ray_data_settings() -> None:

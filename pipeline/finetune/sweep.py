@@ -173,18 +173,28 @@ class TrialLog(tune.Callback):
         print(f"finetune: {self._name(trial)} restored from its last checkpoint")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        print(f"finetune: {self._name(trial)} epoch {result.get('epoch')} val_acc={result.get('val_acc', float('nan')):.4f}")
+        if console.verbosity() >= console.VERBOSE:  # each epoch's line with -v; its end always
+            print(f"finetune: {self._name(trial)} epoch {result.get('epoch')} val_acc={result.get('val_acc', float('nan')):.4f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finished += 1
         if self._progress is None:
             self.setup()
         self._progress.update(self.finished, force=True,
-                              text=f"{self._name(trial)} finished ({self.finished}/{self.total}; Tune trial {trial.trial_id})")
+                              text=f"{self._name(trial)} finished ({self.finished}/{self.total}; Tune trial "
+                                   f"{trial.trial_id}){_last_result(trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"finetune: {self._name(trial)} failed (retried from its last checkpoint while "
               "finetune.max_failures allows)")
+
+
+def _last_result(trial) -> str:
+    """": val_acc 0.9598 after 4 epochs" from a finished trial's last report, if it has one."""
+    last = trial.last_result or {}
+    if "val_acc" not in last:
+        return ""
+    return f": val_acc {last['val_acc']:.4f} after {last.get('epoch', '?')} epochs"
 
 
 def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
@@ -204,6 +214,9 @@ def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
     # every epoch's checkpoint forces an experiment snapshot (num_to_keep is set): that keeps a
     # crashed sweep's restore current, so Tune's warning about it is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if console.verbosity() < console.VERBOSE:
+        # Tune's new output engine prints its experiment box and paths even at verbose=0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if force and tune.Tuner.can_restore(path, storage_filesystem=fs):
         log(f"finetune: --force: discarding the previous sweep at {path}")
         storage.delete(storage.join(layout.tune_storage(cfg), name))

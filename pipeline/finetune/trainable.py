@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchvision import transforms as tv1
 from torchvision.transforms import v2
 
-from .. import storage
+from .. import console, storage
 from ..data import shards
 from ..model import image_transform, load_classifier, save_classifier
 from ..model.weights import load_state_strict
@@ -328,6 +328,7 @@ def train_ingredient(config: dict, setup: dict | None = None, hparams: dict | No
     ``tune.with_parameters`` (a config that already holds them is used as it is)."""
     from ray import tune
 
+    console.quiet_worker_logs()
     if setup is not None:
         config = {**hparams[config["trial"]], **config, "setup": setup}
 
