@@ -174,8 +174,8 @@ def evaluation_budget(cfg: Config, n_ingredients: int, n_components: int) -> dic
 def _trials_to_train(cfg: Config) -> str:
     """", N to train" when the base and registry are there to say which trials are reused."""
     try:
-        from .finetune.registry import read_registry
         from .finetune.sweep import reusable, trial_plan
+        from .ingredients import read_registry
 
         rows = {r["id"]: r for r in read_registry(cfg)["ingredients"]}
         todo = [t for t in trial_plan(cfg) if not reusable(cfg, rows.get(t["id"]), t["key"])]
@@ -188,6 +188,7 @@ def plan(cfg: Config, rows: dict[str, int], log) -> bool:
     import torch
 
     from .evaluate.mixture import required_bytes
+    from .ingredients import read_registry, usable
     from .model.classifier import init_classifier
     from .model.components import components
     from .model.factory import model_config
@@ -204,8 +205,7 @@ def plan(cfg: Config, rows: dict[str, int], log) -> bool:
     comps = components(clf, cfg.soup.granularity)
     K = cfg.finetune.num_trials
     if storage.exists(layout.registry_uri(cfg)):
-        reg = storage.read_json(layout.registry_uri(cfg))
-        K = sum(1 for i in reg["ingredients"] if i.get("status") == "ok")
+        K = len(usable(read_registry(cfg)))
     size = model_config(cfg.model.name)["vision_cfg"]["image_size"]
     size = size if isinstance(size, int) else size[0]
     _, val = layout.split_of_role(cfg, "val")

@@ -80,7 +80,7 @@ def main() -> int:
 
 def run(cfg, cluster, lose: bool) -> dict:
     from pipeline import layout, storage
-    from pipeline.finetune.registry import read_registry
+    from pipeline.ingredients import read_registry
     from pipeline.run import run_all
     from pipeline.soup import pool as pool_lib
 

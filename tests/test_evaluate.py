@@ -31,9 +31,9 @@ def perturbed(state: dict, scale: float, seed: int) -> dict:
 
 
 def ingredient_ids(cfg) -> list[str]:
-    from pipeline.finetune.registry import read_registry, usable
+    from pipeline.ingredients import read_registry, usable
 
-    return [r["id"] for r in usable(read_registry(cfg))]
+    return [i.id for i in usable(read_registry(cfg))]
 
 
 def results(cfg) -> list[dict]:
@@ -103,8 +103,9 @@ def test_only_ok_ingredients_are_scored(prepared_demo):
 
     registry = {"model_name": "m", "class_names": ["a"], "ingredients": [row("ft-000", "ok"), row("ft-001", "failed")]}
     zs_sha = storage.sha256(storage.read_bytes(zeroshot_uri(prepared_demo)))
-    assert models_to_score(prepared_demo, registry) == {"zero_shot": (zeroshot_uri(prepared_demo), zs_sha),
-                                                        "ft-000": ("/x/ft-000.safetensors", "")}
+    models = models_to_score(prepared_demo, registry)
+    assert {m: (i.checkpoint_uri, i.sha256) for m, i in models.items()} == {
+        "zero_shot": (zeroshot_uri(prepared_demo), zs_sha), "ft-000": ("/x/ft-000.safetensors", "")}
 
 
 def test_stage_needs_finetune(prepared_demo, tmp_path):
@@ -266,7 +267,7 @@ def test_actor_returns_what_the_in_process_evaluator_returns(evaluated_demo):
 
 def test_ingredient_changed_after_registration_is_refused(evaluated_demo, tmp_path):
     from pipeline.evaluate.actor import build_mixture_evaluator
-    from pipeline.finetune.registry import read_registry, write_registry
+    from pipeline.ingredients import read_registry, write_registry
     from pipeline.model import CheckpointError
 
     from conftest import EVALUATED_OVERRIDES

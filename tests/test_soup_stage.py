@@ -401,7 +401,7 @@ def upload(local_dir: str, uri: str) -> None:
 
 def test_s3_round_trip(evaluated_demo, s3_bucket, tmp_path):
     from pipeline import load_fused
-    from pipeline.finetune.registry import read_registry, write_registry
+    from pipeline.ingredients import read_registry, write_registry
 
     uri = f"{s3_bucket}/soup-s3"
     upload(evaluated_demo.output_uri, uri)
@@ -425,7 +425,7 @@ def test_s3_round_trip(evaluated_demo, s3_bucket, tmp_path):
 # ---- refusals -------------------------------------------------------------------------------
 
 def test_an_ingredient_of_another_architecture_is_refused_by_name(evaluated_demo, tmp_path):
-    from pipeline.finetune.registry import read_registry, write_registry
+    from pipeline.ingredients import read_registry, write_registry
     from pipeline.model import save_classifier
     from pipeline.model.classifier import init_classifier
     from pipeline.model.factory import model_config
@@ -448,7 +448,7 @@ def test_an_ingredient_of_another_architecture_is_refused_by_name(evaluated_demo
 
 
 def test_a_changed_checkpoint_is_refused(evaluated_demo, tmp_path):
-    from pipeline.finetune.registry import read_registry, write_registry
+    from pipeline.ingredients import read_registry, write_registry
 
     cfg = soup_clone(evaluated_demo, tmp_path / "out")
     registry = read_registry(cfg)

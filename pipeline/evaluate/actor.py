@@ -12,25 +12,20 @@ import torch
 from .. import layout, storage
 from ..config import Config, ConfigError
 from ..data.shards import decode_split, read_split
+from ..ingredients import Ingredient, RunModel, read_registry, usable, verify
 from ..model import components, image_transform, load_classifier
-from ..model.weights import CheckpointError, decode_metadata
 from .mixture import MixtureEvaluator, Score, Threshold
 from .stream import scoring_tensors, split_scoring
 
-# what every ingredient must share with the first one for their weights to be mixed
-SAME_METADATA = ("model_name", "class_names", "preprocess")
 
-
-def chosen_ingredients(cfg: Config, ingredient_ids: Sequence[str] | None) -> list[dict]:
-    """Registry rows of the ingredients to mix: ``ingredient_ids`` in that order, or every ``ok``
-    one in registry order."""
-    from ..finetune.registry import read_registry, usable
-
-    rows = usable(read_registry(cfg))
+def chosen_ingredients(cfg: Config, ingredient_ids: Sequence[str] | None) -> list[Ingredient]:
+    """The ingredients to mix: ``ingredient_ids`` in that order, or every ``ok`` one in registry
+    order."""
+    found = usable(read_registry(cfg))
     if ingredient_ids is None:
-        chosen = rows
+        chosen = found
     else:
-        by_id = {r["id"]: r for r in rows}
+        by_id = {i.id: i for i in found}
         unknown = [i for i in ingredient_ids if i not in by_id]
         if unknown:
             raise ConfigError(f"ingredients {unknown} are not 'ok' ingredients of {layout.registry_uri(cfg)}")
@@ -40,41 +35,21 @@ def chosen_ingredients(cfg: Config, ingredient_ids: Sequence[str] | None) -> lis
     return chosen
 
 
-def _read_verified(uri: str, sha256: str | None) -> tuple[dict[str, torch.Tensor], dict]:
-    """An ingredient's tensors and decoded metadata, checked against the registry's sha256."""
-    from safetensors.torch import load
-
-    data = storage.read_bytes(uri)
-    if sha256 and storage.sha256(data) != sha256:
-        raise CheckpointError(f"{uri!r}: sha256 differs from the registry's (the file changed after it was registered)")
-    try:
-        tensors = load(data)
-        header = storage.safetensors_header(data)
-    except Exception as e:  # safetensors raises its own types; one message naming the file
-        raise CheckpointError(f"{uri!r} is not a valid safetensors file: {e}") from None
-    return tensors, decode_metadata(dict(header.get("__metadata__") or {}), uri)
-
-
 class IngredientCheckpoints(Sequence):
-    """The ingredients' state dicts, read when indexed: the evaluator stacks them one at a time,
-    so host memory holds one checkpoint, not K."""
+    """The ingredients' state dicts, read and verified when indexed: the evaluator stacks them
+    one at a time, so host memory holds one checkpoint, not K."""
 
-    def __init__(self, rows: Sequence[dict], reference: dict):
-        self.rows, self.reference = list(rows), reference
+    def __init__(self, ingredients: Sequence[Ingredient], run: RunModel):
+        self.ingredients, self.run = list(ingredients), run
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.ingredients)
 
     def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
-        if not 0 <= j < len(self.rows):
+        if not 0 <= j < len(self.ingredients):
             raise IndexError(j)
-        row = self.rows[j]
-        tensors, meta = _read_verified(row["checkpoint_uri"], row.get("sha256"))
-        for key in SAME_METADATA:
-            if meta[key] != self.reference[key]:
-                raise CheckpointError(f"ingredient {row['id']!r} ({row['checkpoint_uri']}) has another {key} "
-                                      f"than ingredient {self.rows[0]['id']!r}: they cannot be mixed")
-        return tensors
+        ingredient = self.ingredients[j]
+        return verify(ingredient, storage.read_bytes(ingredient.checkpoint_uri), self.run)
 
 
 def build_mixture_evaluator(cfg: Config, split_name: str = "val", ingredient_ids: Sequence[str] | None = None,
@@ -82,18 +57,19 @@ def build_mixture_evaluator(cfg: Config, split_name: str = "val", ingredient_ids
     """A MixtureEvaluator over the registry's ingredients (rows of beta in ``ingredient_ids``
     order) on ``split_name``, decoded once with the eval transform, with components at
     ``cfg.soup.granularity`` and the split's class_subset / class_map."""
-    rows = chosen_ingredients(cfg, ingredient_ids)
+    ingredients = chosen_ingredients(cfg, ingredient_ids)
     splits = layout.splits(cfg)
     if split_name not in splits:
         raise ConfigError(f"no split named {split_name!r}; the run's splits are {sorted(splits)}")
     torch.set_num_threads(cfg.evaluate.threads)  # decoding too, not only the evaluator's arithmetic
-    model, meta = load_classifier(rows[0]["checkpoint_uri"])
+    model, meta = load_classifier(ingredients[0].checkpoint_uri)
     split = read_split(splits[split_name].uri)
     images, labels = decode_split(split, image_transform(meta["preprocess"], train=False))
     scoring = split_scoring(split_name, splits[split_name], split.class_names, meta["class_names"])
     target_of_label, class_mask, class_map = scoring_tensors(scoring, "cpu")
     ev = cfg.evaluate
-    return MixtureEvaluator(model, IngredientCheckpoints(rows, meta), components(model, cfg.soup.granularity),
+    return MixtureEvaluator(model, IngredientCheckpoints(ingredients, RunModel.of_run(cfg)),
+                            components(model, cfg.soup.granularity),
                             images, target_of_label[labels], dtype=ev.ingredient_dtype, device=device,
                             batch_size=ev.batch_size, class_mask=class_mask, class_map=class_map,
                             threads=ev.threads, memory_limit_gb=ev.memory_limit_gb)
@@ -120,7 +96,7 @@ class EvaluatorHost:
 
     def __init__(self, cfg: Config, split_name: str = "val", ingredient_ids: Sequence[str] | None = None):
         torch.set_num_threads(cfg.evaluate.threads)  # pinned: results never depend on the node's load
-        self.ids = [r["id"] for r in chosen_ingredients(cfg, ingredient_ids)]
+        self.ids = [i.id for i in chosen_ingredients(cfg, ingredient_ids)]
         self.split_name = split_name
         self.evaluator = build_mixture_evaluator(cfg, split_name, self.ids, device=evaluator_device(cfg))
         self.metrics = _evaluator_metrics()

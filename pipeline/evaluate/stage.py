@@ -13,6 +13,7 @@ from collections.abc import Callable
 from .. import layout, storage
 from ..config import Config
 from ..errors import UserError
+from ..ingredients import Ingredient, IngredientError, RunModel, read_registry, usable, verify
 from ..keys import digest
 
 Log = Callable[[str], None]
@@ -24,49 +25,29 @@ class EvaluateInputError(UserError, ValueError):
     """The evaluate stage's inputs are missing or unusable; the message names them."""
 
 
-def read_inputs(cfg: Config) -> dict:
-    """The ingredient registry (finetune or import-ingredients must have written one)."""
-    from ..finetune.registry import read_registry
-
-    return read_registry(cfg)
-
-
-def models_to_score(cfg: Config, registry: dict) -> dict[str, tuple[str, str]]:
-    """{model name: (checkpoint URI, sha256)}: the zero-shot classifier, then every ``ok``
-    ingredient."""
-    from ..finetune.registry import usable
+def models_to_score(cfg: Config, registry: dict) -> dict[str, Ingredient]:
+    """{model name: ingredient}: the zero-shot classifier (its sha256 recorded by prepare), then
+    every ``ok`` ingredient."""
     from ..prepare import zero_shot_record
 
-    rows = usable(registry)
-    if not rows:
+    found = usable(registry)
+    if not found:
         raise EvaluateInputError(f"{layout.registry_uri(cfg)} lists no ingredient with status 'ok'")
-    if any(r["id"] == ZERO_SHOT for r in rows):
+    if any(i.id == ZERO_SHOT for i in found):
         raise EvaluateInputError(f"{layout.registry_uri(cfg)}: ingredient id {ZERO_SHOT!r} is reserved "
                                  f"for the zero-shot classifier")
-    return {ZERO_SHOT: (layout.zeroshot_uri(cfg), zero_shot_record(cfg)["sha256"]),
-            **{r["id"]: (r["checkpoint_uri"], r["sha256"]) for r in rows}}
+    zero_shot = Ingredient(ZERO_SHOT, "ok", layout.zeroshot_uri(cfg), zero_shot_record(cfg)["sha256"], "prepare")
+    return {i.id: i for i in [zero_shot, *found]}
 
 
-def verify_checkpoints(models: dict[str, tuple[str, str]], names) -> None:
-    """Checkpoints about to be scored must hold the registered content: one line naming the
-    model and file otherwise (not a traceback from a scoring actor)."""
-    from ..model.weights import check_finite
-
+def verify_checkpoints(cfg: Config, models: dict[str, Ingredient], names) -> None:
+    """Checkpoints about to be scored must be the registered files of the run's model: one line
+    naming the model and file otherwise (not a traceback from a scoring actor)."""
+    run = RunModel.of_run(cfg)
     for name in names:
-        uri, sha = models[name]
-        data = storage.read_bytes(uri)
-        if storage.sha256(data) != sha:
-            raise EvaluateInputError(f"model {name!r} ({uri}): sha256 differs from the registry's "
-                                     "(the file changed after it was registered)")
         try:
-            from safetensors.torch import load
-
-            tensors = load(data)
-        except Exception as e:  # safetensors raises its own types; one message naming the file
-            raise EvaluateInputError(f"model {name!r} ({uri}) is not a safetensors file: {e}") from None
-        try:
-            check_finite(tensors, f"model {name!r} ({uri})")
-        except ValueError as e:
+            verify(models[name], storage.read_bytes(models[name].checkpoint_uri), run)
+        except IngredientError as e:
             raise EvaluateInputError(str(e)) from None
 
 
@@ -143,11 +124,11 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
     from .scores import ScoreMemo, score_keys, score_with_memo
 
     t0 = time.time()
-    registry = read_inputs(cfg)
+    registry = read_registry(cfg)
     models = models_to_score(cfg, registry)
-    gone = [m for m, (uri, _) in models.items() if not storage.exists(uri)]
+    gone = [m for m, i in models.items() if not storage.exists(i.checkpoint_uri)]
     if gone:  # named before anything is scored, even when every score is in the memo
-        raise EvaluateInputError(f"model {gone[0]!r}: checkpoint {models[gone[0]][0]} is missing: "
+        raise EvaluateInputError(f"model {gone[0]!r}: checkpoint {models[gone[0]].checkpoint_uri} is missing: "
                                  "run `frankensoup finetune` (or import it again)")
     splits = splits_to_score(cfg)
     if force:
@@ -156,14 +137,15 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
     # the old marker goes first: if scoring fails, the stage reads as not done (scores already
     # made stay in the memo)
     layout.clear_done(cfg, "evaluate")
-    keys = score_keys(cfg, {m: sha for m, (_, sha) in models.items()}, splits)
+    keys = score_keys(cfg, {m: i.sha256 for m, i in models.items()}, splits)
     unscored = [m for m in models if any(keys[m, s] not in memo for s in splits)]
     if unscored:
-        verify_checkpoints(models, unscored)
+        verify_checkpoints(cfg, models, unscored)
         from ..raycluster import init_ray
 
         init_ray(cfg)
-    scores, reused, computed = score_with_memo(cfg, memo, models, splits, registry["class_names"],
+    checkpoints = {m: (i.checkpoint_uri, i.sha256) for m, i in models.items()}
+    scores, reused, computed = score_with_memo(cfg, memo, checkpoints, splits, registry["class_names"],
                                                progress=progress_printer(log, cfg.console.status_every_s), key=keys)
     rows = result_rows(scores, splits)
     table = markdown_table(rows)

@@ -1,7 +1,8 @@
-"""The finetune stage: a Ray Tune sweep of finetuning trials (`sweep.run_finetune`) and the
-ingredient registry it writes (`registry`), or imported checkpoints
+"""The finetune stage: a Ray Tune sweep of finetuning trials (`sweep.run_finetune`) that writes
+the ingredient registry (`pipeline.ingredients`), or imported checkpoints
 (`registry.import_ingredients`). `trainable.run_trial` is the plain training loop."""
-from .registry import RegistryError, import_ingredients, read_registry, usable, write_registry
+from ..ingredients import RegistryError, read_registry, usable, write_registry
+from .registry import import_ingredients
 
 __all__ = ["RegistryError", "import_ingredients", "read_registry", "usable", "write_registry",
            "run_finetune"]

@@ -15,6 +15,7 @@ from .. import console, layout, storage
 from ..config import Config
 from ..data import shards
 from ..errors import UserError
+from ..ingredients import RunModel, read_registry, registry_key, usable
 from ..keys import digest, result_settings
 from . import registry as registry_lib
 from .trainable import HPARAM_KEYS, MODEL_FILE, parse_failure, train_ingredient
@@ -307,10 +308,10 @@ def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
     rest and every imported ingredient, write the registry; returns it."""
     t0 = time.time()
     plan = trial_plan(cfg)  # fails, naming prepare, when there is no zero-shot head
-    meta = registry_lib.zero_shot_metadata(cfg)
-    old = registry_lib.read_registry(cfg) if storage.exists(layout.registry_uri(cfg)) else None
+    run = RunModel.of_run(cfg)
+    old = read_registry(cfg) if storage.exists(layout.registry_uri(cfg)) else None
     old_rows = {r["id"]: r for r in old["ingredients"]} if old else {}
-    if old and (old["model_name"], old["class_names"]) != (meta["model_name"], meta["class_names"]):
+    if old and (old["model_name"], old["class_names"]) != (run.model_name, run.class_names):
         old_rows = {}  # another architecture or classes: nothing registered can be reused
     kept = [old_rows[t["id"]] for t in plan if not force and reusable(cfg, old_rows.get(t["id"]), t["key"])]
     todo = [t for t in plan if force or not reusable(cfg, old_rows.get(t["id"]), t["key"])]
@@ -330,14 +331,14 @@ def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
     if not rows:
         raise FinetuneError("no ingredients: finetune.num_trials is 0 and none were imported "
                             "(`frankensoup import-ingredients`)")
-    registry = registry_lib.finish_publish(cfg, rows, meta["model_name"], meta["class_names"])
+    registry = registry_lib.finish_publish(cfg, rows, run.model_name, run.class_names)
     seconds = round(time.time() - t0, 1)
     log(f"finetune: {len(kept)} reused, {len(trained)} trained"
         + (f", {len(imported)} imported kept" if imported else "") + f" ({seconds}s)")
     if trained:
         print_summary(trained, log=log)
-    best = max(registry_lib.usable(registry), key=lambda r: r["val_acc"])
-    layout.mark_done(cfg, "finetune", registry_lib.registry_key(registry),
-                     {"ingredients": len(rows), "best": {"id": best["id"], "val_acc": best["val_acc"]},
+    best = max(usable(registry), key=lambda i: i.val_acc)
+    layout.mark_done(cfg, "finetune", registry_key(registry),
+                     {"ingredients": len(rows), "best": {"id": best.id, "val_acc": best.val_acc},
                       "reused": len(kept), "computed": len(trained), "unit": "trials", "seconds": seconds})
     return registry

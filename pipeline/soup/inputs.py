@@ -4,7 +4,6 @@ column order); and the keys of what the soup computes from them: the search memo
 the soup's own key."""
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ import torch
 from .. import layout, storage
 from ..config import Config
 from ..errors import UserError
+from ..ingredients import Ingredient, IngredientError, RunModel, read_registry, usable, verify
 from ..keys import digest, result_settings
 from ..model import weights
 from ..model.components import components as model_components
@@ -24,24 +24,12 @@ class SoupInputError(UserError, ValueError):
 
 # ---- inputs ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Ingredient:
-    id: str
-    uri: str
-    sha256: str
-
-
 def usable_ingredients(registry: dict) -> list[Ingredient]:
     """The registry's ``ok`` ingredients, by id (the row order of every beta)."""
-    from ..finetune.registry import usable
-
-    rows = usable(registry)
-    if not rows:
+    found = usable(registry)
+    if not found:
         raise SoupInputError("finetune/ingredients.json lists no ingredient with status 'ok': nothing to mix")
-    ids = [r["id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        raise SoupInputError(f"finetune/ingredients.json repeats an ingredient id: {sorted(ids)}")
-    return [Ingredient(r["id"], r["checkpoint_uri"], r["sha256"]) for r in sorted(rows, key=lambda r: r["id"])]
+    return sorted(found, key=lambda i: i.id)
 
 
 def read_evaluations(cfg: Config, ingredients: Sequence[Ingredient]) -> dict[str, dict[str, dict]]:
@@ -66,44 +54,15 @@ def read_evaluations(cfg: Config, ingredients: Sequence[Ingredient]) -> dict[str
     return out
 
 
-def _safetensors_header(data: bytes, uri: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    try:
-        header = storage.safetensors_header(data)
-        meta = header.pop("__metadata__", None) or {}
-        return {k: tuple(v["shape"]) for k, v in header.items()}, meta
-    except (ValueError, KeyError, TypeError) as e:
-        raise SoupInputError(f"ingredient checkpoint {uri!r} is not a safetensors file: {e}") from None
-
-
-def check_ingredient(ing: Ingredient, reference: dict[str, torch.Tensor], model_name: str,
-                     class_names: list[str]) -> None:
+def check_ingredients(cfg: Config, ingredients: Sequence[Ingredient]) -> None:
     """Refuse, naming the ingredient and file, a checkpoint that is not the registered one or
-    does not have the architecture and classes of the run's model."""
-    data = storage.read_bytes(ing.uri)
-    where = f"ingredient {ing.id!r} ({ing.uri})"
-    if storage.sha256(data) != ing.sha256:
-        raise SoupInputError(f"{where}: sha256 differs from finetune/ingredients.json "
-                             "(the file changed after it was registered)")
-    shapes, meta = _safetensors_header(data, ing.uri)
-    if meta.get("model_name") not in (None, model_name):
-        raise SoupInputError(f"{where} is a {meta['model_name']!r} model, this run mixes {model_name!r}")
-    missing = sorted(set(reference) - set(shapes))
-    extra = sorted(set(shapes) - set(reference))
-    wrong = [k for k in reference if k in shapes and shapes[k] != tuple(reference[k].shape)]
-    if missing or extra or wrong:
-        if wrong:
-            detail = f"{wrong[0]} has shape {shapes[wrong[0]]}, the model's is {tuple(reference[wrong[0]].shape)}"
-        else:
-            detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise SoupInputError(f"{where} does not have the architecture of {model_name!r}: {detail}")
-    if "class_names" in meta and json.loads(meta["class_names"]) != class_names:
-        raise SoupInputError(f"{where} was trained for other classes than this run's")
-    from safetensors.torch import load
-
-    try:
-        weights.check_finite(load(data), where)
-    except ValueError as e:
-        raise SoupInputError(str(e)) from None
+    does not fit the run's model (`pipeline.ingredients.verify`)."""
+    run = RunModel.of_run(cfg)
+    for ingredient in ingredients:
+        try:
+            verify(ingredient, storage.read_bytes(ingredient.checkpoint_uri), run)
+        except IngredientError as e:
+            raise SoupInputError(str(e)) from None
 
 
 def load_state(uri: str) -> dict[str, torch.Tensor]:
@@ -130,14 +89,11 @@ class SoupInputs:
 
 def load_inputs(cfg: Config) -> SoupInputs:
     """The earlier stages' outputs, every ingredient checked before anything is evaluated."""
-    from ..finetune.registry import read_registry
     from ..prepare import load_zero_shot
 
     ingredients = usable_ingredients(read_registry(cfg))
     reference, meta = load_zero_shot(cfg)
-    ref_state = reference.state_dict()
-    for ing in ingredients:
-        check_ingredient(ing, ref_state, meta["model_name"], list(meta["class_names"]))
+    check_ingredients(cfg, ingredients)
     evaluations = read_evaluations(cfg, ingredients)
     return SoupInputs(ingredients, evaluations, reference, meta, model_components(reference, cfg.soup.granularity))
 
