@@ -17,7 +17,7 @@ from ..data import shards
 from ..errors import UserError
 from ..keys import digest, result_settings
 from . import registry as registry_lib
-from .trainable import HPARAM_KEYS, MODEL_FILE, parse_failure, train_ingredient
+from .trainable import HPARAM_KEYS, MODEL_FILE, train_ingredient
 
 
 class FinetuneError(UserError, RuntimeError):
@@ -29,10 +29,6 @@ class FinetuneError(UserError, RuntimeError):
 def trial_setup(cfg: Config) -> dict:
     """The fixed part of a trial's config: inputs by URI, optimiser settings, the test hook."""
     ft = cfg.finetune
-    try:
-        parse_failure(ft.inject_failure)
-    except ValueError as e:
-        raise FinetuneError(str(e)) from None
     _, train = layout.split_of_role(cfg, "train")
     _, val = layout.split_of_role(cfg, "val")
     return {"zeroshot_uri": layout.zeroshot_uri(cfg), "train_uri": train.uri, "val_uri": val.uri,
