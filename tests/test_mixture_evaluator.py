@@ -22,6 +22,7 @@ from pipeline.evaluate.mixture import (  # noqa: E402
     check_fits,
     required_bytes,
 )
+from pipeline.beta import COLUMN_SUM_TOLERANCE, MixtureError, validate  # noqa: E402
 from pipeline.model.classifier import Classifier  # noqa: E402
 from pipeline.model.components import Component, components  # noqa: E402
 from pipeline.soup.mixture import fuse, one_hot, uniform  # noqa: E402
@@ -271,6 +272,18 @@ def test_bad_mixtures_are_refused_before_any_is_run(world):
         ev.evaluate([good, not_summing])
     with pytest.raises(EvaluatorInputError, match=">= 0"):
         ev.evaluate([negative])
+
+
+def test_the_evaluator_scores_exactly_what_the_soup_accepts(world):
+    ev = make_evaluator(world)
+    k, c = ev.beta_shape
+    near, off = one_hot(k, c, 0), one_hot(k, c, 0)
+    near[1, 0], off[1, 0] = 0.5 * COLUMN_SUM_TOLERANCE, 2 * COLUMN_SUM_TOLERANCE
+    assert validate(near) is not None and len(ev.evaluate([near])) == 1
+    with pytest.raises(MixtureError, match="column 0 sums"):
+        validate(off)
+    with pytest.raises(EvaluatorInputError, match="mixture 0: column 0 .* sums"):
+        ev.evaluate([off])
 
 
 def test_repeated_evaluation_is_deterministic(world):
