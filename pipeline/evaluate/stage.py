@@ -35,7 +35,7 @@ def models_to_score(cfg: Config, registry: dict) -> dict[str, tuple[str, str]]:
     """{model name: (checkpoint URI, sha256)}: the zero-shot classifier, then every ``ok``
     ingredient."""
     from ..finetune.registry import usable
-    from ..prepare import zero_shot_record
+    from ..inputs import zero_shot_record
 
     rows = usable(registry)
     if not rows:

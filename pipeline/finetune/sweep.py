@@ -73,7 +73,7 @@ def trial_key(train_content: str, base_sha256: str, trial: int, hparams: dict, s
 
 def trial_plan(cfg: Config) -> list[dict]:
     """Every trial of the sweep: its index, ingredient id, hyperparameters and key."""
-    from ..prepare import zero_shot_record
+    from ..inputs import zero_shot_record
 
     base = zero_shot_record(cfg)["sha256"]
     _, train = layout.split_of_role(cfg, "train")
