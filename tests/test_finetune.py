@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, clone_output, tiny_config
+from conftest import TINY_OVERRIDES, clone_output, tiny_config, upload
 from pipeline import layout, storage
 from pipeline.model import CheckpointError, load_classifier
 
@@ -167,13 +167,6 @@ def test_sweep_registers_ingredients_and_resumes_a_failed_trial(ray_local, prepa
     capsys.readouterr()
     assert run_finetune(cfg) == registry
     assert "finetune: 2 reused, 0 trained" in capsys.readouterr().out
-
-
-def upload(local_dir: str, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    loc = storage.resolve(uri)
-    pafs.copy_files(local_dir, loc.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)
 
 
 def finetune_command(output_uri: str, *extra: str) -> list[str]:

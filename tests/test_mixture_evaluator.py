@@ -15,6 +15,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
+from conftest import perturbed  # noqa: E402
 from pipeline.evaluate.mixture import (  # noqa: E402
     EvaluatorInputError,
     EvaluatorMemoryError,
@@ -50,22 +51,6 @@ def tiny_classifier(arch: str) -> Classifier:
     torch.manual_seed(0)
     clip = open_clip.model.CLIP(embed_dim=16, vision_cfg=VISION_CFGS[arch], text_cfg=TEXT_CFG)
     return Classifier(clip.visual, torch.nn.Linear(16, N_CLASSES)).eval()
-
-
-def perturbed(state: dict, seed: int, scale: float) -> dict:
-    """Parameters and running means move additively, running variances multiplicatively (they
-    must stay positive); integer buffers stay as they are."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, v in state.items():
-        if not v.is_floating_point():
-            out[key] = v.clone()
-        elif key.endswith("running_var"):
-            out[key] = v * torch.exp(scale * torch.randn(v.shape, generator=gen))
-        else:
-            spread = v.std().item() if v.numel() > 1 and v.std() > 0 else 1.0
-            out[key] = v + scale * spread * torch.randn(v.shape, generator=gen)
-    return out
 
 
 def make_world(arch: str, level: int) -> World:
