@@ -164,7 +164,6 @@ def _config(args):
 
 
 def _dispatch(args) -> int:
-    from .errors import UserError
 
     cmd = args.command
     if cmd == "import-images":

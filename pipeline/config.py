@@ -28,6 +28,32 @@ def neutral(default, **constraints):
     return Field(default, json_schema_extra={"neutral": True}, **constraints)
 
 
+def parse_failure(spec: str | None) -> tuple[int, int] | None:
+    """finetune.inject_failure "N:E" -> (trial N, epoch E); E >= 2 so the retry has a checkpoint
+    to resume from."""
+    if not spec:
+        return None
+    try:
+        trial, epoch = (int(p) for p in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"{spec!r}: expected 'TRIAL:EPOCH', e.g. '1:2'") from None
+    if epoch < 2:
+        raise ValueError(f"{spec!r}: EPOCH must be >= 2 (epoch 1 leaves no checkpoint)")
+    return trial, epoch
+
+
+def _is_ngopt_family(name: str) -> bool:
+    """Whether nevergrad's ``name`` is an NGOpt-family optimizer, one that picks another per
+    problem (a configured optimizer's registry entry wraps the class it builds)."""
+    import nevergrad as ng
+    from nevergrad.optimization.optimizerlib import NGOptBase
+
+    entry = ng.optimizers.registry[name]
+    while not isinstance(entry, type):
+        entry = entry._OptimizerClass
+    return issubclass(entry, NGOptBase)
+
+
 Role = Literal["pretrain", "train", "val", "id_test", "ood"]
 
 
@@ -53,11 +79,11 @@ class SplitConfig(Strict):
 class DemoDataConfig(Strict):
     seed: int = 0
     # fractions of the 1,797 digits; the rest is id_test
-    pretrain: float = 0.25
-    train: float = 0.35
-    val: float = 0.18
+    pretrain: float = Field(0.25, gt=0, lt=1)
+    train: float = Field(0.35, gt=0, lt=1)
+    val: float = Field(0.18, gt=0, lt=1)
     shifts: list[Literal["noise", "blur", "rotate", "invert", "sketch"]] = ["noise", "blur", "rotate", "invert", "sketch"]
-    upsample: int = 2  # 8x8 digits are stored at 16x16
+    upsample: int = Field(2, ge=1)  # 8x8 digits are stored at 16x16
 
 
 class DataConfig(Strict):
@@ -128,6 +154,12 @@ class FinetuneConfig(Strict):
     # test hook: fail trial N once at epoch E ("N:E"); never set in a real config
     inject_failure: str | None = neutral(None)
 
+    @field_validator("inject_failure")
+    @classmethod
+    def _failure_spec(cls, v: str | None) -> str | None:
+        parse_failure(v)
+        return v
+
 
 class EvaluateConfig(Strict):
     batch_size: int = neutral(256, gt=0)
@@ -144,6 +176,14 @@ class Phase2Config(Strict):
     enabled: bool = True
     bounds: tuple[float, float] = (0.7, 1.4)
     evals_per_dim: int = Field(50, gt=0)
+
+    @field_validator("bounds")
+    @classmethod
+    def _mu_starts_inside(cls, v: tuple[float, float]) -> tuple[float, float]:
+        low, high = v
+        if not 0.0 < low <= 1.0 <= high:
+            raise ValueError(f"must satisfy 0 < low <= 1 <= high (mu starts at 1), got {v}")
+        return v
 
 
 class WiseFTConfig(Strict):
@@ -174,7 +214,7 @@ class SoupConfig(Strict):
     tau: float = Field(0.998, gt=0, le=1)
     bounds_delta: float = Field(0.5, gt=0, le=1)
     max_func_evals_per_dim: int = Field(30, gt=0)
-    second_pass_low: float = 0.3
+    second_pass_low: float = Field(0.3, ge=0, lt=1)
     optimizer: str = "CMA"  # any nevergrad optimizer name; NGOpt only with num_workers=1
     num_workers: int = Field(4, ge=1)   # W: asks in flight (changes the search)
     num_evaluators: int = neutral(2, ge=1)  # E: evaluator actors (never changes the result)
@@ -192,6 +232,15 @@ class SoupConfig(Strict):
         if v not in ng.optimizers.registry:
             raise ValueError(f"unknown nevergrad optimizer {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _optimizer_runs_with_num_workers(self):
+        if self.num_workers > 1 and _is_ngopt_family(self.optimizer):
+            # its parallel pick is MetaModel, which crashes inside sklearn with numpy 2.x
+            raise ValueError(f"soup.optimizer {self.optimizer!r} cannot run with soup.num_workers={self.num_workers} "
+                             "> 1: it picks MetaModel, which crashes with numpy 2.x; name one (CMA, TwoPointsDE) "
+                             "or set num_workers=1")
+        return self
 
 
 class RayConfig(Strict):

@@ -49,7 +49,7 @@ def check_splits(cfg: Config, c: Checks) -> dict[str, dict]:
             infos[name] = split_info(split.uri)
             c.ok(f"split {name} ({split.role}) readable at {split.uri}: {infos[name]['num_rows']} rows")
         except Exception as e:
-            if made_by_prepare and split.uri.startswith(storage.join(cfg.output_uri, "data")):
+            if made_by_prepare and split.uri.startswith(layout.data_root(cfg)):
                 c.ok(f"split {name} ({split.role}) will be made by prepare")
             else:
                 c.fail(f"split {name} ({split.role}) at {split.uri}: {e}")
@@ -195,7 +195,7 @@ def plan(cfg: Config, rows: dict[str, int], log) -> bool:
 
     n_classes = 10
     try:
-        from .prepare import class_names
+        from .inputs import class_names
 
         n_classes = len(class_names(cfg))
     except Exception:

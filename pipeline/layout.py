@@ -5,13 +5,18 @@ from __future__ import annotations
 import time
 
 from . import storage
-from .config import Config, SplitConfig
+from .config import Config, ConfigError, SplitConfig
 
 DEMO_ROLES = {"pretrain": "pretrain", "train": "train", "val": "val", "id_test": "id_test"}
 
 
+def data_root(cfg: Config) -> str:
+    """Where prepare writes the demo's shard sets."""
+    return storage.join(cfg.output_uri, "data")
+
+
 def data_uri(cfg: Config, name: str) -> str:
-    return storage.join(cfg.output_uri, "data", name)
+    return storage.join(data_root(cfg), name)
 
 
 def splits(cfg: Config) -> dict[str, SplitConfig]:
@@ -28,8 +33,6 @@ def splits(cfg: Config) -> dict[str, SplitConfig]:
 def split_of_role(cfg: Config, role: str) -> tuple[str, SplitConfig]:
     found = [(n, s) for n, s in splits(cfg).items() if s.role == role]
     if len(found) != 1:
-        from .config import ConfigError
-
         raise ConfigError(f"data.splits: need exactly one split with role {role!r}, found {len(found)}")
     return found[0]
 

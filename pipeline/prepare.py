@@ -9,23 +9,9 @@ from .config import Config, ConfigError
 from .data import shards
 from .keys import digest, result_settings
 from .data.imagenet import prompt_names
+from .inputs import class_names, load_base_clip, zero_shot_record
 from .model import classifier as clf_lib
 from .model import factory, weights
-
-
-def load_base_clip(cfg: Config):
-    """The base CLIP and its preprocess config: the demo's (made by prepare) or open_clip's."""
-    if cfg.model.pretrained == "demo":
-        base = layout.base_dir(cfg)
-        if not storage.exists(storage.join(base, "open_clip_model.safetensors")):
-            raise ConfigError(f"model.pretrained=demo but no demo base model at {base!r}: run `frankensoup prepare`")
-        return factory.load_clip(base)
-    return factory.create_clip(cfg.model.name, cfg.model.pretrained)
-
-
-def class_names(cfg: Config) -> list[str]:
-    _, train = layout.split_of_role(cfg, "train")
-    return shards.split_info(train.uri)["class_names"]
 
 
 def build_zero_shot(cfg: Config, clip, names: list[str]):
@@ -34,11 +20,6 @@ def build_zero_shot(cfg: Config, clip, names: list[str]):
     texts = prompt_names(names, cfg.model.prompt_names)
     tokenizer = factory.tokenizer_for(cfg.model.name)
     return clf_lib.build_classifier(clip, tokenizer, texts, clf_lib.resolve_templates(cfg.model.templates))
-
-
-def load_zero_shot(cfg: Config):
-    """(classifier, metadata) of the zero-shot head on the base image tower."""
-    return weights.load_classifier(layout.zeroshot_uri(cfg))
 
 
 def _accuracy(clf, split_uri: str, preprocess: dict) -> float:
@@ -90,14 +71,6 @@ def zero_shot_key(cfg: Config, base: str, names: list[str]) -> str:
                    "class_names": names})
 
 
-def zero_shot_record(cfg: Config) -> dict:
-    """prepare/zeroshot.json ({key, sha256, id_test_accuracy}) of a finished prepare."""
-    uri = layout.zeroshot_record_uri(cfg)
-    if not storage.exists(uri) or not storage.exists(layout.zeroshot_uri(cfg)):
-        raise ConfigError(f"no zero-shot classifier under {cfg.output_uri!r}: run `frankensoup prepare` first")
-    return storage.read_json(uri)
-
-
 def _demo_data(cfg: Config, force: bool, log) -> bool:
     """Write the demo shards unless they were written from the same settings; True if written."""
     from .data.demo import write_demo_splits
@@ -109,7 +82,7 @@ def _demo_data(cfg: Config, force: bool, log) -> bool:
     if not force and complete and storage.exists(recipe) and storage.read_json(recipe).get("key") == key:
         return False
     storage.delete(recipe)
-    write_demo_splits(storage.join(cfg.output_uri, "data"), cfg.data.demo, cfg.data.rows_per_shard)
+    write_demo_splits(layout.data_root(cfg), cfg.data.demo, cfg.data.rows_per_shard)
     storage.write_json(recipe, {"key": key})
     log("prepare: demo shards written")
     return True

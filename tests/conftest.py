@@ -137,6 +137,35 @@ def clone_output(cfg, dst, *extra: str):
     return tiny_config(str(dst), *extra)
 
 
+def upload(local_dir: str, uri: str) -> None:
+    """Copy a local output folder to ``uri`` (s3:// on the moto server)."""
+    import pyarrow.fs as pafs
+
+    from pipeline import storage
+
+    loc = storage.resolve(uri)
+    pafs.copy_files(local_dir, loc.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)
+
+
+def perturbed(state: dict, seed: int, scale: float) -> dict:
+    """A seeded perturbation of a state dict, ``scale`` times each tensor's spread: parameters
+    and running means move additively, running variances multiplicatively (they must stay
+    positive); integer buffers stay as they are."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, v in state.items():
+        if not v.is_floating_point():
+            out[key] = v.clone()
+        elif key.endswith("running_var"):
+            out[key] = v * torch.exp(scale * torch.randn(v.shape, generator=gen))
+        else:
+            spread = v.std().item() if v.numel() > 1 and v.std() > 0 else 1.0
+            out[key] = v + scale * spread * torch.randn(v.shape, generator=gen)
+    return out
+
+
 # ---- the shared small demo, finetuned and evaluated ---------------------------------------
 
 # evaluated_demo's settings (pass them to clone_output): a base pretrained long enough that its

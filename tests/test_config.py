@@ -23,11 +23,30 @@ def test_overrides_are_typed_and_dotted():
     ("finetune.num_trials=-1", "finetune.num_trials"),
     ("soup.optimizer=NoSuchOptimizer", "soup.optimizer"),
     ("evaluate.ingredient_dtype=float8", "evaluate.ingredient_dtype"),
+    ("soup.second_pass_low=1.0", "soup.second_pass_low"),
+    ("soup.second_pass_low=-0.1", "soup.second_pass_low"),
+    ("soup.phase2.bounds=[1.1, 1.4]", "soup.phase2.bounds"),
+    ("soup.phase2.bounds=[0.0, 1.4]", "soup.phase2.bounds"),
+    ("soup.phase2.bounds=[0.7, 0.9]", "soup.phase2.bounds"),
+    ("finetune.inject_failure='1'", "finetune.inject_failure"),
+    ("finetune.inject_failure='1:1'", "finetune.inject_failure"),
+    ("data.demo.val=0", "data.demo.val"),
+    ("data.demo.train=1.0", "data.demo.train"),
+    ("data.demo.upsample=0", "data.demo.upsample"),
 ])
 def test_wrong_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
-    assert field in str(e.value)
+    assert field in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["NGOpt", "NgIoh", "Wiz"])
+def test_ngopt_family_runs_only_with_one_worker(optimizer):
+    with pytest.raises(ConfigError, match=f"soup.optimizer '{optimizer}'.*soup.num_workers=4.*MetaModel") as e:
+        load_config(None, [f"soup.optimizer={optimizer}", "soup.num_workers=4"])
+    assert len(str(e.value).splitlines()) == 1
+    assert load_config(None, [f"soup.optimizer={optimizer}", "soup.num_workers=1"]).soup.optimizer == optimizer
+    assert load_config(None, ["soup.optimizer=CMA", "soup.num_workers=4"]).soup.num_workers == 4
 
 
 def test_unknown_key_names_the_path(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import storage
-from pipeline.config import ConfigError, DemoDataConfig
+from pipeline.config import ConfigError, DemoDataConfig, load_config
 from pipeline.data import demo
 from pipeline.data.shards import (DataError, decode_image, decode_split, encode_png, read_split,
                                   shard_uris, split_info, write_split)
@@ -264,7 +264,7 @@ def test_demo_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="id_test"):
         demo.split_sizes(DemoDataConfig(pretrain=0.5, train=0.3, val=0.2), 1797, 10)
     with pytest.raises(ConfigError, match="data.demo.val"):
-        demo.split_sizes(DemoDataConfig(val=0.0), 1797, 10)
+        load_config(None, ["data.demo.val=0.0"])
 
 
 def test_write_demo_splits(tmp_path):

@@ -4,17 +4,15 @@ the stage to the last image. The finished stage is the shared ``evaluated_demo``
 finetuned ingredients), read-only."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import EVALUATED_OVERRIDES, clone_output
+from conftest import EVALUATED_OVERRIDES, clone_output, perturbed
 from pipeline import layout, storage
 from pipeline.config import Resources, SplitConfig
 from pipeline.data.shards import DataError, decode_split, read_split, shard_uris, write_split
+from pipeline.evaluate.stage import read_results
 from pipeline.model import image_transform, load_classifier, save_classifier
 from pipeline.layout import zeroshot_uri
 from pipeline.soup.mixture import one_hot, uniform
@@ -23,21 +21,10 @@ torch.set_num_threads(1)
 ONE_ACTOR = dict(batch_size=128, num_actors=1, resources=Resources(cpu=1))
 
 
-def perturbed(state: dict, scale: float, seed: int) -> dict:
-    """Seeded noise of ``scale`` times each tensor's spread."""
-    gen = torch.Generator().manual_seed(seed)
-    return {k: v + scale * (v.std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=gen)
-            if v.is_floating_point() else v for k, v in state.items()}
-
-
 def ingredient_ids(cfg) -> list[str]:
     from pipeline.ingredients import read_registry, usable
 
     return [i.id for i in usable(read_registry(cfg))]
-
-
-def results(cfg) -> list[dict]:
-    return pq.read_table(io.BytesIO(storage.read_bytes(layout.evaluations_uri(cfg)))).to_pylist()
 
 
 def plain_logits(cfg, split_uri: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +39,7 @@ def plain_logits(cfg, split_uri: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_stage_writes_every_model_on_every_split(evaluated_demo):
     cfg = evaluated_demo
-    rows = results(cfg)
+    rows = read_results(cfg)
     splits = ["val", "id_test", *layout.ood_splits(cfg)]
     models = ["zero_shot", *ingredient_ids(cfg)]
     assert len(models) == 4
@@ -78,7 +65,7 @@ def test_stage_writes_every_model_on_every_split(evaluated_demo):
 def test_stage_scores_like_a_plain_loop(evaluated_demo):
     cfg = evaluated_demo
     logits, labels = plain_logits(cfg, layout.splits(cfg)["id_test"].uri)
-    row = next(r for r in results(cfg) if r["model"] == "zero_shot" and r["split"] == "id_test")
+    row = next(r for r in read_results(cfg) if r["model"] == "zero_shot" and r["split"] == "id_test")
     assert row["correct"] == int((logits.argmax(1) == labels).sum())
 
 
@@ -89,7 +76,7 @@ def test_stage_reuses_every_score_when_nothing_changed(evaluated_demo, tmp_path)
     before = storage.read_bytes(layout.evaluations_uri(cfg))
     lines: list[str] = []
     marker = run_evaluate(cfg, log=lines.append)
-    assert marker["computed"] == 0 and marker["reused"] == len(results(cfg))
+    assert marker["computed"] == 0 and marker["reused"] == len(read_results(cfg))
     assert any("scores reused, 0 scored" in line for line in lines)
     assert storage.read_bytes(layout.evaluations_uri(cfg)) == before
 
@@ -239,7 +226,7 @@ def test_one_hot_mixture_equals_the_stage(evaluated_demo):
     ev = build_mixture_evaluator(cfg, "val", ids, device="cpu")
     k, c = ev.beta_shape
     assert k == len(ids) and c == 3, "tiny config: granularity 1 = stem / transformer / head"
-    val = {r["model"]: r["accuracy"] for r in results(cfg) if r["split"] == "val"}
+    val = {r["model"]: r["accuracy"] for r in read_results(cfg) if r["split"] == "val"}
     assert ev.evaluate([one_hot(k, c, j) for j in range(k)]) == [val[i] for i in ids]
 
 
@@ -276,7 +263,7 @@ def test_ingredient_changed_after_registration_is_refused(evaluated_demo, tmp_pa
     registry = read_registry(cfg)
     row = registry["ingredients"][1]
     clf, meta = load_classifier(row["checkpoint_uri"])
-    clf.load_state_dict(perturbed(clf.state_dict(), 0.01, 99))
+    clf.load_state_dict(perturbed(clf.state_dict(), 99, 0.01))
     row["checkpoint_uri"] = str(tmp_path / "changed.safetensors")  # same registered sha256, other bytes
     save_classifier(row["checkpoint_uri"], clf, model_name=meta["model_name"], class_names=meta["class_names"],
                     preprocess=meta["preprocess"])
@@ -296,5 +283,5 @@ def test_streams_shards_and_checkpoints_from_s3(evaluated_demo, s3_bucket, ray_l
     checkpoint = f"{s3_bucket}/evaluate-test/zero_shot.safetensors"
     storage.write_bytes(checkpoint, storage.read_bytes(zeroshot_uri(cfg)))
     scores = score_models({"zs": checkpoint}, SplitConfig(uri=remote, role="val"), **ONE_ACTOR)
-    row = next(r for r in results(cfg) if r["model"] == "zero_shot" and r["split"] == "val")
+    row = next(r for r in read_results(cfg) if r["model"] == "zero_shot" and r["split"] == "val")
     assert (scores["zs"]["correct"], scores["zs"]["n"]) == (row["correct"], row["n"])

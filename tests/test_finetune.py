@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, clone_output, tiny_config
+from conftest import TINY_OVERRIDES, clone_output, tiny_config, upload
 from pipeline import layout, storage
 from pipeline.model import CheckpointError, load_classifier
 
@@ -76,7 +76,7 @@ def test_streamed_train_images_are_every_row_once_shuffled_across_shards(prepare
     from pipeline.data.shards import read_split, write_split
     from pipeline.finetune.stream import StreamTrain
     from pipeline.finetune.trainable import decode_uint8, uint8_transform
-    from pipeline.prepare import load_zero_shot
+    from pipeline.inputs import load_zero_shot
 
     _, train = layout.split_of_role(prepared_demo, "train")
     split = read_split(train.uri)
@@ -113,7 +113,7 @@ def test_auto_loader_streams_what_would_not_fit_the_memory_limit(prepared_demo):
     from pipeline.finetune.stream import MemoryTrain, StreamTrain
     from pipeline.finetune.sweep import trial_setup
     from pipeline.finetune.trainable import image_shape, train_images
-    from pipeline.prepare import load_zero_shot
+    from pipeline.inputs import load_zero_shot
 
     _, meta = load_zero_shot(prepared_demo)
     setup = trial_setup(prepared_demo)
@@ -177,13 +177,6 @@ def assert_tracked(cfg, ids: list[str]) -> None:
     assert [r[:6] for r in runs] == ids
     for run in runs:
         assert any(n.startswith("events.out.tfevents.") for n in storage.listdir(storage.join(board, run)))
-
-
-def upload(local_dir: str, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    loc = storage.resolve(uri)
-    pafs.copy_files(local_dir, loc.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)
 
 
 def finetune_command(output_uri: str, *extra: str) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
+from conftest import perturbed  # noqa: E402
 from pipeline.evaluate.mixture import (  # noqa: E402
     EvaluatorInputError,
     EvaluatorMemoryError,
@@ -22,6 +23,7 @@ from pipeline.evaluate.mixture import (  # noqa: E402
     check_fits,
     required_bytes,
 )
+from pipeline.beta import COLUMN_SUM_TOLERANCE, MixtureError, validate  # noqa: E402
 from pipeline.model.classifier import Classifier  # noqa: E402
 from pipeline.model.components import Component, components  # noqa: E402
 from pipeline.soup.mixture import fuse, one_hot, uniform  # noqa: E402
@@ -49,22 +51,6 @@ def tiny_classifier(arch: str) -> Classifier:
     torch.manual_seed(0)
     clip = open_clip.model.CLIP(embed_dim=16, vision_cfg=VISION_CFGS[arch], text_cfg=TEXT_CFG)
     return Classifier(clip.visual, torch.nn.Linear(16, N_CLASSES)).eval()
-
-
-def perturbed(state: dict, seed: int, scale: float) -> dict:
-    """Parameters and running means move additively, running variances multiplicatively (they
-    must stay positive); integer buffers stay as they are."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, v in state.items():
-        if not v.is_floating_point():
-            out[key] = v.clone()
-        elif key.endswith("running_var"):
-            out[key] = v * torch.exp(scale * torch.randn(v.shape, generator=gen))
-        else:
-            spread = v.std().item() if v.numel() > 1 and v.std() > 0 else 1.0
-            out[key] = v + scale * spread * torch.randn(v.shape, generator=gen)
-    return out
 
 
 def make_world(arch: str, level: int) -> World:
@@ -271,6 +257,18 @@ def test_bad_mixtures_are_refused_before_any_is_run(world):
         ev.evaluate([good, not_summing])
     with pytest.raises(EvaluatorInputError, match=">= 0"):
         ev.evaluate([negative])
+
+
+def test_the_evaluator_scores_exactly_what_the_soup_accepts(world):
+    ev = make_evaluator(world)
+    k, c = ev.beta_shape
+    near, off = one_hot(k, c, 0), one_hot(k, c, 0)
+    near[1, 0], off[1, 0] = 0.5 * COLUMN_SUM_TOLERANCE, 2 * COLUMN_SUM_TOLERANCE
+    assert validate(near) is not None and len(ev.evaluate([near])) == 1
+    with pytest.raises(MixtureError, match="column 0 sums"):
+        validate(off)
+    with pytest.raises(EvaluatorInputError, match="mixture 0: column 0 .* sums"):
+        ev.evaluate([off])
 
 
 def test_repeated_evaluation_is_deterministic(world):

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from pipeline import storage
 from pipeline.config import Phase2Config, SoupConfig
@@ -259,12 +260,22 @@ def test_minimise_never_leaves_a_best_start_and_reuses_a_known_start_loss():
 
 
 @pytest.mark.filterwarnings("ignore:COBYLA")  # scipy's note on NGOpt's tiny-budget Cobyla
-def test_minimise_refuses_ngopt_in_parallel_but_runs_it_alone():
+def test_ngopt_is_refused_in_parallel_by_the_config_but_runs_alone():
     loss, _ = _recording_bowl(np.full(2, 0.6))
-    with pytest.raises(ValueError, match="NGOpt.*num_workers=4.*MetaModel"):
-        mmms.minimise(loss, np.full(2, 0.5), 0.0, 1.0, 10, optimizer="NGOpt", num_workers=4, seed=1)
-    x, fx, n = mmms.minimise(loss, np.full(2, 0.5), 0.0, 1.0, 10, optimizer="NGOpt", num_workers=1, seed=1)
+    with pytest.raises(ValidationError, match="NGOpt.*num_workers=4.*MetaModel"):
+        small_cfg(optimizer="NGOpt", num_workers=4)
+    cfg = small_cfg(optimizer="NGOpt", num_workers=1)
+    x, fx, n = mmms.minimise(loss, np.full(2, 0.5), 0.0, 1.0, 10, optimizer=cfg.optimizer,
+                             num_workers=cfg.num_workers, seed=1)
     assert fx < 0.02 and n <= 10
+
+
+# nevergrad's half-built recast optimizer fails in __del__ (no _messaging_thread yet)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_optimizer_that_cannot_run_in_parallel_is_named():
+    loss, _ = _recording_bowl(np.full(2, 0.6))
+    with pytest.raises(ValueError, match="soup.optimizer 'Cobyla' with num_workers=2"):
+        mmms.minimise(loss, np.full(2, 0.5), 0.0, 1.0, 10, optimizer="Cobyla", num_workers=2, seed=1)
 
 
 # ---- phase 1 and phase 2 --------------------------------------------------------------------
@@ -340,11 +351,11 @@ def test_phase2_with_one_ingredient_spends_one_evaluation():
     assert result.n_evals == 1 and np.array_equal(result.beta, mixture.one_hot(4, 3, 2))
 
 
-def test_settings_the_config_does_not_bound_are_refused_by_name():
-    with pytest.raises(ValueError, match="soup.phase2.bounds"):
-        mmms.phase2(mixture.uniform(2, 2), Quadratic(np.full((2, 2), 0.5)), small_cfg(phase2=Phase2Config(bounds=(1.1, 1.4))))
-    with pytest.raises(ValueError, match="soup.second_pass_low"):
-        mmms.phase1([0.5, 0.4], 2, Quadratic(np.full((2, 2), 0.5)), small_cfg(second_pass_low=1.5))
+def test_search_settings_are_refused_by_name_when_the_config_is_made():
+    with pytest.raises(ValidationError, match="bounds"):
+        Phase2Config(bounds=(1.1, 1.4))
+    with pytest.raises(ValidationError, match="second_pass_low"):
+        small_cfg(second_pass_low=1.5)
 
 
 def test_a_broken_evaluator_is_named():

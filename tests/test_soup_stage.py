@@ -4,15 +4,14 @@ open_clip) and every baseline rebuilt from its beta reproduce the report's numbe
 is atomic; s3:// works end to end; unusable ingredients are refused by name."""
 from __future__ import annotations
 
+import asyncio
 import json
-import random
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import EVALUATED_OVERRIDES, clone_output, tiny_config
+from conftest import EVALUATED_OVERRIDES, clone_output, tiny_config, upload
 from pipeline import layout, storage
 from pipeline.evaluate.actor import EvaluatorHost
 from pipeline.soup import pool as pool_lib, publish, stage
@@ -52,19 +51,44 @@ def search_with(cfg, num_evaluators, actor_class=None, **actor_kwargs):
     return result, pool
 
 
-class ShuffledHost(EvaluatorHost):
-    """The real evaluator, answering after a random pause: actors finish out of order."""
+class FinishOrder:
+    """Decides when each evaluator may answer: the first mixture of a batch only after the
+    second, so every batch of two or more comes back out of order, by rule rather than by
+    chance. Records the order the answers were given in."""
 
-    def __init__(self, cfg, split_name, ingredient_ids, seed: int, finish_log: str):
+    def __init__(self):
+        self.batch: list[str] = []
+        self.second_answered = asyncio.Event()
+        self.order: list[str] = []
+
+    async def start_batch(self, keys: list[str]) -> None:
+        self.batch = list(keys)
+        self.second_answered = asyncio.Event()
+
+    async def answer(self, key: str) -> None:
+        """Returns when the evaluator holding mixture ``key`` may answer."""
+        if len(self.batch) > 1 and key == self.batch[0]:
+            await self.second_answered.wait()
+        self.order.append(key)
+        if len(self.batch) > 1 and key == self.batch[1]:
+            self.second_answered.set()
+
+    async def answered(self) -> list[str]:
+        return self.order
+
+
+class ReorderedHost(EvaluatorHost):
+    """The real evaluator, answering when ``FinishOrder`` lets it."""
+
+    def __init__(self, cfg, split_name, ingredient_ids, finish_order):
         super().__init__(cfg, split_name, ingredient_ids)
-        self.rng = random.Random(seed)
-        self.finish_log = finish_log
+        self.finish_order = finish_order
 
     def evaluate(self, betas):
-        time.sleep(self.rng.uniform(0.0, 0.08))
+        import ray
+
         accs = super().evaluate(betas)
-        with open(self.finish_log, "a") as f:
-            f.writelines(f"{time.time()!r} {mixture_key(b)}\n" for b in betas)
+        ray.get([self.finish_order.answer.remote(mixture_key(b)) for b in betas])
         return accs
 
 
@@ -92,26 +116,30 @@ def test_the_number_of_evaluators_never_changes_the_result(evaluated_demo, refer
     assert_same_search(result, reference_search)
 
 
-def test_the_order_evaluators_finish_in_never_changes_the_result(evaluated_demo, reference_search, tmp_path):
+def test_the_order_evaluators_finish_in_never_changes_the_result(evaluated_demo, reference_search):
+    import ray
+
     cfg = tiny_config(evaluated_demo.output_uri, *SOUP, SHARED_CPUS)
     requested: list[str] = []
     inputs, val, val_accs = search_inputs(cfg)
-    actors = [pool_lib.start_evaluators(cfg, val, inputs.ids, num_evaluators=1, actor_class=search_ray_class(),
-                                      seed=seed, finish_log=str(tmp_path / f"actor{seed}.log"))[0]
-              for seed in range(3)]
+    finish_order = shipped(FinishOrder).options(num_cpus=0).remote()
+    actors = pool_lib.start_evaluators(cfg, val, inputs.ids, num_evaluators=3, actor_class=shipped(ReorderedHost),
+                                       finish_order=finish_order)
     with pool_lib.EvaluatorPool(actors) as pool:
         pool.wait_ready(len(actors))
 
         def evaluate(betas):
-            requested.extend(mixture_key(b) for b in betas)
+            keys = [mixture_key(b) for b in betas]
+            ray.get(finish_order.start_batch.remote(keys))
+            requested.extend(keys)
             return pool(betas)
 
         result = run_methods(cfg, evaluate, val_accs, len(inputs.components), None, QUIET["log"])
     assert_same_search(result, reference_search)
-    finished = [line.split() for p in tmp_path.glob("actor*.log") for line in p.read_text().splitlines()]
-    finish_order = [key for _, key in sorted(finished, key=lambda r: float(r[0]))]
-    assert sorted(finish_order) == sorted(requested)
-    assert finish_order != requested  # the answers really did come back shuffled
+    answered = ray.get(finish_order.answered.remote())
+    ray.kill(finish_order)
+    assert sorted(answered) == sorted(requested)
+    assert answered != requested  # the answers really did come back out of order
 
 
 def test_a_lost_evaluator_hands_its_work_to_the_others(evaluated_demo, reference_search):
@@ -136,15 +164,16 @@ def test_a_lost_evaluator_hands_its_work_to_the_others(evaluated_demo, reference
     assert_same_search(result, reference_search)
 
 
-def search_ray_class():
+def shipped(cls):
+    """``cls`` as a Ray actor class; the workers cannot import this test module, so its code
+    travels with it."""
     import sys
 
     import ray
     from ray import cloudpickle
 
-    # the workers cannot import this test module: ship ShuffledHost's code with it
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return ray.remote(ShuffledHost)
+    return ray.remote(cls)
 
 
 # ---- one run, crashed and resumed, then published -------------------------------------------
@@ -391,13 +420,6 @@ def test_a_crash_before_the_pointer_moves_keeps_latest(tmp_path, monkeypatch):
 
 
 # ---- s3 -------------------------------------------------------------------------------------
-
-def upload(local_dir: str, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    loc = storage.resolve(uri)
-    pafs.copy_files(local_dir, loc.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)
-
 
 def test_s3_round_trip(evaluated_demo, s3_bucket, tmp_path):
     from pipeline import load_fused

@@ -11,7 +11,7 @@ import io
 import json
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,9 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "frankensoup-shards-v1"
 MARKER = "dataset.json"

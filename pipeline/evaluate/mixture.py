@@ -21,15 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import beta as beta_lib
 from ..errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # elements of a low-precision weight block upcast to float32 at a time (64 MiB of float32)
 UPCAST_BLOCK_ELEMENTS = 1 << 24
 GIB = 1 << 30
-# a column of beta may miss 1 by this much (float64 products of lambdas are exact to ~1e-15);
-# the same tolerance as pipeline.soup.mixture, so what the soup accepts is what is scored
-COLUMN_SUM_TOLERANCE = 1e-9
 
 
 class EvaluatorInputError(UserError, ValueError):
@@ -258,20 +256,6 @@ def fuse_into(flat: torch.Tensor, weights: torch.Tensor, beta_t: torch.Tensor,
                 mix_into(flat[start:stop], weights[:, start:stop], beta_t[c])
 
 
-def check_mixture(beta, index: int, shape: tuple[int, int], component_names: Sequence[str]) -> np.ndarray:
-    beta = np.asarray(beta, dtype=np.float64)
-    if beta.shape != shape:
-        raise EvaluatorInputError(f"mixture {index}: shape {beta.shape}, expected {shape} = (ingredients, components)")
-    if not np.isfinite(beta).all() or (beta < 0).any():
-        raise EvaluatorInputError(f"mixture {index}: entries must be finite and >= 0")
-    sums = beta.sum(axis=0)
-    bad = np.flatnonzero(np.abs(sums - 1.0) > COLUMN_SUM_TOLERANCE)
-    if bad.size:
-        c = int(bad[0])
-        raise EvaluatorInputError(f"mixture {index}: column {c} ({component_names[c]!r}) sums to {sums[c]:.9g}, not 1")
-    return beta
-
-
 # ---- scoring --------------------------------------------------------------------------------
 
 def scoring_mask(class_mask: torch.Tensor | None, class_map: torch.Tensor | None) -> torch.Tensor | None:
@@ -416,7 +400,7 @@ class MixtureEvaluator:
 
     def evaluate(self, betas: Sequence[np.ndarray]) -> list[float]:
         """Val accuracy of each mixture, in order. Every mixture is checked before any is run."""
-        checked = [check_mixture(b, i, self.beta_shape, self.component_names) for i, b in enumerate(betas)]
+        checked = [self._checked(b, i) for i, b in enumerate(betas)]
         accuracies = []
         for beta in checked:
             self._fuse(beta)
@@ -432,7 +416,7 @@ class MixtureEvaluator:
         thresholds = list(thresholds) if thresholds is not None else [None] * len(betas)
         if len(thresholds) != len(betas):
             raise EvaluatorInputError(f"{len(thresholds)} thresholds for {len(betas)} mixtures")
-        checked = [check_mixture(b, i, self.beta_shape, self.component_names) for i, b in enumerate(betas)]
+        checked = [self._checked(b, i) for i, b in enumerate(betas)]
         out = []
         for beta, threshold in zip(checked, thresholds):
             t0 = time.perf_counter()
@@ -444,7 +428,7 @@ class MixtureEvaluator:
     def fused_state_dict(self, beta: np.ndarray) -> dict[str, torch.Tensor]:
         """The model's full state dict (fused tensors + its other buffers) for ``beta``, on the CPU.
         Leaves the resident model holding this mixture."""
-        self._fuse(check_mixture(beta, 0, self.beta_shape, self.component_names))
+        self._fuse(self._checked(beta, 0))
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def forward_accuracy(self) -> float:
@@ -478,6 +462,11 @@ class MixtureEvaluator:
             return total / n, n
 
     # -- internals --
+
+    def _checked(self, beta, index: int) -> np.ndarray:
+        """The mixture at ``index`` of a batch, checked against this evaluator's shape."""
+        return beta_lib.validate(beta, shape=self.beta_shape, index=index, component_names=self.component_names,
+                                 error=EvaluatorInputError)
 
     def _fuse(self, beta: np.ndarray) -> None:
         # torch.tensor copies: arrays that arrive through Ray are read-only

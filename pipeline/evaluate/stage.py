@@ -28,7 +28,7 @@ class EvaluateInputError(UserError, ValueError):
 def models_to_score(cfg: Config, registry: dict) -> dict[str, Ingredient]:
     """{model name: ingredient}: the zero-shot classifier (its sha256 recorded by prepare), then
     every ``ok`` ingredient."""
-    from ..prepare import zero_shot_record
+    from ..inputs import zero_shot_record
 
     found = usable(registry)
     if not found:

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..ingredients import RunModel, read_registry, registry_key, usable
 from ..keys import digest, result_settings
 from . import registry as registry_lib
-from .trainable import HPARAM_KEYS, MODEL_FILE, parse_failure, train_ingredient
+from .trainable import MODEL_FILE, train_ingredient
 
 
 class FinetuneError(UserError, RuntimeError):
@@ -30,10 +30,6 @@ class FinetuneError(UserError, RuntimeError):
 def trial_setup(cfg: Config) -> dict:
     """The fixed part of a trial's config: inputs by URI, optimiser settings, the test hook."""
     ft = cfg.finetune
-    try:
-        parse_failure(ft.inject_failure)
-    except ValueError as e:
-        raise FinetuneError(str(e)) from None
     _, train = layout.split_of_role(cfg, "train")
     _, val = layout.split_of_role(cfg, "val")
     return {"zeroshot_uri": layout.zeroshot_uri(cfg), "train_uri": train.uri, "val_uri": val.uri,
@@ -78,7 +74,7 @@ def trial_key(train_content: str, base_sha256: str, trial: int, hparams: dict, s
 
 def trial_plan(cfg: Config) -> list[dict]:
     """Every trial of the sweep: its index, ingredient id, hyperparameters and key."""
-    from ..prepare import zero_shot_record
+    from ..inputs import zero_shot_record
 
     base = zero_shot_record(cfg)["sha256"]
     _, train = layout.split_of_role(cfg, "train")

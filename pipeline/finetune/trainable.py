@@ -21,6 +21,7 @@ from torchvision import transforms as tv1
 from torchvision.transforms import v2
 
 from .. import console, storage
+from ..config import parse_failure
 from ..data import shards
 from ..model import image_transform, load_classifier, save_classifier
 from ..model.weights import load_state_strict
@@ -143,19 +144,6 @@ def build_augment(magnitude: int):
 
 def build_mix(n_classes: int):
     return v2.RandomChoice([v2.MixUp(num_classes=n_classes), v2.CutMix(num_classes=n_classes)])
-
-
-def parse_failure(spec: str | None) -> tuple[int, int] | None:
-    """"N:E" -> (trial N, epoch E); E >= 2 so the retry has a checkpoint to resume from."""
-    if not spec:
-        return None
-    try:
-        trial, epoch = (int(p) for p in spec.split(":"))
-    except ValueError:
-        raise ValueError(f"finetune.inject_failure {spec!r}: expected 'TRIAL:EPOCH', e.g. '1:2'") from None
-    if epoch < 2:
-        raise ValueError(f"finetune.inject_failure {spec!r}: EPOCH must be >= 2 (epoch 1 leaves no checkpoint)")
-    return trial, epoch
 
 
 def device_of() -> torch.device:

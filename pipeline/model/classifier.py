@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from open_clip.model import _build_vision_tower
 from torch import nn
 
+from .checkpoint import load_state_strict
 from .factory import model_config
-from .weights import load_state_strict
 
 TEMPLATES: dict[str, list] = {
     "demo": [

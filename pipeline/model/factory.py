@@ -15,7 +15,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from safetensors.torch import save as safetensors_bytes
 
 from .. import storage
-from .weights import CheckpointError, load_state_strict, read_checkpoint
+from .checkpoint import CheckpointError, load_state_strict, read_checkpoint
 
 DEMO_MODEL = "frankensoup-demo-vit"
 CONFIG_FILE = "open_clip_config.json"

@@ -38,7 +38,7 @@ def read_evaluations(cfg: Config, ingredients: Sequence[Ingredient]) -> dict[str
     checkpoint or another split content is never used."""
     from ..evaluate.scores import ScoreMemo, score_keys
     from ..evaluate.stage import ZERO_SHOT, splits_to_score
-    from ..prepare import zero_shot_record
+    from ..inputs import zero_shot_record
 
     memo = ScoreMemo(layout.evaluate_memo_uri(cfg))
     splits = splits_to_score(cfg)
@@ -89,7 +89,7 @@ class SoupInputs:
 
 def load_inputs(cfg: Config) -> SoupInputs:
     """The earlier stages' outputs, every ingredient checked before anything is evaluated."""
-    from ..prepare import load_zero_shot
+    from ..inputs import load_zero_shot
 
     ingredients = usable_ingredients(read_registry(cfg))
     reference, meta = load_zero_shot(cfg)

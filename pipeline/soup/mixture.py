@@ -11,31 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import UserError
-
-# a column may miss 1 by this much (products of a few dozen lambdas are exact to ~1e-15)
-COLUMN_SUM_TOLERANCE = 1e-9
-
-
-class MixtureError(UserError, ValueError):
-    """A beta matrix (or mixing factors) that is not a valid mixture; the message says why."""
-
-
-def validate(beta) -> np.ndarray:
-    """Check a mixture and return it as a C-contiguous float64 array."""
-    b = np.ascontiguousarray(beta, dtype=np.float64)
-    if b.ndim != 2 or b.shape[0] < 1 or b.shape[1] < 1:
-        raise MixtureError(f"mixture must be a (ingredients, components) matrix, got shape {b.shape}")
-    if not np.isfinite(b).all():
-        raise MixtureError("mixture holds NaN or inf")
-    if (b < 0).any():
-        j, c = np.argwhere(b < 0)[0]
-        raise MixtureError(f"mixture weight beta[{j}, {c}] = {b[j, c]} is negative")
-    sums = b.sum(axis=0)
-    bad = np.flatnonzero(np.abs(sums - 1.0) > COLUMN_SUM_TOLERANCE)
-    if bad.size:
-        raise MixtureError(f"mixture column {bad[0]} sums to {sums[bad[0]]!r}, not 1")
-    return b
+from ..beta import MixtureError, validate
 
 
 def one_hot(K: int, C: int, j: int) -> np.ndarray:

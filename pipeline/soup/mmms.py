@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import nevergrad as ng
 import numpy as np
-from nevergrad.optimization.optimizerlib import NGOptBase
 
 from ..config import SoupConfig
 from ..evaluate.mixture import Threshold
@@ -29,20 +28,14 @@ Progress = Callable[[dict], None] | None
 # ---- the one optimiser loop -----------------------------------------------------------------
 
 def make_optimizer(name: str, x0: np.ndarray, lower, upper, budget: int, num_workers: int, seed: int):
-    """A seeded nevergrad optimizer over a bounded array (sigma spans the bounds / 6)."""
-    if name not in ng.optimizers.registry:
-        raise ValueError(f"soup.optimizer: unknown nevergrad optimizer {name!r}")
+    """A seeded nevergrad optimizer over a bounded array (sigma spans the bounds / 6). SoupConfig
+    checks the name and its pairing with num_workers; what only building it tells is named here."""
     param = ng.p.Array(init=x0, lower=lower, upper=upper)
     param.random_state.seed(seed)
     try:
-        opt = ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=num_workers)
+        return ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=num_workers)
     except ValueError as e:  # e.g. "Cobyla does not support parallelization"
         raise ValueError(f"soup.optimizer {name!r} with num_workers={num_workers}: {e}") from e
-    if num_workers > 1 and isinstance(opt, NGOptBase):
-        # its parallel pick is MetaModel, which crashes inside sklearn with numpy 2.x
-        raise ValueError(f"soup.optimizer {name!r} cannot run with num_workers={num_workers} > 1: it picks "
-                         "MetaModel, which crashes with numpy 2.x; name one (CMA, TwoPointsDE) or set num_workers=1")
-    return opt
 
 
 def _point_key(x: np.ndarray) -> bytes:
@@ -134,15 +127,6 @@ def search_steps(beta_of: Callable[[np.ndarray], np.ndarray], x0, lower, upper, 
     finally:
         opt.close()
     return best_x, acc_of[_point_key(best_x)]  # the accuracy itself: 1 - (1 - a) may not be a
-
-
-def check_settings(cfg: SoupConfig) -> None:
-    """Settings the config model does not bound, checked before any evaluation is spent."""
-    if not 0.0 <= cfg.second_pass_low < 1.0:
-        raise ValueError(f"soup.second_pass_low must lie in [0, 1), got {cfg.second_pass_low}")
-    low, high = cfg.phase2.bounds
-    if not 0.0 < low <= 1.0 <= high:
-        raise ValueError(f"soup.phase2.bounds must satisfy 0 < low <= 1 <= high (mu starts at 1), got {cfg.phase2.bounds}")
 
 
 def sorted_best_first(val_accs: Sequence[float]) -> list[int]:
@@ -315,7 +299,6 @@ def phase1(val_accs: Sequence[float], n_components: int, evaluate: Evaluator, cf
     (speculation), priority always to the candidate the sequential search decides next. A
     candidate's decision depends only on (soup, candidate, settings), so the result — chosen,
     lambdas, beta, val, trace, decisions — is the sequential one, bit for bit."""
-    check_settings(cfg)
     order = sorted_best_first(val_accs)
     if n_components < 1:
         raise ValueError(f"n_components must be >= 1, got {n_components}")
@@ -393,7 +376,6 @@ def phase2(beta: np.ndarray, evaluate: Evaluator, cfg: SoupConfig, progress: Pro
     beta'[j, c] = mu[j, c] beta[j, c] / P_c, mu in cfg.phase2.bounds, start 1. The caller keeps
     the result only if it beats phase 1 on val (and runs it only if cfg.phase2.enabled).
     One search: its W asks per round are spread over the evaluators, nothing is speculated."""
-    check_settings(cfg)
     beta = mixture.validate(beta)
     rows = np.flatnonzero(beta.any(axis=1))  # the chosen ingredients; other rows stay 0
     K, C = beta.shape

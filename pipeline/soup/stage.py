@@ -116,7 +116,7 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
     soup/LATEST. Returns report.json's content. When the published run was made from exactly
     these inputs (its soup key) nothing is redone, unless ``force``; otherwise every mixture
     and score already in a memo is reused. Ends by printing the report's table."""
-    from ..prepare import load_base_clip
+    from ..inputs import load_base_clip
 
     t_start = time.time()
     inputs = load_inputs(cfg)
