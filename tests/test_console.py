@@ -193,9 +193,11 @@ def test_a_finished_trial_says_the_eta_of_the_rest(capsys, restore_console):
 
     log = TrialLog({0: "ft-000", 1: "ft-001"}, 2)
     log.setup()
-    log.on_trial_complete(0, [], SimpleNamespace(config={"trial": 1}, trial_id="abc_00001"))
+    log.on_trial_complete(0, [], SimpleNamespace(config={"trial": 1}, trial_id="abc_00001",
+                                                 last_result={"val_acc": 0.95981, "epoch": 4}))
     line = capsys.readouterr().out.strip()
-    assert line.startswith("finetune: ft-001 finished (1/2; Tune trial abc_00001) | ") and "| ETA " in line
+    assert line.startswith("finetune: ft-001 finished (1/2; Tune trial abc_00001): val_acc 0.9598 after 4 epochs | ")
+    assert "| ETA " in line
 
 
 def test_evaluate_progress_ends_each_scoring_pass_with_a_line(restore_console, monkeypatch):
