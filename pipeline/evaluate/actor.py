@@ -15,7 +15,7 @@ from ..data.shards import decode_split, read_split
 from ..ingredients import Ingredient, RunModel, read_registry, usable, verify
 from ..model import components, image_transform, load_classifier
 from .mixture import MixtureEvaluator, Score, Threshold
-from .stream import scoring_tensors, split_scoring
+from .scoring import scoring_tensors, split_scoring
 
 
 def chosen_ingredients(cfg: Config, ingredient_ids: Sequence[str] | None) -> list[Ingredient]:

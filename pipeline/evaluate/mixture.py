@@ -23,15 +23,12 @@ import torch
 
 from .. import beta as beta_lib
 from ..errors import UserError
+from .scoring import EvaluatorInputError, predictions, scoring_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # elements of a low-precision weight block upcast to float32 at a time (64 MiB of float32)
 UPCAST_BLOCK_ELEMENTS = 1 << 24
 GIB = 1 << 30
-
-
-class EvaluatorInputError(UserError, ValueError):
-    """Ingredients, components, val tensors or a mixture that do not fit the model."""
 
 
 class EvaluatorMemoryError(UserError, MemoryError):
@@ -257,34 +254,6 @@ def fuse_into(flat: torch.Tensor, weights: torch.Tensor, beta_t: torch.Tensor,
 
 
 # ---- scoring --------------------------------------------------------------------------------
-
-def scoring_mask(class_mask: torch.Tensor | None, class_map: torch.Tensor | None) -> torch.Tensor | None:
-    """Model classes allowed to win the argmax. A class mapped to -1 is not in the dataset, so
-    (like model soups' logit projection for ObjectNet) it cannot be predicted either."""
-    if class_mask is not None and class_mask.dtype != torch.bool:
-        raise EvaluatorInputError(f"class_mask must be a bool tensor, got {class_mask.dtype}")
-    if class_map is not None and (class_map.dtype not in (torch.int32, torch.int64) or (class_map < -1).any()):
-        raise EvaluatorInputError("class_map must be an integer tensor of dataset class indices or -1")
-    if class_mask is not None and class_map is not None and class_mask.shape != class_map.shape:
-        raise EvaluatorInputError(
-            f"class_mask {tuple(class_mask.shape)} and class_map {tuple(class_map.shape)} differ in length")
-    mask = class_mask
-    if class_map is not None:
-        mask = class_map >= 0 if mask is None else mask & (class_map >= 0)
-    if mask is not None and (mask.dim() != 1 or not mask.any()):
-        raise EvaluatorInputError("class_mask/class_map must be 1-D and allow at least one class")
-    return mask
-
-
-def predictions(logits: torch.Tensor, mask: torch.Tensor | None, class_map: torch.Tensor | None) -> torch.Tensor:
-    if mask is not None:
-        if logits.dim() != 2 or logits.shape[1] != mask.shape[0]:
-            raise EvaluatorInputError(f"the model gives {tuple(logits.shape)} logits but class_mask/class_map "
-                                      f"has {mask.shape[0]} classes")
-        logits = logits.masked_fill(~mask, float("-inf"))
-    predicted = logits.argmax(dim=1)
-    return predicted if class_map is None else class_map[predicted]
-
 
 def _check_val_tensors(images: torch.Tensor, labels: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() < 1 or images.shape[0] == 0:
