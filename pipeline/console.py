@@ -16,6 +16,7 @@ from typing import TextIO
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 _verbosity = NORMAL
 VERBOSITY_ENV = "FRANKENSOUP_VERBOSITY"
+MIN_RATE_SECONDS = 1.0
 
 # Ray Data's logging config (its default, console level changed): the file log keeps DEBUG
 _RAY_DATA_LOGGING = """\
@@ -156,11 +157,15 @@ class Progress:
         return self._bar
 
     def rate(self) -> float:
+        """The average rate since the start; 0 (unknown) in the first second, when a rate would
+        be one batch over next to no time."""
         elapsed = self.clock() - self.start
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return self.done / elapsed if elapsed >= MIN_RATE_SECONDS else 0.0
 
     def eta(self) -> float | None:
         """Seconds left at the average rate so far; None when that cannot be told yet."""
+        if self.total is not None and self.done >= self.total:
+            return 0.0
         rate = self.rate()
         if self.total is None or rate <= 0:
             return None

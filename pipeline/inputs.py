@@ -7,6 +7,9 @@ from .config import Config, ConfigError
 from .data import shards
 from .model import factory, weights
 
+# the zero-shot classifier's name among scored models (ingredient ids may not take it)
+ZERO_SHOT = "zero_shot"
+
 
 def load_base_clip(cfg: Config):
     """The base CLIP and its preprocess config: the demo's (made by prepare) or open_clip's."""

@@ -125,6 +125,17 @@ def test_slow_work_says_seconds_per_unit_and_its_own_text(restore_console):
     assert lines == ["finetune: ft-001 finished (2/8) | 75.0 s/trial | ETA 7m30s"]
 
 
+def test_a_first_line_at_the_start_claims_no_rate(restore_console):
+    clock, lines = FakeClock(), []
+    progress = console.Progress(500, "soup", "evaluation", bar=False, log=lines.append, clock=clock)
+    clock.now += 1e-5  # the first batch answered from the memo, next to no time after the start
+    progress.update(1, force=True)
+    clock.now += 10
+    progress.update(101, force=True)
+    assert lines == ["soup: 1 of 500 evaluations (0.2%) | ETA ?",
+                     "soup: 101 of 500 evaluations (20.2%) | 10.1 evaluations/s | ETA 40s"]
+
+
 def test_a_terminal_gets_a_tqdm_bar_and_no_lines(restore_console):
     from tqdm import tqdm
 

@@ -11,14 +11,16 @@ import time
 from collections.abc import Callable
 
 from .. import layout, storage
+from ..console import Progress
 from ..config import Config
 from ..errors import UserError
 from ..ingredients import Ingredient, IngredientError, RunModel, read_registry, usable, verify
+from ..inputs import ZERO_SHOT, zero_shot_record
 from ..keys import digest
+from ..raycluster import init_ray
+from .scores import ScoreMemo, score_keys, score_with_memo
 
 Log = Callable[[str], None]
-# the model name results.parquet gives prepare's zero-shot classifier (the soup reads it by this name)
-ZERO_SHOT = "zero_shot"
 
 
 class EvaluateInputError(UserError, ValueError):
@@ -28,7 +30,6 @@ class EvaluateInputError(UserError, ValueError):
 def models_to_score(cfg: Config, registry: dict) -> dict[str, Ingredient]:
     """{model name: ingredient}: the zero-shot classifier (its sha256 recorded by prepare), then
     every ``ok`` ingredient."""
-    from ..inputs import zero_shot_record
 
     found = usable(registry)
     if not found:
@@ -96,8 +97,6 @@ def progress_printer(log: Log, every_s: float = 10.0) -> Callable[[int, int], No
     """``progress(done, total)`` for score_splits: images scored with rate and ETA, as a bar on a
     terminal or a line every ``every_s`` seconds and one at the end (console.Progress); each
     scoring pass gets its own."""
-    from ..console import Progress
-
     current: list[Progress] = []
 
     def progress(done: int, total: int) -> None:
@@ -121,7 +120,6 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
     """Score every model on every split, reusing every score whose key (checkpoint sha256,
     split content, scoring) is in evaluate/memo.json (none with ``force``); write the results
     table; returns the stage marker."""
-    from .scores import ScoreMemo, score_keys, score_with_memo
 
     t0 = time.time()
     registry = read_registry(cfg)
@@ -141,8 +139,6 @@ def run_evaluate(cfg: Config, force: bool = False, log: Log = print) -> dict:
     unscored = [m for m in models if any(keys[m, s] not in memo for s in splits)]
     if unscored:
         verify_checkpoints(cfg, models, unscored)
-        from ..raycluster import init_ray
-
         init_ray(cfg)
     checkpoints = {m: (i.checkpoint_uri, i.sha256) for m, i in models.items()}
     scores, reused, computed = score_with_memo(cfg, memo, checkpoints, splits, registry["class_names"],

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .. import layout, storage
+from ..evaluate.scores import ScoreMemo, score_with_memo
 from ..config import Config
 from ..model import classifier as clf_lib
 from ..model import weights
@@ -32,8 +33,6 @@ def score_fused(cfg: Config, inputs: SoupInputs, states: Mapping[str, dict], scr
     (an ensemble's: its members') and the split's content, so an added ood set scores only
     that set, and an unchanged soup nothing. Entries carry per-image outcomes (``correct_bits``,
     for the report's paired tests)."""
-    from ..evaluate.scores import ScoreMemo, score_with_memo
-
     meta = inputs.meta
     model_name, class_names = meta["model_name"], list(meta["class_names"])
     models = {}

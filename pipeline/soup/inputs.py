@@ -10,6 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import layout, storage
+from ..data.shards import split_content
+from ..evaluate.scores import ScoreMemo, score_keys
+from ..evaluate.stage import splits_to_score
+from ..inputs import ZERO_SHOT, load_zero_shot, zero_shot_record
 from ..config import Config
 from ..errors import UserError
 from ..ingredients import Ingredient, IngredientError, RunModel, read_registry, usable, verify
@@ -36,9 +40,6 @@ def read_evaluations(cfg: Config, ingredients: Sequence[Ingredient]) -> dict[str
     """{model: {split: {"accuracy", "correct", "n", "role"}}} of the zero-shot head and every
     ingredient, looked up in the evaluate stage's memo by content key: a score of another
     checkpoint or another split content is never used."""
-    from ..evaluate.scores import ScoreMemo, score_keys
-    from ..evaluate.stage import ZERO_SHOT, splits_to_score
-    from ..inputs import zero_shot_record
 
     memo = ScoreMemo(layout.evaluate_memo_uri(cfg))
     splits = splits_to_score(cfg)
@@ -89,7 +90,6 @@ class SoupInputs:
 
 def load_inputs(cfg: Config) -> SoupInputs:
     """The earlier stages' outputs, every ingredient checked before anything is evaluated."""
-    from ..inputs import load_zero_shot
 
     ingredients = usable_ingredients(read_registry(cfg))
     reference, meta = load_zero_shot(cfg)
@@ -109,7 +109,6 @@ def split_names(cfg: Config) -> tuple[str, str, list[str]]:
 def memo_context(cfg: Config, components, val_name: str) -> dict:
     """What a val accuracy depends on besides the mixture: the val split's content and scoring,
     the model, the component layout (names and tensors) and the evaluator's precision."""
-    from ..data.shards import split_content
 
     val = layout.splits(cfg)[val_name]
     return {"format": "frankensoup-search-memo-v1", "model": cfg.model.name,
@@ -122,7 +121,6 @@ def memo_context(cfg: Config, components, val_name: str) -> dict:
 def soup_key(cfg: Config, inputs: SoupInputs) -> str:
     """Everything the published result depends on: the memo context, the ingredients' contents,
     the scores that order them and fill the report, the soup settings, the scored splits."""
-    from ..data.shards import split_content
 
     val, id_test, ood = split_names(cfg)
     splits = layout.splits(cfg)

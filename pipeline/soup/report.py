@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..inputs import ZERO_SHOT
 from .methods import REGISTRY
 
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
@@ -202,7 +203,7 @@ def render_markdown(report: Mapping) -> str:
 
 def method_summaries(report: Mapping) -> list[tuple[str, str]]:
     """(name, what it is) of each row of the table, from the soup-method registry."""
-    out = [("zero_shot", "the base CLIP with its zero-shot head (prompt templates), not finetuned")]
+    out = [(ZERO_SHOT, "the base CLIP with its zero-shot head (prompt templates), not finetuned")]
     return out + [(n, REGISTRY[n].summary) for n in report["methods"] if n in REGISTRY]
 
 

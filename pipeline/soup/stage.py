@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from .. import layout, storage, tracking
+from ..inputs import ZERO_SHOT, load_base_clip
+from ..raycluster import init_ray
 from ..config import Config
 from . import publish as pub
 from . import report as rep
@@ -31,8 +33,6 @@ Log = Callable[[str], None]
 def build_report(cfg: Config, run_id: str, ids: Sequence[str], component_names: Sequence[str],
                  result: SearchResult, scores: dict, evaluations: dict, timings: dict, counts: dict,
                  key: str) -> dict:
-    from ..evaluate.stage import ZERO_SHOT
-
     val, id_test, ood = split_names(cfg)
     zs = scores[ZERO_SHOT]
     methods = {ZERO_SHOT: rep.method_entry(zs[val]["accuracy"], zs[id_test]["accuracy"],
@@ -116,8 +116,6 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
     soup/LATEST. Returns report.json's content. When the published run was made from exactly
     these inputs (its soup key) nothing is redone, unless ``force``; otherwise every mixture
     and score already in a memo is reused. Ends by printing the report's table."""
-    from ..inputs import load_base_clip
-
     t_start = time.time()
     inputs = load_inputs(cfg)
     key = soup_key(cfg, inputs)
@@ -135,8 +133,6 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
     if force:
         storage.delete(layout.soup_memo_root(cfg))
         storage.delete(layout.fused_scores_uri(cfg))
-    from ..raycluster import init_ray
-
     init_ray(cfg)  # `frankensoup soup` alone starts or joins Ray like `run` does
     ids, meta = inputs.ids, inputs.meta
     log(f"soup: {len(ids)} ingredients x {len(inputs.components)} components "
