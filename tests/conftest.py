@@ -187,3 +187,15 @@ def evaluated_demo(tmp_path_factory, ray_local):
     run_finetune(cfg, **quiet)
     run_evaluate(cfg, **quiet)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def one_node_reference(ray_local, tmp_path_factory):
+    """tests/multinode_job.py's SETTINGS run on the session's one-node Ray: the result a run of
+    the same config on several nodes (tests/test_multinode.py, tests/test_autoscaling.py) must
+    reproduce."""
+    from multinode_job import SETTINGS
+    from pipeline.run import run_all
+
+    cfg = tiny_config(str(tmp_path_factory.mktemp("one-node") / "out"), *SETTINGS)
+    return run_all(cfg, log=lambda *_: None)

@@ -13,9 +13,6 @@ import sys
 
 import pytest
 
-from conftest import tiny_config
-from multinode_job import SETTINGS
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -29,12 +26,9 @@ def job(tmp_path, output_uri: str, *flags: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_node(ray_local, tmp_path_factory):
+def one_node(one_node_reference):
     """The same config on the session's one-node Ray."""
-    from pipeline.run import run_all
-
-    cfg = tiny_config(str(tmp_path_factory.mktemp("one-node") / "out"), *SETTINGS)
-    return run_all(cfg, log=lambda *_: None)
+    return one_node_reference
 
 
 @pytest.fixture(scope="module")
