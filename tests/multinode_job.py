@@ -87,7 +87,7 @@ def run(cfg, cluster, lose: bool) -> dict:
     killed: list = []
     if lose:
         # each loss happens from the driver's own thread at a known point of a stage
-        from pipeline.evaluate import scores as scores_lib
+        from pipeline.evaluate import stage as evaluate_stage
         from pipeline.finetune import sweep
 
         on_result = sweep.TrialLog.on_trial_result
@@ -100,7 +100,7 @@ def run(cfg, cluster, lose: bool) -> dict:
                 lose_a_node(cluster, "finetune", result.get("node_id"), killed)
 
         sweep.TrialLog.on_trial_result = result_then_loss
-        original_scoring = scores_lib.score_with_memo
+        original_scoring = evaluate_stage.score_with_memo
 
         def scoring_with_loss(cfg_, memo, models, splits, class_names, progress=None, **kw):
             def tick(done, total):
@@ -111,7 +111,7 @@ def run(cfg, cluster, lose: bool) -> dict:
 
             return original_scoring(cfg_, memo, models, splits, class_names, progress=tick, **kw)
 
-        scores_lib.score_with_memo = scoring_with_loss
+        evaluate_stage.score_with_memo = scoring_with_loss  # the evaluate stage's scoring, not the soup's
     original_pool = pool_lib.evaluator_pool
     calls: list = []
 
