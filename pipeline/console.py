@@ -94,6 +94,50 @@ def ray_init_kwargs() -> dict:
     return {"logging_level": level, "log_to_driver": _verbosity > QUIET}
 
 
+# Ray core logs this at ERROR level, once per process, when an actor with max_restarts != 0
+# gets ObjectRefs as constructor arguments (ray-project/ray#53727). Every Ray Data actor pool
+# does (its map workers get the DataContext and the map function by reference, restarts on), and
+# Ray Data holds those refs for the operator's whole life, so for us it never means what it says.
+RESTART_NOTICE = "ray-project/ray/issues/53727"
+
+
+def preempt_restart_notice() -> None:
+    """In the driver, once Ray is up and unless ``-v``: spend Ray's once-per-process
+    constructor-argument notice (RESTART_NOTICE) on a probe actor that is never scheduled, so a
+    healthy evaluate pass prints no ERROR line. Our own actors never restart (max_restarts 0)
+    and cannot trigger it. Anything else written to stderr meanwhile is passed on."""
+    import ray
+
+    if _verbosity >= VERBOSE:
+        return
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nowhere = NodeAffinitySchedulingStrategy(node_id="0" * 55 + "1", soft=False)  # no node has this id
+
+    @ray.remote(num_cpus=0, max_restarts=1, scheduling_strategy=nowhere)
+    class _RestartNoticeProbe:
+        def __init__(self, _ref):
+            pass
+
+    ref = ray.put(None)
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            probe = _RestartNoticeProbe.remote(ref)  # the notice is logged here, synchronously
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        del probe, ref  # out of scope before it is placed: Ray drops it without starting a worker
+        captured.seek(0)
+        rest = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                if RESTART_NOTICE not in line]
+    if rest:
+        sys.stderr.write("".join(rest))
+
+
 def quiet_worker_logs() -> None:
     """In a Ray worker: Ray Train's per-checkpoint INFO lines only with ``-v`` (the driver's
     verbosity arrives through the environment)."""

@@ -27,6 +27,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
     console.ray_data_settings()
+    console.preempt_restart_notice()
     return ray
 
 

@@ -148,6 +148,11 @@ def test_job_submit_round_trip_with_metrics(ray_head, tmp_path):
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "mmms" in logs and (out / "soup" / "LATEST").exists()
+    # a healthy run says nothing at ERROR or WARNING level: Python logging's level names, and
+    # Ray's C++ lines ("[2026-11-30 16:50:17,881 E 31655 31655] core_worker.cc:...")
+    alarms = [line for line in logs.splitlines()
+              if re.search(r"\b(ERROR|WARNING|CRITICAL)\b|\[\d{4}-\d\d-\d\d [\d:,]+ [EWF] \d+ \d+\]", line)]
+    assert alarms == [], "\n".join(alarms)
     # the dashboard saw the run: evaluations counted, a best val accuracy, trials finished
     assert max(seen.get("ray_frankensoup_soup_evaluations_total", [0])) > 0, sorted(seen)
     assert 0 < max(seen.get("ray_frankensoup_soup_best_val_accuracy", [0])) <= 1, sorted(seen)
