@@ -35,8 +35,9 @@ class IngredientError(CheckpointError):
 @dataclass(frozen=True)
 class Ingredient:
     """One registry row, with its checkpoint as a URI (the file stores it relative to
-    output_uri as ``checkpoint``). ``key``, ``trial_id``, ``node_id``, ``restored_from_epoch``
-    and ``val_content`` come with sweep rows, ``source_file`` and ``source_sha256`` with imports."""
+    output_uri as ``checkpoint``). ``key``, ``trial_id``, ``node_id``, ``placement`` (device,
+    CPUs, GPUs and GPU ids the trial had), ``restored_from_epoch`` and ``val_content`` come with
+    sweep rows, ``source_file`` and ``source_sha256`` with imports."""
     id: str
     status: str
     checkpoint_uri: str
@@ -47,6 +48,7 @@ class Ingredient:
     key: str | None = None
     trial_id: str | None = None
     node_id: str | None = None
+    placement: dict | None = field(default=None, hash=False)
     restored_from_epoch: int | None = None
     val_content: str | None = None
     source_file: str | None = None

@@ -31,6 +31,18 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
+def placement(device: str) -> dict:
+    """Where the calling Ray task or actor runs: its node, the CPUs and GPUs Ray assigned it
+    (logical GPUs too: a fraction when it shares one) with the GPU ids, and the torch
+    ``device`` it computes on ("cpu" when the node has no CUDA device behind its GPUs)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    assigned = ctx.get_assigned_resources()
+    return {"node_id": ctx.get_node_id(), "device": str(device), "cpus": float(assigned.get("CPU", 0.0)),
+            "gpus": float(assigned.get("GPU", 0.0)), "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())}
+
+
 def alive_nodes(ray) -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 

@@ -6,17 +6,19 @@ The cluster is a head with no CPUs for work plus Ray's fake node provider
 autoscaler monitor on the head launches each worker node as raylet processes on this machine
 when demand asks for CPUs the head lacks, and terminates it when it has been idle for
 ``idle_timeout_minutes``. ``start_head``/``stop_head`` own the head's processes (its own process
-group and temp dir; never ``ray stop``); ``main`` is the job: it checks the cluster has only the
-head, dry-runs and runs the pipeline there, disconnects, then watches the autoscaler remove the
-worker nodes. Writes what the test asserts on as JSON to ``--out``.
+group and temp dir; never ``ray stop``); ``main`` checks the cluster has only the head,
+dry-runs the config against it, submits the run to the head's job server as a user would
+(``JobSubmissionClient``, token auth), waits for it to end, then watches the autoscaler remove the worker nodes. Writes what the test asserts on as
+JSON to ``--out``.
 
-    python tests/autoscaling_job.py GCS_ADDRESS OUTPUT_URI --cluster-config PATH --out result.json
+    python tests/autoscaling_job.py GCS_ADDRESS DASHBOARD_URL OUTPUT_URI --cluster-config PATH --out result.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -90,6 +92,7 @@ def cluster_config(gcs_address: str) -> dict:
 class Head:
     proc: subprocess.Popen
     address: str      # the GCS address, 127.0.0.1:<port>
+    dashboard: str    # the dashboard and job server, http://127.0.0.1:<port>
     temp_dir: str     # every node's session dir is under it (workers take the head's)
     config_path: str  # the autoscaling config (JSON, which is YAML: also the dry run's cluster_yaml)
     log_path: str
@@ -100,7 +103,7 @@ def start_head(temp_dir: str, timeout_s: float = 120.0) -> Head:
     neither reads nor overwrites /tmp/ray/ray_current_cluster, which a bare ray.init() on this
     machine would follow) and every port chosen free. Returns once the head has written its
     address."""
-    port = free_port()
+    port, dashboard_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     config_path = os.path.join(temp_dir, "autoscaling.json")
     with open(config_path, "w") as f:
@@ -109,12 +112,13 @@ def start_head(temp_dir: str, timeout_s: float = 120.0) -> Head:
     env.update(CLUSTER_ENV)
     cmd = ["ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
            "--temp-dir", temp_dir, "--autoscaling-config", config_path, "--num-cpus", "0", "--num-gpus", "0",
-           "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory", str(OBJECT_STORE_BYTES),
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+           "--metrics-export-port", str(free_port()), "--disable-usage-stats", "--object-store-memory", str(OBJECT_STORE_BYTES),
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
     log_path = os.path.join(temp_dir, "head.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    head = Head(proc, address, temp_dir, config_path, log_path)
+    head = Head(proc, address, f"http://127.0.0.1:{dashboard_port}", temp_dir, config_path, log_path)
     written = os.path.join(temp_dir, "ray_current_cluster")
     deadline = time.time() + timeout_s
     while not os.path.exists(written):
@@ -200,16 +204,40 @@ def alive(states: dict[str, dict]) -> list[str]:
     return sorted(n for n, s in states.items() if s["alive"])
 
 
+def submit_run(dashboard: str, overrides: list[str], timeout_s: float) -> dict:
+    """``frankensoup run`` as a Ray job on the cluster (the entrypoint a user passes to ``ray job
+    submit``); its status, seconds and logs once it ended."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)  # the token comes from RAY_AUTH_MODE=token and ~/.ray/auth_token
+    entrypoint = "python -m pipeline run " + " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+    t0 = time.time()
+    # frankensoup is installed on every node, as ray_cluster.yaml's image does. No working_dir:
+    # the fake nodes share the head's session dir on this machine, so a worker node dropping the
+    # unpacked package once its own workers are done would delete the driver's cwd under it
+    job = client.submit_job(entrypoint=entrypoint)
+    status = client.get_job_status(job)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() - t0 < timeout_s:
+        time.sleep(1)
+        status = client.get_job_status(job)
+    if status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        client.stop_job(job)
+    return {"id": job, "status": str(status.value), "seconds": round(time.time() - t0, 1),
+            "logs": client.get_job_logs(job)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("address")
+    p.add_argument("dashboard")
     p.add_argument("output_uri")
     p.add_argument("--cluster-config", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--scale-down-timeout", type=float, default=180.0)
+    p.add_argument("--job-timeout", type=float, default=420.0)
     args = p.parse_args()
 
-    from conftest import tiny_config
+    from conftest import TINY_OVERRIDES
     from multinode_job import SETTINGS
 
     result: dict = {"head": HEAD_NODE_ID}
@@ -229,22 +257,30 @@ def main() -> int:
 
         import ray
 
-        cfg = tiny_config(args.output_uri, *SETTINGS, f"ray.address={args.address}", "ray.autoscaling=true",
-                          f"ray.cluster_yaml={args.cluster_config}")
+        from pipeline.config import load_config
         from pipeline.ingredients import read_registry
-        from pipeline.run import dry_run, run_all
+        from pipeline.run import dry_run
+        from pipeline.soup.publish import read_report
 
+        # the tests' own ray.address=local would make the job start a Ray of its own
+        tiny = [o for o in TINY_OVERRIDES if not o.startswith("ray.")]
+        overrides = [*tiny, f"output_uri={args.output_uri}", *SETTINGS, "ray.autoscaling=true",
+                     f"ray.cluster_yaml={args.cluster_config}"]
         lines: list[str] = []
-        result["dry_run"] = {"ok": dry_run(cfg, log=lines.append), "lines": lines}
-        t0 = time.time()
-        report = run_all(cfg, log=print)
-        result["run_seconds"] = round(time.time() - t0, 1)
-        result["report"] = report
+        result["dry_run"] = {"ok": dry_run(load_config(None, [*overrides, f"ray.address={args.address}"]),
+                                           log=lines.append), "lines": lines}
+        ray.shutdown()  # the run is the job's driver, on the head, not this process
+        job = submit_run(args.dashboard, overrides, args.job_timeout)
+        print(job["logs"])
+        job["logs"] = job["logs"][-3000:]
+        result["job"] = job
+        result["run_seconds"] = job["seconds"]
+        cfg = load_config(None, overrides)
+        result["report"] = read_report(cfg)
         result["trials"] = [{k: r.get(k) for k in ("id", "node_id")} for r in read_registry(cfg)["ingredients"]]
         result["after_run"] = node_states(args.address)
-        ray.shutdown()
 
-        # the driver is gone: nothing asks for CPUs, the autoscaler should remove every worker
+        # the job's driver is gone: nothing asks for CPUs, the autoscaler should remove every worker
         t1 = time.time()
         while True:
             states = node_states(args.address)

@@ -18,10 +18,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import EVALUATED_OVERRIDES, tiny_config  # noqa: E402
 
 # one CPU per worker: each holds one trial or one soup evaluator at a time, so work must spread
-WORKER = {"num_cpus": 1}
 SETTINGS = (*EVALUATED_OVERRIDES, "finetune.num_trials=2", "finetune.space.epochs=[3]", "soup.num_evaluators=2",
             "soup.evaluator_resources.cpu=1", "evaluate.resources.cpu=0.5", "evaluate.batch_size=64",
             "finetune.max_failures=3", "soup.phase2.enabled=false")
+# and one logical GPU per worker (no CUDA device behind it): a trial takes a whole one, a soup
+# evaluator and a Ray Data scorer half of one; resources never change a result
+WORKER = {"num_cpus": 1, "num_gpus": 1}
+GPU_SETTINGS = ("finetune.resources.gpu=1", "soup.evaluator_resources.gpu=0.5", "evaluate.resources.gpu=0.5")
 
 
 def lose_a_node(cluster, name: str, node_id: str | None, log: list) -> None:
@@ -65,11 +68,10 @@ def main() -> int:
                 result["refused"] = f"{type(e).__name__}: {e}"
             return 0
         # the same config twice in one cluster: as it is, then losing a node in each stage
-        result["plain"] = run(tiny_config(f"{args.output_uri}/plain", *SETTINGS, f"ray.address={cluster.address}"),
-                              cluster, lose=False)
+        on_cluster = (*SETTINGS, *GPU_SETTINGS, f"ray.address={cluster.address}")
+        result["plain"] = run(tiny_config(f"{args.output_uri}/plain", *on_cluster), cluster, lose=False)
         if args.lose:
-            result["lose"] = run(tiny_config(f"{args.output_uri}/lose", *SETTINGS, f"ray.address={cluster.address}"),
-                                 cluster, lose=True)
+            result["lose"] = run(tiny_config(f"{args.output_uri}/lose", *on_cluster), cluster, lose=True)
     finally:
         with open(args.out, "w") as f:
             json.dump(result, f)
@@ -148,7 +150,8 @@ def run(cfg, cluster, lose: bool) -> dict:
         pool_lib.evaluator_pool = original_pool
     rows = read_registry(cfg)["ingredients"]
     return {"report": report, "killed": killed, "pool_calls": calls,
-            "trials": [{k: r.get(k) for k in ("id", "node_id", "restored_from_epoch", "sha256")} for r in rows],
+            "trials": [{k: r.get(k) for k in ("id", "node_id", "placement", "restored_from_epoch", "sha256")}
+                       for r in rows],
             "run": storage.read_json(layout.run_record_uri(cfg))}
 
 

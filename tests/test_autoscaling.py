@@ -2,8 +2,9 @@
 launches worker nodes through Ray's fake node provider (``fake_multi_node``: real raylets on
 this machine, the provider Ray's own autoscaler tests use) when the run asks for CPUs, and
 removes them when idle. A demo-sized run (output on the moto S3 server) passes the dry run
-with ``ray.autoscaling=true`` while only the head exists, trains and soups on nodes the
-autoscaler added for it, publishes the same result as a one-node run, and after it the
+with ``ray.autoscaling=true`` while only the head exists, is submitted to the head's job server
+(``JobSubmissionClient``, token auth) and succeeds, trains and soups on nodes the autoscaler
+added for it, publishes the same result as a one-node run, and after it the
 autoscaler removes every worker for idleness. The job runs in its own process
 (tests/autoscaling_job.py): one Ray per process; the head's processes belong to this test (its
 own process group and temp dir), never a machine-wide ``ray stop``."""
@@ -57,7 +58,7 @@ def autoscaling_run(s3_bucket):
         out = os.path.join(temp_dir, "result.json")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(DRIVER_ENV)
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "autoscaling_job.py"), head.address,
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "autoscaling_job.py"), head.address, head.dashboard,
                                f"{s3_bucket}/autoscaling", "--cluster-config", head.config_path, "--out", out],
                               env=env, capture_output=True, text=True, timeout=600, check=False)
         result = {}
@@ -83,6 +84,8 @@ def autoscaling_run(s3_bucket):
 
 def test_the_autoscaler_adds_workers_for_the_run_and_removes_them_when_idle(autoscaling_run):
     r = autoscaling_run
+    # the run was a Ray job submitted to the head's job server with the token, and it succeeded
+    assert r["job"]["status"] == "SUCCEEDED", r["job"]
     # before the run: the head alone, with no CPU for work
     assert [n for n, s in r["before"].items() if s["alive"]] == [HEAD_NODE_ID], r["before"]
     # the dry run passes with only the head: the CPUs are the autoscaler's to add, from worker

@@ -1,6 +1,6 @@
 """Many nodes on one machine (issue 12): a demo-sized run on a 3-node ray.cluster_utils.Cluster
-(a head with no work CPUs + two 1-CPU workers, output on the moto S3 server) spreads trials and
-soup evaluators over both workers and publishes the same fused model as a one-node run; losing
+(a head with no work CPUs + two workers of 1 CPU and 1 logical GPU, output on the moto S3
+server) spreads trials (a whole GPU each) and soup evaluators (half a GPU) over both workers and publishes the same fused model as a one-node run; losing
 a worker node mid-finetune, mid-evaluate and mid-soup changes nothing but where work ran; a
 local output_uri on that cluster is refused before anything is written. The cluster runs in its
 own process (tests/multinode_job.py): one Ray per process."""
@@ -43,6 +43,14 @@ def test_work_spreads_over_both_workers_and_gives_the_one_node_result(cluster_ru
     evaluator_nodes = set(plain["report"]["evaluations"]["evaluator_nodes"])
     # one trial and one soup evaluator on each worker; nothing on the head (it has no work CPUs)
     assert trial_nodes == workers and evaluator_nodes == workers, (trial_nodes, evaluator_nodes, workers)
+    # each worker has one logical GPU and no CUDA device: a trial held a whole GPU and a soup
+    # evaluator half of one, as configured, and both computed on the CPU
+    for t in plain["trials"]:
+        assert t["placement"]["gpus"] == 1.0 and t["placement"]["gpu_ids"] != "", t
+        assert t["placement"]["device"] == "cpu" and t["placement"]["cpus"] == 1.0, t
+    evaluators = plain["report"]["evaluations"]["evaluators"]
+    assert {e["node_id"] for e in evaluators} == workers
+    assert all(e["gpus"] == 0.5 and e["gpu_ids"] != "" and e["device"] == "cpu" for e in evaluators), evaluators
     assert plain["report"]["methods"] == one_node["methods"]
 
 

@@ -13,6 +13,7 @@ from .. import layout, storage
 from ..config import Config, ConfigError
 from ..data.shards import decode_split, read_split
 from ..ingredients import Ingredient, RunModel, read_registry, usable, verify
+from ..raycluster import placement
 from ..model import components, image_transform, load_classifier
 from .mixture import MixtureEvaluator, Score, Threshold
 from .scoring import scoring_tensors, split_scoring
@@ -118,7 +119,7 @@ class EvaluatorHost:
         return {"ingredient_ids": self.ids, "split": self.split_name, "beta_shape": list(ev.beta_shape),
                 "component_names": list(ev.component_names), "n_images": int(ev.images.shape[0]),
                 "device": str(ev.device), "dtype": str(ev.dtype).removeprefix("torch."),
-                "threads": torch.get_num_threads(), "node_id": ray.get_runtime_context().get_node_id()}
+                "threads": torch.get_num_threads(), **placement(ev.device)}
 
 
 # resources come from the caller: .options(num_cpus=..., num_gpus=...) (soup.evaluator_resources)

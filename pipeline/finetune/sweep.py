@@ -246,7 +246,9 @@ def ingredient_id(trial: int) -> str:
 
 def check_complete(results) -> None:
     """Refuse to register a sweep with failed or unfinished trials (the rerun resumes them)."""
-    failed = [(r.config.get("trial"), r.error) for r in results if r.error is not None]
+    # a trial that failed before its first report has no config in its result: name its folder
+    failed = [((r.config or {}).get("trial", os.path.basename(str(r.path))), r.error)
+              for r in results if r.error is not None]
     if failed:
         lines = "; ".join(f"trial {t}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
                           for t, e in failed)
@@ -281,9 +283,13 @@ def trained_rows(cfg: Config, results, todo: list[dict]) -> list[dict]:
         rows.append({"id": t["id"], "hparams": t["hparams"], "val_acc": float(result.metrics["val_acc"]),
                      "val_content": val_content, "checkpoint_uri": dest, "sha256": storage.sha256(data),
                      "status": "ok", "source": "tune", "key": t["key"], "node_id": result.metrics.get("node_id"),
+                     "placement": {k: result.metrics.get(k) for k in PLACEMENT_FIELDS},
                      "restored_from_epoch": result.metrics.get("restored_from_epoch", 0),
                      "trial_id": result.metrics.get("trial_id")})
     return rows
+
+
+PLACEMENT_FIELDS = ("device", "cpus", "gpus", "gpu_ids")  # raycluster.placement() beside node_id
 
 
 def print_summary(rows: list[dict], log=print) -> None:

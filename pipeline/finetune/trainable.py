@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 
 from .. import console, storage
 from ..config import parse_failure
+from ..raycluster import placement
 from ..data import shards
 from ..model import image_transform, load_classifier, save_classifier
 from ..model.weights import load_state_strict
@@ -320,13 +321,13 @@ def train_ingredient(config: dict, setup: dict | None = None, hparams: dict | No
     if setup is not None:
         config = {**hparams[config["trial"]], **config, "setup": setup}
 
-    import ray
-
-    node = ray.get_runtime_context().get_node_id()  # recorded in the registry: where it trained
+    # recorded in the registry: the node it trained on, its CPUs and (logical) GPUs, its device;
+    # flat scalars, so the tracking loggers take or skip them without a warning
+    where = placement(device_of().type)
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        tune.report({**metrics, "node_id": node}, checkpoint=checkpoint)
+        tune.report({**metrics, **where}, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:

@@ -105,8 +105,10 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
             metrics.close()
     hits, misses = evaluate.cost.memo_hits, evaluate.cost.evaluations
     log(f"soup: {hits} mixtures from memo, {misses} evaluated")
+    infos = pool.pool.infos if pool.pool is not None else []  # each evaluator's placement
     counts = {"memo": layout.relative(cfg, memo.uri), "from_memo": hits, "evaluated": misses,
-              "evaluator_nodes": [i["node_id"] for i in pool.pool.infos] if pool.pool is not None else [],
+              "evaluator_nodes": [i["node_id"] for i in infos],
+              "evaluators": [{k: i.get(k) for k in ("node_id", "device", "cpus", "gpus", "gpu_ids")} for i in infos],
               "evaluator_seconds": round(pool.seconds, 2)}
     return result, counts
 
