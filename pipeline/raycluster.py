@@ -10,6 +10,43 @@ class SharedStorageError(ConfigError):
     """A local output_uri on a cluster whose other nodes cannot see it."""
 
 
+class ClusterUnreachable(ConfigError):
+    """The Ray head that ray.address (or RAY_ADDRESS) names does not answer."""
+
+
+REACH_TIMEOUT_S = 10.0
+
+
+def gcs_endpoint(address: str | None) -> tuple[str, str, int] | None:
+    """(where it was named, host, port) of the head that ``ray.init`` would dial for this address
+    (``ray.address``, else RAY_ADDRESS) when it is a plain host:port; None for "local", "auto",
+    a ray:// client address, or nothing."""
+    where, value = ("ray.address", address) if address is not None else ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
+    if not value or "://" in value or value in ("local", "auto"):
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")  # an IPv6 host is written [::1]:6379
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{where} {value!r}: expected host:port of a Ray head (or 'local', 'auto')")
+    return where, host, int(port)
+
+
+def check_reachable(address: str | None, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Refuse, in one line, a head that nothing answers for: ``ray.init`` would wait for it
+    without end."""
+    import socket
+
+    endpoint = gcs_endpoint(address)
+    if endpoint is None:
+        return
+    where, host, port = endpoint
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterUnreachable(f"{where} {host}:{port}: no Ray head answers there ({e.strerror or e}); start "
+                                 "one with `ray start --head`, or leave ray.address unset for a local Ray") from None
+
+
 def connect(address: str | None = None, num_cpus: int | None = None):
     """`ray job submit` sets RAY_ADDRESS, and a bare ray.init() joins it (or a head started on
     this machine); with neither, Ray starts a local instance (of ``num_cpus`` CPUs, if given).
@@ -20,6 +57,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
 
     if ray.is_initialized():
         return ray
+    check_reachable(address)
     kwargs = console.ray_init_kwargs()
     if address is not None:
         kwargs["address"] = address

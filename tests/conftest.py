@@ -190,12 +190,28 @@ def evaluated_demo(tmp_path_factory, ray_local):
 
 
 @pytest.fixture(scope="session")
-def one_node_reference(ray_local, tmp_path_factory):
-    """tests/multinode_job.py's SETTINGS run on the session's one-node Ray: the result a run of
-    the same config on several nodes (tests/test_multinode.py, tests/test_autoscaling.py) must
-    reproduce."""
+def one_node_run(ray_local, tmp_path_factory):
+    """tests/multinode_job.py's SETTINGS run on the session's one-node Ray: (its config, its
+    report), the result a run of the same config on several nodes (tests/test_multinode.py,
+    tests/test_autoscaling.py) must reproduce."""
     from multinode_job import SETTINGS
     from pipeline.run import run_all
 
     cfg = tiny_config(str(tmp_path_factory.mktemp("one-node") / "out"), *SETTINGS)
-    return run_all(cfg, log=lambda *_: None)
+    return cfg, run_all(cfg, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def one_node_reference(one_node_run):
+    return one_node_run[1]
+
+
+PREPARED = ("data", "base", "prepare")  # what the prepare stage writes under output_uri
+
+
+def copy_prepared(cfg, dst_uri: str) -> None:
+    """Copy a run's prepare outputs (demo shards, base CLIP, zero-shot head, its marker) to
+    ``dst_uri``: a run there of the same config reuses them (content keys) and starts at finetune.
+    Prepare runs in the driver alone, so the cluster tests lose nothing by sharing it."""
+    for name in PREPARED:
+        upload(os.path.join(cfg.output_uri, name), f"{dst_uri}/{name}")

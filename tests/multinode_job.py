@@ -2,9 +2,11 @@
 (ray.cluster_utils.Cluster: a head with no work CPUs and two workers), run by
 tests/test_multinode.py in its own process (one Ray per process). With ``--lose``, a worker
 node is removed mid-finetune, mid-evaluate and mid-soup (a fresh one joins each time), as a
-spot instance would vanish. Writes what the test asserts on as JSON to ``--out``.
+spot instance would vanish. With ``--local-refused PATH``, first a run with that local
+output_uri, which the cluster must refuse. The runs go to OUTPUT_URI/plain and OUTPUT_URI/lose.
+Writes what the test asserts on as JSON to ``--out``.
 
-    python tests/multinode_job.py OUTPUT_URI --out result.json [--lose] [--local-refused]
+    python tests/multinode_job.py OUTPUT_URI --out result.json [--lose] [--local-refused PATH]
 """
 from __future__ import annotations
 
@@ -43,13 +45,17 @@ def main() -> int:
     p.add_argument("output_uri")
     p.add_argument("--out", required=True)
     p.add_argument("--lose", action="store_true")
-    p.add_argument("--local-refused", action="store_true")
+    p.add_argument("--local-refused", metavar="LOCAL_PATH", help="first try a run with this local output_uri")
     args = p.parse_args()
 
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # the GCS declares a node that stopped answering dead after 2 missed 1 s health checks (Ray's
+    # defaults take ~15 s), as Ray's own node-failure tests do: a lost node is noticed at once
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2,
+              "health_check_initial_delay_ms": 0}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": health})
     for _ in range(2):
         cluster.add_node(**WORKER)
     cluster.wait_for_nodes()
@@ -58,15 +64,15 @@ def main() -> int:
                     "workers": [n.node_id for n in cluster.worker_nodes]}
     try:
         if args.local_refused:
+            # first, a local output_uri the workers do not share: refused before anything is written
             from pipeline.run import run_all
 
-            cfg = tiny_config(args.output_uri, *SETTINGS, f"ray.address={cluster.address}")
+            cfg = tiny_config(args.local_refused, *SETTINGS, f"ray.address={cluster.address}")
             try:
                 run_all(cfg, log=lambda *_: None)
                 result["refused"] = None
             except Exception as e:  # the test asserts on the class and message
                 result["refused"] = f"{type(e).__name__}: {e}"
-            return 0
         # the same config twice in one cluster: as it is, then losing a node in each stage
         on_cluster = (*SETTINGS, *GPU_SETTINGS, f"ray.address={cluster.address}")
         result["plain"] = run(tiny_config(f"{args.output_uri}/plain", *on_cluster), cluster, lose=False)

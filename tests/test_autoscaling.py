@@ -19,8 +19,8 @@ import sys
 import tempfile
 
 import pytest
-
 from autoscaling_job import DRIVER_ENV, HEAD_NODE_ID, MAX_WORKERS, WORKER_TYPE, start_head, stop_head
+from conftest import copy_prepared
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,10 +48,11 @@ def autoscaler_events(temp_dir: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def autoscaling_run(s3_bucket):
+def autoscaling_run(s3_bucket, one_node_run):
     # a short temp dir: Ray's unix socket paths under it must stay within 107 characters; the
     # head starts after the moto server, so every node's workers inherit AWS_ENDPOINT_URL
     temp_dir = tempfile.mkdtemp(prefix="fsas-", dir="/tmp")
+    copy_prepared(one_node_run[0], f"{s3_bucket}/autoscaling")  # prepare runs in the driver alone
     head = start_head(temp_dir)
     ok = False
     try:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import copy_prepared
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,8 +33,13 @@ def one_node(one_node_reference):
 
 
 @pytest.fixture(scope="module")
-def cluster_runs(s3_bucket, tmp_path_factory):
-    return job(tmp_path_factory.mktemp("multinode"), f"{s3_bucket}/multinode", "--lose")
+def cluster_runs(s3_bucket, tmp_path_factory, one_node_run):
+    tmp = tmp_path_factory.mktemp("multinode")
+    for run in ("plain", "lose"):  # both start at finetune: prepare runs in the driver alone
+        copy_prepared(one_node_run[0], f"{s3_bucket}/multinode/{run}")
+    result = job(tmp, f"{s3_bucket}/multinode", "--lose", "--local-refused", str(tmp / "local-out"))
+    result["local"] = str(tmp / "local-out")
+    return result
 
 
 def test_work_spreads_over_both_workers_and_gives_the_one_node_result(cluster_runs, one_node):
@@ -69,9 +75,7 @@ def test_a_lost_node_changes_where_work_ran_not_the_result(cluster_runs, one_nod
     assert lose["report"]["ingredient_scores"] == one_node["ingredient_scores"]
 
 
-def test_a_local_output_uri_on_several_nodes_is_refused(tmp_path):
-    local = tmp_path / "out"
-    result = job(tmp_path, str(local), "--local-refused")
-    assert result["refused"].startswith("SharedStorageError: output_uri")
-    assert "s3://" in result["refused"] and "storage.shared" in result["refused"]
-    assert not local.exists()  # nothing written
+def test_a_local_output_uri_on_several_nodes_is_refused(cluster_runs):
+    assert cluster_runs["refused"].startswith("SharedStorageError: output_uri")
+    assert "s3://" in cluster_runs["refused"] and "storage.shared" in cluster_runs["refused"]
+    assert not os.path.exists(cluster_runs["local"])  # nothing written
