@@ -30,11 +30,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 # the fake provider's fixed ids: the head is ...00000, the workers it launches ...00001, ...00002
 HEAD_NODE_ID = "f" * 51 + "00000"
-WORKER_TYPE = "cpu_worker"
-WORKER_CPUS = 1
+WORKER_TYPE = "gpu_worker"
+WORKER_RESOURCES = {"CPU": 1, "GPU": 1}  # a logical GPU: the fake node has no CUDA device behind it
 MAX_WORKERS = 2
-# each worker holds one trial or one soup evaluator, so the 2-trial sweep and the 2 evaluators
-# need both workers; a short idle timeout so the test sees them go (Ray's default is 5 minutes)
+# a trial takes half a CPU and half a GPU, so the 2-trial sweep packs onto one worker (two
+# trials share its GPU); a soup evaluator takes a whole CPU, so the 2 evaluators need both
+# workers; a short idle timeout so the test sees them go (Ray's default is 5 minutes)
+TRIAL_SETTINGS = ("finetune.resources.cpu=0.5", "finetune.resources.gpu=0.5")
 IDLE_TIMEOUT_MINUTES = 0.2
 OBJECT_STORE_BYTES = 200 * 2**20
 
@@ -75,7 +77,7 @@ def cluster_config(gcs_address: str) -> dict:
         },
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            WORKER_TYPE: {"resources": {"CPU": WORKER_CPUS, "object_store_memory": OBJECT_STORE_BYTES},
+            WORKER_TYPE: {"resources": {**WORKER_RESOURCES, "object_store_memory": OBJECT_STORE_BYTES},
                           "node_config": {}, "min_workers": 0, "max_workers": MAX_WORKERS},
         },
         "head_node_type": "ray.head.default",
@@ -264,7 +266,7 @@ def main() -> int:
 
         # the tests' own ray.address=local would make the job start a Ray of its own
         tiny = [o for o in TINY_OVERRIDES if not o.startswith("ray.")]
-        overrides = [*tiny, f"output_uri={args.output_uri}", *SETTINGS, "ray.autoscaling=true",
+        overrides = [*tiny, f"output_uri={args.output_uri}", *SETTINGS, *TRIAL_SETTINGS, "ray.autoscaling=true",
                      f"ray.cluster_yaml={args.cluster_config}"]
         lines: list[str] = []
         result["dry_run"] = {"ok": dry_run(load_config(None, [*overrides, f"ray.address={args.address}"]),
@@ -277,7 +279,8 @@ def main() -> int:
         result["run_seconds"] = job["seconds"]
         cfg = load_config(None, overrides)
         result["report"] = read_report(cfg)
-        result["trials"] = [{k: r.get(k) for k in ("id", "node_id")} for r in read_registry(cfg)["ingredients"]]
+        result["trials"] = [{k: r.get(k) for k in ("id", "node_id", "placement")}
+                            for r in read_registry(cfg)["ingredients"]]
         result["after_run"] = node_states(args.address)
 
         # the job's driver is gone: nothing asks for CPUs, the autoscaler should remove every worker

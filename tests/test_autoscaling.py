@@ -94,7 +94,7 @@ def test_the_autoscaler_adds_workers_for_the_run_and_removes_them_when_idle(auto
     assert r["dry_run"]["ok"], r["dry_run"]["lines"]
     lines = "\n".join(r["dry_run"]["lines"])
     assert "no node has it now; the autoscaler must add one" in lines, lines
-    assert f"finetune trials: up to 2 x {WORKER_TYPE}" in lines, lines
+    assert f"finetune trials: up to 1 x {WORKER_TYPE} (2 at once, 2 per node)" in lines, lines
 
     # every trial and every soup evaluator ran on a worker the autoscaler added for this run
     added = set(r["final"]) - set(r["before"])
@@ -103,9 +103,12 @@ def test_the_autoscaler_adds_workers_for_the_run_and_removes_them_when_idle(auto
     assert len(r["trials"]) == 2 and evaluator_nodes, (r["trials"], evaluator_nodes)
     assert trial_nodes <= added and evaluator_nodes <= added, (trial_nodes, evaluator_nodes, added)
     assert HEAD_NODE_ID not in trial_nodes | evaluator_nodes
-    # one CPU per worker: the two trials at once needed two workers (the soup's evaluators are
-    # recorded as they start, and the small search may end before the second has)
-    assert len(trial_nodes) == 2
+    # a trial held half a CPU and half a (logical) GPU, as configured, and computed on the CPU;
+    # two trials on one node shared its GPU
+    for t in r["trials"]:
+        assert (t["placement"]["cpus"], t["placement"]["gpus"], t["placement"]["device"]) == (0.5, 0.5, "cpu"), t
+    if len(trial_nodes) == 1:
+        assert len({t["placement"]["gpu_ids"] for t in r["trials"]}) == 1, r["trials"]
     assert len([n for n, s in r["after_run"].items() if s["alive"]]) <= 1 + MAX_WORKERS
     # loopback only: the head and every worker it launched
     assert {s["ip"] for s in r["final"].values()} == {"127.0.0.1"}, r["final"]
