@@ -153,7 +153,7 @@ def cluster_processes(head: Head) -> list[int]:
     return pids
 
 
-def stop_head(head: Head, grace_s: float = 15.0) -> list[int]:
+def stop_head(head: Head, grace_s: float = 5.0) -> list[int]:
     """Stop this cluster only. SIGTERM to ``ray start --block`` shuts its node down in order
     (SIGTERM to its whole group at once leaves the raylet waiting for the GCS it lost); then
     SIGTERM to whatever of the cluster is still up (a worker node the autoscaler had not yet
@@ -269,9 +269,11 @@ def main() -> int:
         overrides = [*tiny, f"output_uri={args.output_uri}", *SETTINGS, *TRIAL_SETTINGS, "ray.autoscaling=true",
                      f"ray.cluster_yaml={args.cluster_config}"]
         lines: list[str] = []
+        t0 = time.time()
         result["dry_run"] = {"ok": dry_run(load_config(None, [*overrides, f"ray.address={args.address}"]),
                                            log=lines.append), "lines": lines}
         ray.shutdown()  # the run is the job's driver, on the head, not this process
+        result["dry_run"]["seconds"] = round(time.time() - t0, 1)
         job = submit_run(args.dashboard, overrides, args.job_timeout)
         print(job["logs"])
         job["logs"] = job["logs"][-3000:]

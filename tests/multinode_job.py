@@ -22,7 +22,7 @@ from conftest import EVALUATED_OVERRIDES, tiny_config  # noqa: E402
 # one CPU per worker: each holds one trial or one soup evaluator at a time, so work must spread
 SETTINGS = (*EVALUATED_OVERRIDES, "finetune.num_trials=2", "finetune.space.epochs=[3]", "soup.num_evaluators=2",
             "soup.evaluator_resources.cpu=1", "evaluate.resources.cpu=0.5", "evaluate.batch_size=64",
-            "finetune.max_failures=3", "soup.phase2.enabled=false")
+            "finetune.max_failures=3", "soup.phase2.enabled=false", "data.demo.shifts=[noise]")
 # and one logical GPU per worker (no CUDA device behind it): a trial takes a whole one, a soup
 # evaluator and a Ray Data scorer half of one; resources never change a result
 WORKER = {"num_cpus": 1, "num_gpus": 1}

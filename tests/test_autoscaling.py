@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 from autoscaling_job import DRIVER_ENV, HEAD_NODE_ID, MAX_WORKERS, WORKER_TYPE, start_head, stop_head
@@ -53,7 +54,9 @@ def autoscaling_run(s3_bucket, one_node_run):
     # head starts after the moto server, so every node's workers inherit AWS_ENDPOINT_URL
     temp_dir = tempfile.mkdtemp(prefix="fsas-", dir="/tmp")
     copy_prepared(one_node_run[0], f"{s3_bucket}/autoscaling")  # prepare runs in the driver alone
+    t0 = time.time()
     head = start_head(temp_dir)
+    print(f"autoscaling head up in {time.time() - t0:.1f}s")
     ok = False
     try:
         out = os.path.join(temp_dir, "result.json")
@@ -71,12 +74,14 @@ def autoscaling_run(s3_bucket, one_node_run):
                         + log_tail(os.path.join(temp_dir, "session_latest", "logs", "monitor.log")), pytrace=False)
         result["autoscaler"] = autoscaler_events(temp_dir)
         result["stages"] = [line for line in proc.stdout.splitlines() if line.startswith("== ")]
-        print(f"autoscaling run: {result['run_seconds']}s, workers gone {result['scale_down_seconds']}s after it; "
+        print(f"autoscaling dry run {result['dry_run']['seconds']}s; run: {result['run_seconds']}s, workers gone {result['scale_down_seconds']}s after it; "
               f"{result['stages']}; {result['autoscaler']}")
         ok = True
         return result
     finally:
+        t0 = time.time()
         killed = stop_head(head)
+        print(f"autoscaling head stopped in {time.time() - t0:.1f}s ({len(killed)} processes needed SIGKILL)")
         if ok:
             shutil.rmtree(temp_dir, ignore_errors=True)
         else:
