@@ -321,6 +321,14 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._flights)
 
+    def _memo_hit(self, beta: np.ndarray) -> None:
+        """A mixture answered without evaluating it; a memo that tells earlier runs' answers
+        from this run's (``note_hit``) is told."""
+        self.cost.memo_hits += 1
+        note = getattr(self.memo, "note_hit", None)
+        if note is not None:
+            note(beta)
+
     def fill(self, tasks: Sequence[Task]) -> bool:
         """Send the tasks' unsent mixtures, in task order, while evaluators are free; answer
         what the memo or an identical evaluation in flight can. True if evaluators are left free."""
@@ -336,13 +344,13 @@ class Dispatcher:
                 known = self.memo.get(beta)
                 if known is not None:
                     task.sent[i], task.answers[i] = True, Score(known, 0)
-                    self.cost.memo_hits += 1
+                    self._memo_hit(beta)
                     continue
                 if request.threshold is not None and hasattr(self.memo, "failed") and any(
                         settles(f, request.threshold) for f in self.memo.failed(beta)):
                     # an earlier early-stopped test settles this one: the same decision, no images
                     task.sent[i], task.answers[i] = True, Score(None, 0)
-                    self.cost.memo_hits += 1
+                    self._memo_hit(beta)
                     continue
                 twin = next((t for t in self._by_key.get(key, ())
                              if self._flights[t].threshold in (None, request.threshold)), None)

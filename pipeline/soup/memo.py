@@ -153,6 +153,15 @@ class ContentMemo:
         self.memo, self.shas = memo, list(shas)
         self.pending: dict[str, tuple[list, float]] = {}
         self.pending_failed: list[tuple[str, list, tuple[float, bool]]] = []
+        self.made: set[str] = set()  # keys this run evaluated (or failed a test on)
+        self.reused = 0              # answers that came from earlier runs' entries
+
+    def note_hit(self, beta: np.ndarray) -> None:
+        """The dispatcher answered ``beta`` from the memo: count it as reused work when an
+        earlier run made the entry (a repeat of this run's own evaluation is not reuse)."""
+        key, _ = self._content(beta)
+        if key not in self.made:
+            self.reused += 1
 
     def _content(self, beta: np.ndarray) -> tuple[str, list]:
         content = mixture_content(beta, self.shas)
@@ -166,6 +175,7 @@ class ContentMemo:
     def put(self, beta: np.ndarray, accuracy: float) -> None:
         key, content = self._content(beta)
         self.pending[key] = (content, accuracy)
+        self.made.add(key)
         self._maybe_flush()
 
     def failed(self, beta: np.ndarray) -> list[Threshold]:
@@ -176,6 +186,7 @@ class ContentMemo:
     def put_failed(self, beta: np.ndarray, threshold: Threshold) -> None:
         key, content = self._content(beta)
         self.pending_failed.append((key, content, (threshold.value, threshold.strict)))
+        self.made.add(key)
         self._maybe_flush()
 
     def _maybe_flush(self) -> None:

@@ -103,7 +103,8 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
         pool.close()
         if metrics is not None:
             metrics.close()
-    hits, misses = evaluate.cost.memo_hits, evaluate.cost.evaluations
+    # reused: answers from earlier runs' memo entries (this run's repeats are not reuse)
+    hits, misses = content_memo.reused, evaluate.cost.evaluations
     log(f"soup: {hits} mixtures from memo, {misses} evaluated")
     infos = pool.pool.infos if pool.pool is not None else []  # each evaluator's placement
     counts = {"memo": layout.relative(cfg, memo.uri), "from_memo": hits, "evaluated": misses,
