@@ -64,6 +64,24 @@ def test_a_second_run_reuses_everything(finished, tmp_path):
     assert report == finished[1]
 
 
+def test_a_soup_redone_from_its_memos_writes_no_model_files(finished, tmp_path, monkeypatch):
+    """The soup's marker gone (its inputs unknown), the search and every fused-model score come
+    from the memos: the same report, and no fused checkpoint is written for scoring."""
+    from pipeline.model import weights
+    from pipeline.soup.stage import run_soup
+
+    cfg = clone(finished, tmp_path / "out")
+    layout.clear_done(cfg, "soup")
+    saved: list[str] = []
+    save = weights.save_classifier
+    monkeypatch.setattr(weights, "save_classifier", lambda uri, *a, **k: (saved.append(uri), save(uri, *a, **k))[1])
+    report = run_soup(cfg, **QUIET)
+    marker = layout.read_marker(cfg, "soup")
+    assert (marker["computed"], marker["scores_computed"]) == (0, 0) and marker["reused"] > 0, marker
+    assert [u for u in saved if "/scratch-" in u] == []
+    assert report["methods"] == finished[1]["methods"]
+
+
 def test_an_added_ood_set_scores_only_that_set(finished, tmp_path, storage_root):
     cfg0, report0 = finished
     noise = read_split(layout.data_uri(cfg0, "noise"))

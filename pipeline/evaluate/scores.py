@@ -59,7 +59,9 @@ def score_with_memo(cfg: Config, memo: ScoreMemo, models: Mapping[str, tuple[str
                     ensembles: Mapping[str, list[str]] | None = None,
                     per_image: bool = False) -> tuple[dict, int, int]:
     """({split: {model: entry}}, reused, computed) for every model (name -> (uri, sha256)) and
-    output ensemble (name -> member names in ``models``) on every split. Only (model, split)
+    output ensemble (name -> member names in ``models``) on every split. A model's uri may be a
+    callable that writes its checkpoint and returns the uri: it is called only if the model has
+    something left to score. Only (model, split)
     pairs not in the memo are scored, in one streaming pass per group of splits that miss the
     same models (a new ood set: every model on that set; a new ingredient: that model on every
     set). ``key``: their score keys, if the caller has them. ``per_image``: entries carry
@@ -89,7 +91,8 @@ def score_with_memo(cfg: Config, memo: ScoreMemo, models: Mapping[str, tuple[str
     for names, split_names in groups.items():
         wanted = [n for n in names if n not in ensembles]
         wanted += [m for e in names if e in ensembles for m in ensembles[e] if m not in wanted]
-        scores = score_splits({m: models[m][0] for m in wanted}, {s: splits[s] for s in split_names},
+        uris = {m: models[m][0]() if callable(models[m][0]) else models[m][0] for m in wanted}
+        scores = score_splits(uris, {s: splits[s] for s in split_names},
                               batch_size=ev.batch_size, num_actors=ev.num_actors, resources=ev.resources,
                               class_names=class_names, threads=ev.threads,
                               # the mixture evaluator's precision, so one-hot scores in the soup equal these

@@ -2,6 +2,7 @@
 fusion, and scored like every other model (the evaluate stage's Ray Data scoring)."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -35,13 +36,22 @@ def score_fused(cfg: Config, inputs: SoupInputs, states: Mapping[str, dict], scr
     for the report's paired tests)."""
     meta = inputs.meta
     model_name, class_names = meta["model_name"], list(meta["class_names"])
-    models = {}
-    for name, state in states.items():
-        clf = clf_lib.classifier_from_state(model_name, state, len(class_names), source=f"fused {name}")
-        uri = storage.join(scratch_uri, f"{name}.safetensors")
-        weights.save_classifier(uri, clf, model_name=model_name, class_names=class_names,
-                                preprocess=meta["preprocess"], extra={"source": "soup"})
-        models[name] = (uri, weights.tensors_sha256(state))  # the weights' content, not the file's bytes
+    written: dict[str, str] = {}
+
+    def checkpoint(name: str) -> str:
+        """Write a fused model's checkpoint, once, when it has scores to compute (a big model's
+        file is not written for scores the memo holds)."""
+        if name not in written:
+            clf = clf_lib.classifier_from_state(model_name, states[name], len(class_names), source=f"fused {name}")
+            uri = storage.join(scratch_uri, f"{name}.safetensors")
+            weights.save_classifier(uri, clf, model_name=model_name, class_names=class_names,
+                                    preprocess=meta["preprocess"], extra={"source": "soup"})
+            written[name] = uri
+        return written[name]
+
+    # keyed by the weights' content, not the file's bytes
+    models = {name: (functools.partial(checkpoint, name), weights.tensors_sha256(state))
+              for name, state in states.items()}
     members: dict[str, list[str]] = {}
     for name, rows in (ensembles or {}).items():
         members[name] = [f"ingredient {inputs.ingredients[j].id}" for j in rows]
