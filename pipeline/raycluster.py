@@ -69,6 +69,9 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
+PLACEMENT_FIELDS = ("node_id", "device", "cpus", "gpus", "gpu_ids")  # what placement() records
+
+
 def placement(device: str) -> dict:
     """Where the calling Ray task or actor runs: its node, the CPUs and GPUs Ray assigned it
     (logical GPUs too: a fraction when it shares one) with the GPU ids, and the torch

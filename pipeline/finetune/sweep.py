@@ -17,6 +17,7 @@ from ..data import shards
 from ..errors import UserError
 from ..ingredients import RunModel, read_registry, registry_key, usable
 from ..keys import digest, result_settings
+from ..raycluster import PLACEMENT_FIELDS
 from . import registry as registry_lib
 from .trainable import MODEL_FILE, train_ingredient
 
@@ -283,13 +284,10 @@ def trained_rows(cfg: Config, results, todo: list[dict]) -> list[dict]:
         rows.append({"id": t["id"], "hparams": t["hparams"], "val_acc": float(result.metrics["val_acc"]),
                      "val_content": val_content, "checkpoint_uri": dest, "sha256": storage.sha256(data),
                      "status": "ok", "source": "tune", "key": t["key"], "node_id": result.metrics.get("node_id"),
-                     "placement": {k: result.metrics.get(k) for k in PLACEMENT_FIELDS},
+                     "placement": {k: result.metrics.get(k) for k in PLACEMENT_FIELDS if k != "node_id"},
                      "restored_from_epoch": result.metrics.get("restored_from_epoch", 0),
                      "trial_id": result.metrics.get("trial_id")})
     return rows
-
-
-PLACEMENT_FIELDS = ("device", "cpus", "gpus", "gpu_ids")  # raycluster.placement() beside node_id
 
 
 def print_summary(rows: list[dict], log=print) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from .. import layout, storage, tracking
 from ..inputs import ZERO_SHOT, load_base_clip
-from ..raycluster import init_ray
+from ..raycluster import PLACEMENT_FIELDS, init_ray
 from ..config import Config
 from . import publish as pub
 from . import report as rep
@@ -109,7 +109,7 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
     infos = pool.pool.infos if pool.pool is not None else []  # each evaluator's placement
     counts = {"memo": layout.relative(cfg, memo.uri), "from_memo": hits, "evaluated": misses,
               "evaluator_nodes": [i["node_id"] for i in infos],
-              "evaluators": [{k: i.get(k) for k in ("node_id", "device", "cpus", "gpus", "gpu_ids")} for i in infos],
+              "evaluators": [{k: i.get(k) for k in PLACEMENT_FIELDS} for i in infos],
               "evaluator_seconds": round(pool.seconds, 2)}
     return result, counts
 
