@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true",
                    help="drop every registered ingredient first (default: add to the registry)")
 
+    p = add("config", help="show, validate or describe a config (never starts Ray)")
+    p.add_argument("action", choices=["show", "validate", "schema"],
+                   help="show: the resolved config as YAML (after --set, credentials in URIs hidden); "
+                        "validate: one line per problem; schema: the JSON schema of every field")
+    _add_config_args(p)
+
     p = add("predict", help="classify images with a published fused model")
     p.add_argument("uri", metavar="URI", help="output_uri, a soup/<run-id> or its fused/ directory")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -175,6 +181,8 @@ def _dispatch(args) -> int:
             print(path + "\t" + "\t".join(f"{name} {p:.3f}" for name, p in preds))
         return 0
 
+    if cmd == "config":
+        return _config_command(args)
     cfg = _config(args)
     log = _say(args)
     if cmd == "prepare":
@@ -205,6 +213,42 @@ def _dispatch(args) -> int:
         from .run import run_all
 
         _final_table(args, run_all(cfg, force=args.force, log=log))
+    return 0
+
+
+def _show_list(dumper, items: list):
+    """Lists of plain values on one line (shifts: [noise, blur]), the rest as blocks."""
+    flat = all(not isinstance(v, (dict, list)) for v in items)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flat)
+
+
+def _config_command(args) -> int:
+    """`frankensoup config show | validate | schema`: reads the config only, starts nothing."""
+    import json
+
+    import yaml
+
+    from .config import Config, ConfigError, redacted
+
+    if args.action == "schema":
+        print(json.dumps(Config.model_json_schema(), indent=2))
+        return 0
+    try:
+        cfg = _config(args)
+    except ConfigError as e:
+        if args.action != "validate":
+            raise
+        for line in e.problems:
+            print(line)
+        return 1
+    if args.action == "show":
+        class Dumper(yaml.SafeDumper):
+            pass
+
+        Dumper.add_representer(list, _show_list)
+        print(yaml.dump(redacted(cfg), Dumper=Dumper, sort_keys=False, width=100), end="")
+    else:
+        print(f"ok: {args.config or 'the default config'}")
     return 0
 
 

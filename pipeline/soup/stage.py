@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from .. import layout, storage, tracking
 from ..inputs import ZERO_SHOT, load_base_clip
 from ..raycluster import PLACEMENT_FIELDS, init_ray
-from ..config import Config
+from ..config import Config, redacted
 from . import publish as pub
 from . import report as rep
 from .dispatch import Dispatcher
@@ -47,7 +47,7 @@ def build_report(cfg: Config, run_id: str, ids: Sequence[str], component_names: 
         "run_id": run_id,
         "methods": methods,
         "components": list(component_names),
-        "config": cfg.model_dump(mode="json"),
+        "config": redacted(cfg),  # credentials inside URIs hidden
         "versions": rep.versions(),
         "seed": cfg.soup.seed,
         **result.report_fields(),
