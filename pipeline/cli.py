@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "validate: one line per problem; schema: the JSON schema of every field")
     _add_config_args(p)
 
+    add("where", help="print where the files shipped with frankensoup are: the Grafana dashboard, "
+                      "the cluster launcher YAML, the example configs")
+
     p = add("predict", help="classify images with a published fused model")
     p.add_argument("uri", metavar="URI", help="output_uri, a soup/<run-id> or its fused/ directory")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -145,6 +148,27 @@ def _import_images(args) -> int:
     return 0
 
 
+def shipped_files() -> dict[str, str]:
+    """What ships inside the package next to the code, by what it is -> its path here."""
+    from pathlib import Path
+
+    root = Path(__file__).parent
+    return {"grafana dashboard": str(root / "dashboards" / "frankensoup.json"),
+            "ray cluster launcher": str(root / "ray_cluster.yaml"),
+            "example configs": str(root / "configs")}
+
+
+def _where() -> int:
+    files = shipped_files()
+    width = max(map(len, files))
+    for what, path in files.items():
+        print(f"{what + ':':<{width + 1}} {path}")
+    print("Grafana with Ray's provisioning loads the dashboard from the head's "
+          f"/tmp/ray/session_latest/metrics/grafana/dashboards/:\n  cp {files['grafana dashboard']} "
+          "/tmp/ray/session_latest/metrics/grafana/dashboards/")
+    return 0
+
+
 def shipped_config(name: str) -> str | None:
     """The example config ``name`` (``imagenet-vit-b32`` or ``imagenet-vit-b32.yaml``) shipped in
     the package (pipeline/configs), or None."""
@@ -174,6 +198,8 @@ def _dispatch(args) -> int:
     cmd = args.command
     if cmd == "import-images":
         return _import_images(args)
+    if cmd == "where":
+        return _where()
     if cmd == "predict":
         from .fused import predict_files
 
