@@ -209,6 +209,9 @@ def _dispatch(args) -> int:
 
     if cmd == "config":
         return _config_command(args)
+    from .metrics import new_run
+
+    new_run()  # this command's id: the `run` label of its dashboard metrics, run.json's "run"
     cfg = _config(args)
     log = _say(args)
     if cmd == "prepare":

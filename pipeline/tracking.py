@@ -96,10 +96,11 @@ def log_soup(cfg: Config, report: Mapping, log: Log = print) -> None:
         if uri is not None:
             where.append(_soup_mlflow(uri, cfg.tracking.mlflow_experiment, report, trace, scores))
     except Exception as e:  # the run is published; tracking servers and stores fail in their own ways
-        print(f"frankensoup: warning: soup run {run_id} not tracked: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"frankensoup: warning: soup run {run_id} not tracked: {type(e).__name__}: {redact(str(e))}",
+              file=sys.stderr)
         return
     if where:
-        log(f"soup: tracked run {run_id} in " + ", ".join(where))
+        log(f"soup: tracked run {run_id} in " + redact(", ".join(where)))
 
 
 def _soup_tensorboard(uri: str, trace: list[tuple[int, float]], scores: dict[str, float]) -> str:
