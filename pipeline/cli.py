@@ -200,6 +200,8 @@ def _dispatch(args) -> int:
         return _import_images(args)
     if cmd == "where":
         return _where()
+    if cmd == "config":
+        return _config_command(args)
     if cmd == "predict":
         from .fused import predict_files
 
@@ -207,8 +209,6 @@ def _dispatch(args) -> int:
             print(path + "\t" + "\t".join(f"{name} {p:.3f}" for name, p in preds))
         return 0
 
-    if cmd == "config":
-        return _config_command(args)
     from .metrics import new_run
 
     new_run()  # this command's id: the `run` label of its dashboard metrics, run.json's "run"
