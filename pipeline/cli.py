@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true",
                    help="drop every registered ingredient first (default: add to the registry)")
 
+    p = add("config", help="show, validate or describe a config (never starts Ray)")
+    p.add_argument("action", choices=["show", "validate", "schema"],
+                   help="show: the resolved config as YAML (after --set, credentials in URIs hidden); "
+                        "validate: one line per problem; schema: the JSON schema of every field")
+    _add_config_args(p)
+
+    add("where", help="print where the files shipped with frankensoup are: the Grafana dashboard, "
+                      "the cluster launcher YAML, the example configs")
+
     p = add("predict", help="classify images with a published fused model")
     p.add_argument("uri", metavar="URI", help="output_uri, a soup/<run-id> or its fused/ directory")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -139,6 +148,27 @@ def _import_images(args) -> int:
     return 0
 
 
+def shipped_files() -> dict[str, str]:
+    """What ships inside the package next to the code, by what it is -> its path here."""
+    from pathlib import Path
+
+    root = Path(__file__).parent
+    return {"grafana dashboard": str(root / "dashboards" / "frankensoup.json"),
+            "ray cluster launcher": str(root / "ray_cluster.yaml"),
+            "example configs": str(root / "configs")}
+
+
+def _where() -> int:
+    files = shipped_files()
+    width = max(map(len, files))
+    for what, path in files.items():
+        print(f"{what + ':':<{width + 1}} {path}")
+    print("Grafana with Ray's provisioning loads the dashboard from the head's "
+          f"/tmp/ray/session_latest/metrics/grafana/dashboards/:\n  cp {files['grafana dashboard']} "
+          "/tmp/ray/session_latest/metrics/grafana/dashboards/")
+    return 0
+
+
 def shipped_config(name: str) -> str | None:
     """The example config ``name`` (``imagenet-vit-b32`` or ``imagenet-vit-b32.yaml``) shipped in
     the package (pipeline/configs), or None."""
@@ -168,6 +198,10 @@ def _dispatch(args) -> int:
     cmd = args.command
     if cmd == "import-images":
         return _import_images(args)
+    if cmd == "where":
+        return _where()
+    if cmd == "config":
+        return _config_command(args)
     if cmd == "predict":
         from .fused import predict_files
 
@@ -175,6 +209,9 @@ def _dispatch(args) -> int:
             print(path + "\t" + "\t".join(f"{name} {p:.3f}" for name, p in preds))
         return 0
 
+    from .metrics import new_run
+
+    new_run()  # this command's id: the `run` label of its dashboard metrics, run.json's "run"
     cfg = _config(args)
     log = _say(args)
     if cmd == "prepare":
@@ -205,6 +242,42 @@ def _dispatch(args) -> int:
         from .run import run_all
 
         _final_table(args, run_all(cfg, force=args.force, log=log))
+    return 0
+
+
+def _show_list(dumper, items: list):
+    """Lists of plain values on one line (shifts: [noise, blur]), the rest as blocks."""
+    flat = all(not isinstance(v, (dict, list)) for v in items)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flat)
+
+
+def _config_command(args) -> int:
+    """`frankensoup config show | validate | schema`: reads the config only, starts nothing."""
+    import json
+
+    import yaml
+
+    from .config import Config, ConfigError, redacted
+
+    if args.action == "schema":
+        print(json.dumps(Config.model_json_schema(), indent=2))
+        return 0
+    try:
+        cfg = _config(args)
+    except ConfigError as e:
+        if args.action != "validate":
+            raise
+        for line in e.problems:
+            print(line)
+        return 1
+    if args.action == "show":
+        class Dumper(yaml.SafeDumper):
+            pass
+
+        Dumper.add_representer(list, _show_list)
+        print(yaml.dump(redacted(cfg), Dumper=Dumper, sort_keys=False, width=100), end="")
+    else:
+        print(f"ok: {args.config or 'the default config'}")
     return 0
 
 

@@ -3,10 +3,12 @@ overrides. Every default serves the offline demo; a wrong value fails at load ti
 field's path in the message."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
-from typing import Any, Literal
+import re
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,11 +17,17 @@ from .errors import UserError
 
 
 class ConfigError(UserError, ValueError):
-    """A configuration that cannot be used; the message names the field."""
+    """A configuration that cannot be used; the message names the field. ``problems``: one line
+    per problem (``frankensoup config validate`` prints them)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # each field's docstring (the string below it) is its description in `frankensoup config schema`
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 def neutral(default, **constraints):
@@ -60,14 +68,17 @@ Role = Literal["pretrain", "train", "val", "id_test", "ood"]
 class SplitConfig(Strict):
     """One shard set (see docs/outputs.md for the schema)."""
     uri: str
+    """Where the set's shards are: a path, file:// or s3:// URI (written by `import-images`)."""
     role: Role
-    # ImageNet-R/-A style: score only these class names (logits outside are masked)
+    """What the set is for: pretrain (demo base only), train, val (what the soup search maximises), id_test or
+    ood."""
     class_subset: list[str] | None = None
-    # ObjectNet style: the set's own class name -> one or more class names of the model
+    """ImageNet-R/-A style: score only these class names (logits outside are masked)."""
     class_map: dict[str, list[str]] | None = None
-    # ObjectNet itself: the class_map is read from the `mappings/` folder ObjectNet ships
-    # (folder name -> ImageNet class ids); see docs/data.md
+    """ObjectNet style: the set's own class name -> one or more class names of the model."""
     objectnet_mappings: str | None = None
+    """ObjectNet itself: the class_map is read from the `mappings/` folder ObjectNet ships (folder name ->
+    ImageNet class ids); see docs/data.md."""
 
     @model_validator(mode="after")
     def _one_class_map(self):
@@ -77,82 +88,123 @@ class SplitConfig(Strict):
 
 
 class DemoDataConfig(Strict):
+    """The offline demo's data: sklearn's 1,797 8x8 digits, split by fraction, plus shifted copies as ood sets."""
     seed: int = 0
-    # fractions of the 1,797 digits; the rest is id_test
+    """Seed of the demo's split and shifts."""
     pretrain: float = Field(0.25, gt=0, lt=1)
+    """Fraction of the digits for pretraining the demo base CLIP (the rest after train and val is id_test)."""
     train: float = Field(0.35, gt=0, lt=1)
+    """Fraction of the digits for finetuning the ingredients."""
     val: float = Field(0.18, gt=0, lt=1)
+    """Fraction of the digits for val, the split the soup search maximises."""
     shifts: list[Literal["noise", "blur", "rotate", "invert", "sketch"]] = ["noise", "blur", "rotate", "invert", "sketch"]
-    upsample: int = Field(2, ge=1)  # 8x8 digits are stored at 16x16
+    """The ood sets: id_test with each of these distribution shifts applied."""
+    upsample: int = Field(2, ge=1)
+    """Scale factor of the stored images: 8x8 digits are stored at 16x16."""
 
 
 class DataConfig(Strict):
-    # "demo": prepare builds the digits shards under output_uri/data; "shards": use `splits`
+    """Where the images come from."""
     source: Literal["demo", "shards"] = "demo"
+    """"demo": prepare builds the digits shards under output_uri/data; "shards": use `splits`."""
     demo: DemoDataConfig = DemoDataConfig()
+    """The demo's data (source: demo)."""
     splits: dict[str, SplitConfig] = {}
+    """Your shard sets by name, each with its role (source: shards)."""
     rows_per_shard: int = Field(512, gt=0)
+    """Images per shard file when prepare writes the demo shards."""
 
 
 class DemoBaseConfig(Strict):
     """How `prepare` makes the offline demo CLIP (contrastive pretraining on `pretrain`)."""
     steps: int = Field(400, gt=0)
+    """Contrastive pretraining steps."""
     batch_size: int = Field(10, gt=1)
+    """Image-text pairs per step."""
     lr: float = Field(5e-4, gt=0)
+    """AdamW learning rate."""
     weight_decay: float = 0.1
+    """AdamW weight decay."""
     seed: int = 0
+    """Seed of the initial weights and the batches."""
     threads: int = Field(1, ge=1)
+    """torch threads while pretraining."""
 
 
 class ModelConfig(Strict):
+    """The base CLIP every ingredient is finetuned from, and its zero-shot head."""
     name: str = "frankensoup-demo-vit"
-    # "demo" (made by `prepare`), an open_clip pretrained tag, or a local/remote weights file
+    """An open_clip model name (e.g. ViT-B-32), or frankensoup-demo-vit for the demo."""
     pretrained: str = "demo"
-    # prompt templates for the zero-shot head: a list with "{}" for the class name,
-    # or the name of a set: "demo", "openai_imagenet"
+    """"demo" (made by `prepare`), an open_clip pretrained tag, or a local/remote weights file."""
     templates: list[str] | str = "demo"
-    # the words the templates get for each class, when class names are ids: a mapping
-    # {class name: prompt name}, or "imagenet" (WordNet ids -> OpenAI's curated ImageNet names)
+    """Prompt templates for the zero-shot head: a list with "{}" for the class name, or the name of a set:
+    "demo", "openai_imagenet"."""
     prompt_names: dict[str, str] | Literal["imagenet"] | None = None
+    """The words the templates get for each class, when class names are ids: a mapping {class name: prompt
+    name}, or "imagenet" (WordNet ids -> OpenAI's curated ImageNet names)."""
     demo_base: DemoBaseConfig = DemoBaseConfig()
+    """How the demo base CLIP is pretrained (pretrained: demo)."""
 
 
 class Resources(Strict):
+    """What Ray gives each task or actor."""
     cpu: float = Field(1.0, ge=0)
+    """CPUs (fractions allowed)."""
     gpu: float = Field(0.0, ge=0)
+    """GPUs (fractions allowed: 0.5 puts two on one GPU)."""
 
 
 class SearchSpace(Strict):
-    """Modelled on model soups' sweep (hparam_info.json)."""
-    lr: tuple[float, float] = (1e-4, 3e-3)            # log-uniform
-    weight_decay: tuple[float, float] = (1e-4, 0.2)   # log-uniform
+    """The finetuning sweep's search space, modelled on model soups' sweep (hparam_info.json)."""
+    lr: tuple[float, float] = (1e-4, 3e-3)
+    """Learning rate range, sampled log-uniform."""
+    weight_decay: tuple[float, float] = (1e-4, 0.2)
+    """Weight decay range, sampled log-uniform."""
     epochs: list[int] = [4, 6, 8]
+    """Epoch counts to choose from."""
     label_smoothing: list[float] = [0.0, 0.1]
-    randaugment_magnitude: list[int] = [0, 5, 10]     # 0 = off
-    mix_prob: list[float] = [0.0, 0.3]                # mixup/cutmix probability
+    """Label smoothing values to choose from."""
+    randaugment_magnitude: list[int] = [0, 5, 10]
+    """RandAugment magnitudes to choose from (0 = off)."""
+    mix_prob: list[float] = [0.0, 0.3]
+    """Mixup/cutmix probabilities to choose from."""
 
 
 class FinetuneConfig(Strict):
-    num_trials: int = Field(8, ge=0)  # 0: ingredients come from import-ingredients only
+    """The Ray Tune sweep that trains the ingredients."""
+    num_trials: int = Field(8, ge=0)
+    """Finetunes to train (0: ingredients come from import-ingredients only)."""
     max_concurrent: int = neutral(2, gt=0)
+    """Trials running at once."""
     seed: int = 0
+    """Seed of the sweep's samples and of each trial's training."""
     batch_size: int = Field(32, gt=0)
+    """Images per training step."""
     warmup_steps: int = Field(10, ge=0)
+    """Linear learning-rate warmup steps (then cosine decay)."""
     grad_clip: float = Field(1.0, gt=0)
+    """Gradient norm clip."""
     threads: int = Field(1, ge=1)
+    """torch threads per trial."""
     max_failures: int = neutral(2, ge=0)
+    """Retries of a failed trial (from its last checkpoint)."""
     resources: Resources = neutral(Resources())
+    """What each trial gets."""
     space: SearchSpace = SearchSpace()
-    # how a trial reads the train split: "memory" decodes it once and keeps it (uint8 at the
-    # model's input size); "stream" reads shard by shard each epoch through `loader_workers`
-    # processes with a shuffle buffer of `shuffle_buffer` images; "auto" streams when keeping it
-    # would take more than `memory_limit_gb`
+    """The hyperparameters each trial samples."""
     loader: Literal["auto", "memory", "stream"] = "auto"
+    """How a trial reads the train split: "memory" decodes it once and keeps it (uint8 at the model's input
+    size); "stream" reads shard by shard each epoch through `loader_workers` processes with a shuffle buffer
+    of `shuffle_buffer` images; "auto" streams when keeping it would take more than `memory_limit_gb`."""
     memory_limit_gb: float = Field(4.0, gt=0)
+    """GiB of decoded train images a trial may keep in memory (loader: auto)."""
     loader_workers: int = Field(2, ge=0)
+    """Decoding processes per trial when streaming."""
     shuffle_buffer: int = Field(4096, gt=0)
-    # test hook: fail trial N once at epoch E ("N:E"); never set in a real config
+    """Encoded images per loader worker's shuffle buffer when streaming."""
     inject_failure: str | None = neutral(None)
+    """Test hook: fail trial N once at epoch E ("N:E"); never set in a real config."""
 
     @field_validator("inject_failure")
     @classmethod
@@ -162,20 +214,29 @@ class FinetuneConfig(Strict):
 
 
 class EvaluateConfig(Strict):
+    """Scoring every ingredient on every split (Ray Data), and the soup's mixture evaluator."""
     batch_size: int = neutral(256, gt=0)
+    """Images per scoring batch."""
     num_actors: int = neutral(1, gt=0)
+    """Ray Data scoring actors."""
     resources: Resources = neutral(Resources())
-    # dtype the mixture evaluator holds ingredient weights in
+    """What each scoring actor gets."""
     ingredient_dtype: Literal["float32", "bfloat16"] = "float32"
-    # memory one evaluator may use for ingredient weights + val tensors (GiB; None = device's)
+    """dtype the mixture evaluator holds ingredient weights in (bfloat16 halves its memory)."""
     memory_limit_gb: float | None = neutral(None)
+    """GiB one evaluator may use for ingredient weights + val tensors (None: the device's)."""
     threads: int = Field(1, ge=1)
+    """torch threads per scoring actor and evaluator."""
 
 
 class Phase2Config(Strict):
+    """MMMS phase 2: joint refinement of every mixing factor."""
     enabled: bool = True
+    """Run phase 2 (its result is kept only if it improves val)."""
     bounds: tuple[float, float] = (0.7, 1.4)
+    """Range of each factor mu (starting at 1)."""
     evals_per_dim: int = Field(50, gt=0)
+    """Evaluation budget per dimension (ingredients x components)."""
 
     @field_validator("bounds")
     @classmethod
@@ -190,7 +251,9 @@ class WiseFTConfig(Strict):
     """WiSE-FT (Wortsman et al. 2022): (1 - alpha) zero-shot + alpha best individual, in weight
     space, alpha the grid point with the best val accuracy (ties: the first)."""
     enabled: bool = True
+    """Make and score the WiSE-FT row."""
     alphas: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    """The grid of alpha (0 = zero-shot, 1 = best individual)."""
 
     @field_validator("alphas")
     @classmethod
@@ -204,25 +267,39 @@ class OutputEnsembleConfig(Strict):
     """The mean of every ingredient's logits: K forward passes per image (model soups' reference
     without a cost limit); scored on every split, so off for large K on large sets if need be."""
     enabled: bool = True
+    """Score the output ensemble row."""
 
 
 class SoupConfig(Strict):
-    # component granularity: 0 whole model, 1 stem/transformer/head, 2 per block, 3 per tensor;
-    # "reference": the reference's level 1 without its text-tower groups (image tower, head
-    # weight, head bias), for like-for-like reproduction (docs/components.md)
+    """The soup methods: baselines and the manifold mixing soup (MMMS) search."""
     granularity: Literal[0, 1, 2, 3, "reference"] = 2
+    """Components: 0 whole model, 1 stem/transformer/head, 2 per block, 3 per tensor; "reference": the
+    reference's level 1 without its text-tower groups (image tower, head weight, head bias), for like-for-like
+    reproduction (docs/components.md)."""
     tau: float = Field(0.998, gt=0, le=1)
+    """Phase 1 short-circuit: skip a candidate whose plain average falls below tau x the current accuracy."""
     bounds_delta: float = Field(0.5, gt=0, le=1)
+    """Phase 1 search box half-width, as a fraction of (1 - lambda0)."""
     max_func_evals_per_dim: int = Field(30, gt=0)
+    """Phase 1 evaluation budget per component."""
     second_pass_low: float = Field(0.3, ge=0, lt=1)
-    optimizer: str = "CMA"  # any nevergrad optimizer name; NGOpt only with num_workers=1
-    num_workers: int = Field(4, ge=1)   # W: asks in flight (changes the search)
-    num_evaluators: int = neutral(2, ge=1)  # E: evaluator actors (never changes the result)
+    """Lower bound of lambda in phase 1's second pass."""
+    optimizer: str = "CMA"
+    """Any nevergrad optimizer name; NGOpt only with num_workers=1."""
+    num_workers: int = Field(4, ge=1)
+    """W: candidate mixtures in flight per optimizer step (changes the search)."""
+    num_evaluators: int = neutral(2, ge=1)
+    """E: evaluator actors (never changes the result, only the speed)."""
     evaluator_resources: Resources = neutral(Resources())
+    """What each evaluator actor gets."""
     seed: int = 123456789
+    """The optimizer's seed."""
     phase2: Phase2Config = Phase2Config()
+    """MMMS phase 2 (joint refinement)."""
     wise_ft: WiseFTConfig = WiseFTConfig()
+    """The WiSE-FT baseline."""
     output_ensemble: OutputEnsembleConfig = OutputEnsembleConfig()
+    """The output-ensemble baseline."""
 
     @field_validator("optimizer")
     @classmethod
@@ -244,37 +321,44 @@ class SoupConfig(Strict):
 
 
 class RayConfig(Strict):
-    # None: join the cluster `ray job submit` gives us, or start a local one
+    """Which Ray cluster to use."""
     address: str | None = neutral(None)
+    """None: join the cluster `ray job submit` gives us (RAY_ADDRESS), or start a local one; "local": always
+    start a local one; or a head's address."""
     num_cpus: int | None = neutral(None)
-    # the cluster adds nodes on demand: the dry run warns instead of failing when a requested
-    # resource (e.g. a GPU) is on no node yet, and says which worker types it will need
+    """CPUs of a local cluster this process starts (None: all)."""
     autoscaling: bool = neutral(False)
-    # the cluster launcher's YAML (available_node_types), read by the dry run with autoscaling
+    """The cluster adds nodes on demand: the dry run warns instead of failing when a requested resource (e.g.
+    a GPU) is on no node yet, and says which worker types it will need."""
     cluster_yaml: str = neutral("ray_cluster.yaml")
+    """The cluster launcher's YAML (available_node_types), read by the dry run with autoscaling."""
 
 
 class StorageConfig(Strict):
-    # a local output_uri that every node mounts at the same path (NFS, EFS, FSx): allowed on a
-    # cluster of several nodes (otherwise use s3://; a node's own disk is invisible to the others)
+    """Storage under output_uri."""
     shared: bool = neutral(False)
+    """A local output_uri that every node mounts at the same path (NFS, EFS, FSx): allowed on a cluster of
+    several nodes (otherwise use s3://; a node's own disk is invisible to the others)."""
 
 
 class ConsoleConfig(Strict):
-    # seconds between progress status lines when the output is not a terminal (a bar otherwise)
+    """What the console shows."""
     status_every_s: float = neutral(10.0, gt=0)
+    """Seconds between progress status lines when the output is not a terminal (a bar otherwise)."""
 
 
 class TrackingConfig(Strict):
     """Experiment tracking (docs/tracking.md): finetune trials' metrics and the soup's search
     trace and scores, for TensorBoard and, with ``mlflow_uri``, MLflow. Never changes a result."""
     tensorboard: bool = neutral(True)
-    # where the event files go (local path, file:// or s3://); None: <output_uri>/tracking/tensorboard
+    """Write TensorBoard event files."""
     tensorboard_uri: str | None = neutral(None)
-    # an MLflow tracking URI: a server (http://, https://, databricks), a database
-    # (sqlite:///...), or a file store (file:///... or a path); None: no MLflow
+    """Where the event files go (local path, file:// or s3://); None: <output_uri>/tracking/tensorboard."""
     mlflow_uri: str | None = neutral(None)
+    """An MLflow tracking URI: a server (http://, https://, databricks), a database (sqlite:///...), or a file
+    store (file:///... or a path); None: no MLflow."""
     mlflow_experiment: str = neutral("frankensoup", min_length=1)
+    """The MLflow experiment runs are logged to."""
 
     @field_validator("tensorboard_uri")
     @classmethod
@@ -292,18 +376,43 @@ class TrackingConfig(Strict):
         return v
 
 
+class CardConfig(Strict):
+    """The Hugging Face Hub metadata of the published model card (fused/README.md)."""
+    license: str = "apache-2.0"
+    """The fused model's license, as a Hub license id (e.g. apache-2.0, mit, other): one your base weights
+    and data allow."""
+    datasets: list[str] = []
+    """Hub ids of the datasets the model was finetuned and evaluated on (e.g. ILSVRC/imagenet-1k)."""
+    tags: list[str] = []
+    """Tags added to the card's own (clip, open_clip, model-soups, ...)."""
+
+
 class Config(Strict):
+    """A whole run: where it goes, the data, the base model and every stage's settings."""
     output_uri: str = "./frankensoup-output"
+    """Where everything goes: a path, file:// or s3:// (honours AWS_ENDPOINT_URL)."""
     seed: int = 0
+    """Not read by any stage: each has its own (data.demo.seed, finetune.seed, soup.seed)."""
     data: DataConfig = DataConfig()
+    """The shards: the demo's, or your own sets by name and role."""
     model: ModelConfig = ModelConfig()
+    """The base CLIP and its zero-shot head."""
     finetune: FinetuneConfig = FinetuneConfig()
+    """The sweep that trains the ingredients."""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """Scoring the ingredients, and the mixture evaluator."""
     soup: SoupConfig = SoupConfig()
+    """The soup methods and the MMMS search."""
     ray: RayConfig = RayConfig()
+    """The Ray cluster."""
     storage: StorageConfig = StorageConfig()
+    """Storage under output_uri."""
     console: ConsoleConfig = neutral(ConsoleConfig())
+    """What the console shows."""
     tracking: TrackingConfig = neutral(TrackingConfig())
+    """TensorBoard and MLflow."""
+    card: CardConfig = CardConfig()
+    """The published model card's Hub metadata."""
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some top-level sections: a stage is redone when its hash changes."""
@@ -334,12 +443,97 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _format_error(e: ValidationError, source: str) -> str:
+def _unwrap(node):
+    """The model or dict type inside ``X | None``; None when there is no single one."""
+    if isinstance(node, type) and issubclass(node, BaseModel) or get_origin(node) is dict:
+        return node
+    inner = [a for a in get_args(node) if _unwrap(a) is not None]
+    return _unwrap(inner[0]) if len(inner) == 1 else None
+
+
+def fields_at(loc) -> list[str]:
+    """The keys allowed at a config path (a pydantic error's ``loc`` without its last part)."""
+    node = _unwrap(Config)
+    for part in loc:
+        if node is None:
+            return []
+        if get_origin(node) is dict:  # a name of the user's (data.splits.<name>)
+            node = _unwrap(get_args(node)[1])
+        elif part in node.model_fields:
+            node = _unwrap(node.model_fields[part].annotation)
+        else:
+            return []
+    return list(node.model_fields) if isinstance(node, type) else []
+
+
+def problems(e: ValidationError) -> list[str]:
+    """One line per problem, each naming the field; an unknown key gets the closest known one."""
     lines = []
     for err in e.errors():
         path = ".".join(str(p) for p in err["loc"]) or "<root>"
-        lines.append(f"{path}: {err['msg']}")
-    return f"invalid config ({source}): " + "; ".join(lines)
+        line = f"{path}: {err['msg']}"
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            *parent, key = err["loc"]
+            close = difflib.get_close_matches(str(key), fields_at(parent), n=1, cutoff=0.6)
+            if close:
+                line += f" (did you mean {'.'.join([*map(str, parent), close[0]])}?)"
+        lines.append(line)
+    return lines
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    return f"invalid config ({source}): " + "; ".join(problems(e))
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute_env(raw: Any, source: str, path: str = "") -> Any:
+    """``${VAR}`` and ``${VAR:-default}`` (default when VAR is unset or empty) in the YAML's
+    strings, from the environment; an unset ``${VAR}`` without default fails naming it."""
+    if isinstance(raw, dict):
+        return {k: substitute_env(v, source, f"{path}.{k}" if path else str(k)) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [substitute_env(v, source, f"{path}[{i}]") for i, v in enumerate(raw)]
+    if not isinstance(raw, str):
+        return raw
+
+    def value(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        found = os.environ.get(name)
+        if found:
+            return found
+        if default is not None:
+            return default
+        if found is not None:
+            return found
+        raise ConfigError(f"invalid config ({source}): {path}: environment variable {name} is not set "
+                          f"(write ${{{name}:-default}} for a default)")
+
+    return _VARIABLE.sub(value, raw)
+
+
+_USERINFO = re.compile(r"(?<=://)[^/?#@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Credentials inside URIs hidden: ``https://user:secret@host`` -> ``https://***@host``."""
+    return _USERINFO.sub("***@", text)
+
+
+def redacted(cfg: Config) -> dict:
+    """The resolved config as JSON-able data with every URI's credentials hidden: what report.json,
+    run.json and the console show."""
+    def walk(v):
+        if isinstance(v, str):
+            return redact(v)
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+
+    return walk(cfg.model_dump(mode="json"))
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
@@ -359,8 +553,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+        raw = substitute_env(raw, source)
     raw = apply_overrides(raw, overrides or [])
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(_format_error(e, source), problems(e)) from None

@@ -7,7 +7,7 @@ import math
 import uuid
 
 from . import layout, storage
-from .config import Config
+from .config import Config, redact
 
 
 class Checks:
@@ -137,7 +137,7 @@ def check_cluster(cfg: Config, c: Checks) -> None:
     try:
         ray = connect(cfg.ray.address, cfg.ray.num_cpus)
     except Exception as e:
-        c.fail(f"cannot connect to Ray ({cfg.ray.address or 'auto'}): {e}")
+        c.fail(f"cannot connect to Ray ({redact(cfg.ray.address or 'auto')}): {redact(str(e))}")
         return
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
@@ -236,7 +236,7 @@ def plan(cfg: Config, rows: dict[str, int], log) -> bool:
 
 
 def dry_run(cfg: Config, log=print) -> bool:
-    log(f"dry run: output_uri={cfg.output_uri}")
+    log(f"dry run: output_uri={redact(cfg.output_uri)}")
     c = Checks(log)
     c.ok("config valid")
     check_output_writable(cfg, c)

@@ -2,34 +2,56 @@
 names get a `ray_` prefix): soup evaluations done, best val accuracy, evaluation latency, and
 finetune trials running/finished (the driver's `RunMetrics`); per evaluator actor the seconds
 it spent evaluating and per call (`EvaluatorMetrics`), from which the dashboard draws each
-node's busy fraction (Ray labels every series with its node, `NodeAddress`). Gauges are re-set
-by a background thread while the run lives, because Ray drops a gauge that is not set again for
-~20 s. `dashboards/frankensoup.json` is the Grafana dashboard of these metrics."""
+node's busy fraction (Ray labels every series with its node, `NodeAddress`). Every series is
+labelled with the command's run id (`run`, made when the command starts) and its `stage`.
+Gauges are re-set by a background thread while the run lives, because Ray drops a gauge that is
+not set again for ~20 s. `dashboards/frankensoup.json` is the Grafana dashboard of these metrics."""
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import threading
 import time
 
 LATENCY_BOUNDARIES = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+TAG_KEYS = ("run", "stage")
+
+# the id of the command running now: every metric's `run` label (run.json's "run"); set in the
+# environment so the actors a stage starts see it too (pool.start_evaluators passes it on)
+RUN_ENV = "FRANKENSOUP_RUN"
+
+
+def new_run() -> str:
+    """Make the id of a command that starts now (sortable: UTC time + random) and make it
+    current; FRANKENSOUP_RUN set by the caller (e.g. in a `ray job submit` env) is kept."""
+    if not os.environ.get(RUN_ENV):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        os.environ[RUN_ENV] = f"{stamp}-{secrets.token_hex(3)}"
+    return os.environ[RUN_ENV]
+
+
+def current_run() -> str:
+    """The current command's id (made now if none was: a stage called from Python)."""
+    return os.environ.get(RUN_ENV) or new_run()
 
 
 class RunMetrics:
-    def __init__(self, run: str, refresh_s: float = 5.0):
+    def __init__(self, run: str, stage: str, refresh_s: float = 5.0):
         from ray.util import metrics
 
-        self.tags = {"run": run}
+        self.tags = {"run": run, "stage": stage}
         self.evaluations = metrics.Counter("frankensoup_soup_evaluations",
-                                           description="candidate mixtures evaluated", tag_keys=("run",))
+                                           description="candidate mixtures evaluated", tag_keys=TAG_KEYS)
         self.best_val = metrics.Gauge("frankensoup_soup_best_val_accuracy",
-                                      description="best val accuracy found so far", tag_keys=("run",))
+                                      description="best val accuracy found so far", tag_keys=TAG_KEYS)
         self.latency = metrics.Histogram("frankensoup_soup_eval_latency_seconds",
                                          description="seconds per evaluated batch of mixtures",
-                                         boundaries=LATENCY_BOUNDARIES, tag_keys=("run",))
+                                         boundaries=LATENCY_BOUNDARIES, tag_keys=TAG_KEYS)
         self.trials_running = metrics.Gauge("frankensoup_trials_running",
-                                            description="finetune trials running", tag_keys=("run",))
+                                            description="finetune trials running", tag_keys=TAG_KEYS)
         self.trials_finished = metrics.Gauge("frankensoup_trials_finished",
-                                             description="finetune trials finished", tag_keys=("run",))
+                                             description="finetune trials finished", tag_keys=TAG_KEYS)
         self._gauges: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -103,16 +125,16 @@ class EvaluatorMetrics:
     with the node (``NodeAddress``) and worker (``WorkerId``) it comes from, so the dashboard
     shows each node's busy fraction and latency."""
 
-    def __init__(self, run: str = ""):
+    def __init__(self, run: str | None = None, stage: str = "soup"):
         from ray.util import metrics
 
-        self.tags = {"run": run}
+        self.tags = {"run": run or current_run(), "stage": stage}
         self.busy = metrics.Counter("frankensoup_evaluator_busy_seconds",
                                     description="seconds an evaluator actor spent evaluating mixtures",
-                                    tag_keys=("run",))
+                                    tag_keys=TAG_KEYS)
         self.call = metrics.Histogram("frankensoup_evaluator_call_seconds",
                                       description="seconds per evaluate call of an evaluator actor",
-                                      boundaries=LATENCY_BOUNDARIES, tag_keys=("run",))
+                                      boundaries=LATENCY_BOUNDARIES, tag_keys=TAG_KEYS)
 
     @contextlib.contextmanager
     def evaluating(self):

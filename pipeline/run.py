@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 
 from . import layout, storage
-from .config import Config
+from .config import Config, redacted
+from .metrics import current_run
 
 Log = Callable[[str], None]
 
@@ -61,7 +62,7 @@ def run_all(cfg: Config, force: bool = False, log: Log = print) -> dict:
         if stage == "soup":
             report = result
     storage.write_json(layout.run_record_uri(cfg), {
-        "stages": stages, "run_id": report.get("run_id"),
+        "stages": stages, "run": current_run(), "run_id": report.get("run_id"), "config": redacted(cfg),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - started, 1)})
     from .soup.report import markdown_table
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from . import storage
-from .config import Config
+from .config import Config, redact
 
 Log = Callable[[str], None]
 # a remote event folder is copied up at most this often while a trial runs (and when it ends)
@@ -96,10 +96,11 @@ def log_soup(cfg: Config, report: Mapping, log: Log = print) -> None:
         if uri is not None:
             where.append(_soup_mlflow(uri, cfg.tracking.mlflow_experiment, report, trace, scores))
     except Exception as e:  # the run is published; tracking servers and stores fail in their own ways
-        print(f"frankensoup: warning: soup run {run_id} not tracked: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"frankensoup: warning: soup run {run_id} not tracked: {type(e).__name__}: {redact(str(e))}",
+              file=sys.stderr)
         return
     if where:
-        log(f"soup: tracked run {run_id} in " + ", ".join(where))
+        log(f"soup: tracked run {run_id} in " + redact(", ".join(where)))
 
 
 def _soup_tensorboard(uri: str, trace: list[tuple[int, float]], scores: dict[str, float]) -> str:
@@ -133,7 +134,7 @@ def _soup_mlflow(uri: str, experiment: str, report: Mapping, trace: list[tuple[i
     exp_id = found.experiment_id if found is not None else client.create_experiment(experiment)
     run_id = report["run_id"]
     if client.search_runs([exp_id], filter_string=f"tags.`frankensoup.run_id` = '{run_id}'", max_results=1):
-        return f"MLflow {uri} (already there)"
+        return f"MLflow {redact(uri)} (already there)"
     run = client.create_run(exp_id, run_name=run_id, tags={"frankensoup.stage": "soup", "frankensoup.run_id": run_id})
     now = int(time.time() * 1000)
     metrics = [Metric("search/best_val", best, now, n) for n, best in trace]
@@ -144,4 +145,4 @@ def _soup_mlflow(uri: str, experiment: str, report: Mapping, trace: list[tuple[i
         client.log_batch(run.info.run_id, metrics=metrics[i:i + METRICS_PER_BATCH],
                          params=params if i == 0 else [], tags=tags if i == 0 else [])
     client.set_terminated(run.info.run_id)
-    return f"MLflow {uri} (experiment {experiment!r}, run {run.info.run_id})"
+    return f"MLflow {redact(uri)} (experiment {experiment!r}, run {run.info.run_id})"

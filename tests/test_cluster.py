@@ -87,6 +87,14 @@ def _series_labels(text: str, into: dict[str, set[str]]) -> dict[str, set[str]]:
     return into
 
 
+def _run_labels(text: str, into: dict[str, set[tuple[str, str]]]) -> dict[str, set[tuple[str, str]]]:
+    """frankensoup metric name -> the (run, stage) label values its series carry, added to ``into``."""
+    for m in re.finditer(r"^(ray_frankensoup_\w+)\{([^}]*)\} ", text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        into.setdefault(m.group(1), set()).add((labels.get("run"), labels.get("stage")))
+    return into
+
+
 def _dashboard_queries() -> list[tuple[str, str]]:
     with open(os.path.join(REPO, "dashboards", "frankensoup.json")) as f:
         dashboard = json.load(f)
@@ -127,6 +135,7 @@ def test_job_submit_round_trip_with_metrics(ray_head, tmp_path):
                                                            "excludes": [".git", "frankensoup-output", "*.ipynb"]})
     seen: dict[str, list[float]] = {}
     exported: dict[str, set[str]] = {}
+    runs: dict[str, set[tuple[str, str]]] = {}
     names = ["ray_frankensoup_soup_evaluations_total", "ray_frankensoup_soup_best_val_accuracy",
              "ray_frankensoup_trials_finished", "ray_frankensoup_soup_eval_latency_seconds_count"]
     deadline = time.time() + 900
@@ -136,6 +145,7 @@ def test_job_submit_round_trip_with_metrics(ray_head, tmp_path):
         try:
             text = urllib.request.urlopen(ray_head["metrics"], timeout=5).read().decode()
             _series_labels(text, exported)
+            _run_labels(text, runs)
             for n in names:
                 vals = _metric_values(text, n)
                 if vals:
@@ -158,6 +168,15 @@ def test_job_submit_round_trip_with_metrics(ray_head, tmp_path):
     assert 0 < max(seen.get("ray_frankensoup_soup_best_val_accuracy", [0])) <= 1, sorted(seen)
     assert max(seen.get("ray_frankensoup_trials_finished", [0])) >= 1, sorted(seen)
     assert max(seen.get("ray_frankensoup_soup_eval_latency_seconds_count", [0])) > 0, sorted(seen)
+    # one selection shows this command: every panel's metric, the evaluator actors' included, has
+    # series labelled with the run id the command made (run.json's "run") and the stage they measure
+    run = json.loads((out / "run.json").read_text())["run"]
+    panel_names = {n for _, expr in _dashboard_queries() for n in re.findall(r"\bray_frankensoup_\w+", expr)}
+    stages = {n: {stage for r, stage in runs.get(n, ()) if r == run} for n in panel_names}
+    assert all(stages.values()), f"no series labelled run={run}: {sorted(n for n, s in stages.items() if not s)}"
+    assert stages["ray_frankensoup_trials_finished"] == {"finetune"}
+    assert stages["ray_frankensoup_evaluator_busy_seconds_total"] == {"soup"}
+    assert stages["ray_frankensoup_soup_evaluations_total"] == {"soup"}
 
     # the evaluator actors' metrics, from a stand-in actor recording them as an evaluator does
     standin = client.submit_job(entrypoint="python tests/cluster_evaluator_standin.py",

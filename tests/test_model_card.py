@@ -44,3 +44,35 @@ def test_published_fused_folder_has_a_model_card(tmp_path):
     # without the report (callers not yet passing it) nothing changes
     dest2 = publish.publish_run(cfg, "run-2", fused_dir_files())
     assert not storage.exists(storage.join(dest2, "fused", "README.md"))
+
+
+def test_card_front_matter_is_hub_metadata(tmp_path):
+    """The card opens with the Hub's YAML metadata, parsed by huggingface_hub itself."""
+    from huggingface_hub import ModelCard
+
+    cfg = tiny_config(str(tmp_path / "out"), "model.name=ViT-B-32", "model.pretrained=openai",
+                      "card.datasets=[ILSVRC/imagenet-1k]", "card.tags=[my-tag]", "card.license=mit")
+    dest = publish.publish_run(cfg, "run-1", fused_dir_files(), report=fake_report(cfg, "run-1"))
+    path = tmp_path / "README.md"
+    path.write_bytes(storage.read_bytes(storage.join(dest, "fused", "README.md")))
+    card = ModelCard.load(path)
+    data = card.data
+    assert data.library_name == "open_clip" and data.pipeline_tag == "image-classification"
+    assert data.license == "mit" and data.base_model == "timm/vit_base_patch32_clip_224.openai"
+    assert data.datasets == ["ILSVRC/imagenet-1k"] and {"open_clip", "clip", "my-tag"} <= set(data.tags)
+    results = {(r.dataset_name, r.dataset_split): r.metric_value for r in data.eval_results}
+    # mmms is the 5th row of fake_report: val 0.94, id_test 0.8, noise 0.5, blur 0.6
+    assert results == {("val", "val"): 94.0, ("id_test", "id_test"): 80.0, ("noise", "ood"): 50.0,
+                       ("blur", "ood"): 60.0}
+    assert all(r.task_type == "image-classification" and r.metric_type == "accuracy" for r in data.eval_results)
+    assert 'create_model_and_transforms(f"hf-hub:{repo}")' in card.text
+    assert 'hf_hub_download(repo, "head.safetensors")' in card.text
+
+
+def test_demo_card_has_no_base_model_and_the_default_license(tmp_path):
+    from huggingface_hub import ModelCard
+
+    cfg = tiny_config(str(tmp_path / "out"))
+    dest = publish.publish_run(cfg, "run-1", fused_dir_files(), report=fake_report(cfg, "run-1"))
+    card = ModelCard(storage.read_bytes(storage.join(dest, "fused", "README.md")).decode())
+    assert card.data.base_model is None and card.data.license == "apache-2.0" and card.data.datasets is None

@@ -69,7 +69,27 @@ def test_the_wheel_ships_the_example_configs(tmp_path):
         assert want and shipped == want
         assert z.read("pipeline/configs/demo.yaml") == (REPO / "configs" / "demo.yaml").read_bytes()
         assert "pipeline/model/configs/frankensoup-demo-vit.json" in names
-    assert os.path.islink(REPO / "pipeline" / "configs")  # one copy of each config: the top-level one
+        # the Grafana dashboard and the cluster launcher's YAML ship too, as they are
+        assert z.read("pipeline/dashboards/frankensoup.json") == (REPO / "dashboards" / "frankensoup.json").read_bytes()
+        assert z.read("pipeline/ray_cluster.yaml") == (REPO / "ray_cluster.yaml").read_bytes()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = z.read(metadata).decode()
+        assert "License-Expression: Apache-2.0" in meta and "Project-URL: Paper, https://arxiv.org/abs/2309.08610" in meta
+        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    for link in ("configs", "dashboards", "ray_cluster.yaml"):  # one copy of each file: the top-level one
+        assert os.path.islink(REPO / "pipeline" / link)
+
+
+def test_where_prints_the_shipped_files(capsys):
+    from pipeline.cli import main
+
+    assert main(["where"]) == 0
+    out = capsys.readouterr().out
+    paths = dict(line.split(": ", 1) for line in out.splitlines()[:3])
+    assert Path(paths["grafana dashboard"].strip()).read_bytes() == (REPO / "dashboards" / "frankensoup.json").read_bytes()
+    assert Path(paths["ray cluster launcher"].strip()).read_bytes() == (REPO / "ray_cluster.yaml").read_bytes()
+    assert (Path(paths["example configs"].strip()) / "demo.yaml").is_file()
+    assert f"cp {paths['grafana dashboard'].strip()} /tmp/ray/session_latest/metrics/grafana/dashboards/" in out
 
 
 def test_a_shipped_config_is_found_by_name(tmp_path, monkeypatch):
@@ -80,3 +100,49 @@ def test_a_shipped_config_is_found_by_name(tmp_path, monkeypatch):
     assert cfg.model.name == "ViT-B-32"
     with pytest.raises(Exception, match="nothing.yaml"):
         _config(build_parser().parse_args(["prepare", "--config", "nothing.yaml"]))
+
+
+def _requirements() -> dict:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return {(r := Requirement(d)).name.lower().replace("-", "_"): r for d in project["dependencies"]}
+
+
+def test_the_installed_versions_are_in_the_declared_ranges():
+    """The ranges are what the code is tested with: what runs these tests is inside them."""
+    from importlib.metadata import version
+
+    outside = {name: (version(name), str(r.specifier)) for name, r in _requirements().items()
+               if not r.specifier.contains(version(name), prereleases=True)}
+    assert not outside
+
+
+def _private_uses() -> dict[str, str]:
+    """Third-party packages whose private parts (a ``_name`` module or name) the code uses ->
+    one file using them, from imports and dotted names in the source (logging configs name them
+    as strings)."""
+    third_party = set(_imported())
+    out = {}
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                    and node.module.split(".")[0] in third_party:
+                if any(p.startswith("_") for p in node.module.split(".")) or any(
+                        a.name.startswith("_") for a in node.names):
+                    out.setdefault(node.module.split(".")[0], str(path.relative_to(REPO)))
+        for m in re.finditer(r"\b([a-z_]\w*)(?:\.\w+)*\._[a-z]\w*", text):
+            if m.group(1) in third_party:
+                out.setdefault(m.group(1), str(path.relative_to(REPO)))
+    return out
+
+
+def test_packages_whose_private_parts_are_used_have_an_upper_bound():
+    private = _private_uses()
+    assert {"ray", "open_clip"} <= set(private)  # console.py's logging config, classifier.py's tower builder
+    requirements = _requirements()
+    unbounded = {m: f for m, f in private.items()
+                 if not any(s.operator in ("<", "<=", "~=", "==") for s in requirements[DISTRIBUTION.get(m, m).lower().replace("-", "_")].specifier)}
+    assert not unbounded, f"private modules used without an upper bound on their package: {unbounded}"
+

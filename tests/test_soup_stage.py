@@ -308,6 +308,30 @@ def test_the_published_model_reproduces_the_mmms_numbers(souped):
     assert accuracies(classifier, splits) == report_accuracies(report["methods"]["mmms"], report)
 
 
+def test_the_card_is_a_hub_card_and_its_recipe_reproduces_the_numbers(souped):
+    """fused/README.md parses as a Hub model card whose model-index holds the mmms numbers, and
+    the folder loaded as the card says (open_clip local-dir: plus the head) scores them."""
+    import open_clip
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
+    cfg, report = souped["cfg"], souped["report"]
+    fused_dir = storage.join(publish.run_uri(cfg, report["run_id"]), "fused")
+    card = ModelCard.load(f"{fused_dir}/README.md")
+    assert card.data.library_name == "open_clip" and card.data.pipeline_tag == "image-classification"
+    assert card.data.license == "apache-2.0" and card.data.base_model is None  # the demo base is not on the Hub
+    expected = {name: round(100 * acc, 2) for name, acc in report_accuracies(report["methods"]["mmms"], report).items()}
+    assert {r.dataset_name: r.metric_value for r in card.data.eval_results} == expected
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{fused_dir}")
+    head = load_file(f"{fused_dir}/head.safetensors")
+    model.eval()
+    splits = decoded_splits(cfg, preprocess)
+    with torch.inference_mode():
+        got = {name: int(((torch.nn.functional.normalize(model.encode_image(x), dim=-1) @ head["weight"].T
+                           + head["bias"]).argmax(-1) == y).sum()) / len(y) for name, (x, y) in splits.items()}
+    assert got == report_accuracies(report["methods"]["mmms"], report)
+
+
 def test_predict_classifies_image_files(souped, tmp_path):
     from pipeline.data.shards import read_split
     from pipeline.errors import UserError

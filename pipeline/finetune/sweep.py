@@ -17,6 +17,7 @@ from ..data import shards
 from ..errors import UserError
 from ..ingredients import RunModel, read_registry, registry_key, usable
 from ..keys import digest, result_settings
+from ..metrics import current_run
 from ..raycluster import PLACEMENT_FIELDS
 from . import registry as registry_lib
 from .trainable import MODEL_FILE, train_ingredient
@@ -120,7 +121,7 @@ class TrialGauges(tune.Callback):
         try:
             from ..metrics import RunMetrics, tune_callback
 
-            self._metrics = RunMetrics(self.run)
+            self._metrics = RunMetrics(self.run, "finetune")
             self._inner = tune_callback(self._metrics)
         except Exception as e:  # metrics are a nicety: no metrics agent must not stop the sweep
             print(f"finetune: dashboard metrics unavailable ({e})")
@@ -234,7 +235,7 @@ def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             # Tune's tables only with -v; our TrialLog gives one line per trial event
             verbose=None if console.verbosity() >= console.VERBOSE else 0,
-            callbacks=[TrialGauges(name), *tune_callbacks(cfg, todo, name)]
+            callbacks=[TrialGauges(current_run()), *tune_callbacks(cfg, todo, name)]
             + ([TrialLog({t["trial"]: t["id"] for t in todo}, len(todo))] if console.verbosity() > console.QUIET else [])),
     )
 

@@ -120,12 +120,13 @@ def memo_context(cfg: Config, components, val_name: str) -> dict:
 
 def soup_key(cfg: Config, inputs: SoupInputs) -> str:
     """Everything the published result depends on: the memo context, the ingredients' contents,
-    the scores that order them and fill the report, the soup settings, the scored splits."""
+    the scores that order them and fill the report, the soup settings, the scored splits, the
+    model card's metadata."""
 
     val, id_test, ood = split_names(cfg)
     splits = layout.splits(cfg)
     return digest({"context": memo_context(cfg, inputs.components, val),
                    "ingredients": [[i.id, i.sha256] for i in inputs.ingredients],
                    "scores": inputs.evaluations, "soup": result_settings(cfg.soup),
-                   "base": cfg.model.model_dump(mode="json"),
+                   "base": cfg.model.model_dump(mode="json"), "card": cfg.card.model_dump(mode="json"),
                    "splits": {s: [splits[s].role, split_content(splits[s].uri)] for s in (val, id_test, *ood)}})

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..config import Config
+from ..metrics import RUN_ENV, current_run
 from ..errors import UserError
 
 # how long to wait for the first evaluator to start (an autoscaling cluster adds a node first)
@@ -232,7 +233,9 @@ def start_evaluators(cfg: Config, split_name: str, ingredient_ids: Sequence[str]
     res = cfg.soup.evaluator_resources
     n = num_evaluators or cfg.soup.num_evaluators
     # SPREAD: one evaluator per node first, so a lost node takes as few of them as possible
-    options = {"num_cpus": res.cpu, "num_gpus": res.gpu, "scheduling_strategy": "SPREAD"}
+    options = {"num_cpus": res.cpu, "num_gpus": res.gpu, "scheduling_strategy": "SPREAD",
+               # the command's run id, for the actor's metrics' `run` label
+               "runtime_env": {"env_vars": {RUN_ENV: current_run()}}}
     return [actor_class.options(**options).remote(cfg, split_name, list(ingredient_ids), **actor_kwargs)
             for _ in range(n)]
 

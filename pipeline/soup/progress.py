@@ -11,11 +11,12 @@ Log = Callable[[str], None]
 
 
 def dashboard_metrics(run: str):
-    """Ray dashboard metrics when Ray's metrics are available; None otherwise."""
+    """Ray dashboard metrics of the soup stage of command ``run`` when Ray's metrics are
+    available; None otherwise."""
     try:
         from ..metrics import RunMetrics
 
-        return RunMetrics(run)
+        return RunMetrics(run, "soup")
     except Exception:  # no Ray connection or metrics agent: the run goes on without a dashboard
         return None
 

@@ -58,6 +58,48 @@ def fused_files(base_clip: torch.nn.Module, model_name: str, preprocess: dict,
     return files
 
 
+CARD_TAGS = ["clip", "open_clip", "image-classification", "model-soups", "manifold-mixing-model-soup", "frankensoup"]
+
+
+def hub_base_model(model_name: str, pretrained: str) -> str | None:
+    """The Hub id of the base weights where open_clip's pretrained cfg names one
+    (ViT-B-32/openai -> timm/vit_base_patch32_clip_224.openai); None for the demo or a file."""
+    import open_clip
+
+    hub = open_clip.get_pretrained_cfg(model_name, pretrained).get("hf_hub") or ""
+    return hub.strip("/") or None
+
+
+def card_metadata(report: Mapping) -> dict:
+    """The card's YAML front matter for the Hugging Face Hub, from report.json: library, task,
+    license, base model, tags, datasets and a model-index with the model's accuracy per split."""
+    cfg = report["config"]
+    card = cfg.get("card", {})  # reports of earlier versions have no card section
+    meta: dict = {"library_name": "open_clip", "pipeline_tag": "image-classification",
+                  "license": card.get("license", "apache-2.0")}
+    base = hub_base_model(cfg["model"]["name"], cfg["model"]["pretrained"])
+    if base:
+        meta["base_model"] = base
+    meta["tags"] = list(dict.fromkeys([*CARD_TAGS, *card.get("tags", [])]))
+    if card.get("datasets"):
+        meta["datasets"] = list(card["datasets"])
+    mmms, splits = report["methods"]["mmms"], report["splits"]
+    accuracies = [(splits["val"], "val", mmms["val"]), (splits["id_test"], "id_test", mmms["id_test"]),
+                  *[(name, "ood", mmms["ood"][name]) for name in splits["ood"]]]
+    meta["model-index"] = [{"name": f"frankensoup-{report.get('run_id', 'fused')}", "results": [
+        {"task": {"type": "image-classification", "name": "Image Classification"},
+         "dataset": {"name": name, "type": name, "split": role},
+         "metrics": [{"type": "accuracy", "value": round(100 * float(acc), 2), "name": "top-1 accuracy (%)"}]}
+        for name, role, acc in accuracies]}]
+    return meta
+
+
+def front_matter(report: Mapping) -> str:
+    import yaml
+
+    return "---\n" + yaml.safe_dump(card_metadata(report), sort_keys=False, width=100) + "---\n\n"
+
+
 def model_card(report: Mapping, preprocess: Mapping, class_names: list[str]) -> str:
     """``fused/README.md``: what the model is, how it was made, its results, how to load it."""
     from .report import markdown_table
@@ -133,8 +175,26 @@ def model_card(report: Mapping, preprocess: Mapping, class_names: list[str]) -> 
         "`local-dir:` needs open_clip_torch 3.0 or later. With frankensoup installed: "
         '`from pipeline import load_fused; model, preprocess, class_names = load_fused("<this run or output_uri>")`, '
         "or `frankensoup predict <uri> image.jpg`.",
+        "",
+        "### From the Hugging Face Hub",
+        "",
+        "Upload this folder as a model repository (`hf upload <user>/<repo> path/to/fused .`); then the "
+        "model, its head and its class names all come from the Hub:",
+        "",
+        "```python",
+        "import json, open_clip",
+        "from huggingface_hub import hf_hub_download",
+        "from safetensors.torch import load_file",
+        "",
+        'repo = "<user>/<repo>"',
+        'model, _, preprocess = open_clip.create_model_and_transforms(f"hf-hub:{repo}")',
+        'head = load_file(hf_hub_download(repo, "head.safetensors"))',
+        'class_names = json.load(open(hf_hub_download(repo, "classnames.json")))',
+        "```",
+        "",
+        "and classify as above.",
     ]
-    return "\n".join(lines) + "\n"
+    return front_matter(report) + "\n".join(lines) + "\n"
 
 
 def card_file(report: Mapping, files: Mapping[str, bytes]) -> dict[str, bytes]:

@@ -13,20 +13,22 @@ from ..inputs import ZERO_SHOT
 from .methods import REGISTRY
 
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
+CONFIDENCE = 0.95
 
 
 # ---- intervals ------------------------------------------------------------------------------
 
-def wilson_interval(accuracy: float, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a proportion: honest at small n and near 0 or 1, where the
-    plain normal interval leaves [0, 1]."""
+def wilson_interval(accuracy: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a proportion (scipy's ``binomtest(...).proportion_ci``): honest
+    at small n and near 0 or 1, where the plain normal interval leaves [0, 1]. ``accuracy`` is
+    a count of ``n`` images divided by ``n``."""
+    from scipy.stats import binomtest
+
     if n <= 0:
         raise ValueError(f"wilson_interval: n must be > 0, got {n}")
-    p = float(accuracy)
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    k = round(float(accuracy) * n)
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
 def mean_interval(accuracies: Sequence[float], ns: Sequence[int], z: float = Z_95) -> tuple[float, float]:
@@ -40,17 +42,17 @@ def mean_interval(accuracies: Sequence[float], ns: Sequence[int], z: float = Z_9
 
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value of paired outcomes with ``b`` and ``c`` discordant pairs
-    (A right and B wrong, and the reverse): the binomial test of min(b, c) of b + c under
-    p = 1/2, i.e. 2 P(X <= min(b, c)) capped at 1 (scipy's binomial distribution, exact and fast
-    for the tens of thousands of images of ImageNet's sets)."""
-    from scipy.stats import binom
+    (A right and B wrong, and the reverse): scipy's exact binomial test of b of b + c under
+    p = 1/2, i.e. 2 P(X <= min(b, c)) capped at 1 (exact and fast for the tens of thousands of
+    images of ImageNet's sets)."""
+    from scipy.stats import binomtest
 
     if b < 0 or c < 0:
         raise ValueError(f"mcnemar_exact: counts must be >= 0, got {b}, {c}")
     n = b + c
     if n == 0:
         return 1.0
-    return float(min(1.0, 2.0 * binom.cdf(min(b, c), n, 0.5)))
+    return float(binomtest(b, n, 0.5).pvalue)
 
 
 def discordant(a: bytes, b: bytes, n: int) -> tuple[int, int]:

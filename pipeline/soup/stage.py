@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 
 from .. import layout, storage, tracking
 from ..inputs import ZERO_SHOT, load_base_clip
+from ..metrics import current_run
 from ..raycluster import PLACEMENT_FIELDS, init_ray
-from ..config import Config
+from ..config import Config, redacted
 from . import publish as pub
 from . import report as rep
 from .dispatch import Dispatcher
@@ -47,7 +48,7 @@ def build_report(cfg: Config, run_id: str, ids: Sequence[str], component_names: 
         "run_id": run_id,
         "methods": methods,
         "components": list(component_names),
-        "config": cfg.model_dump(mode="json"),
+        "config": redacted(cfg),  # credentials inside URIs hidden
         "versions": rep.versions(),
         "seed": cfg.soup.seed,
         **result.report_fields(),
@@ -83,7 +84,7 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
     ids, names = inputs.ids, inputs.component_names
     memo = Memo.open(layout.soup_memo_root(cfg), memo_context(cfg, inputs.components, val))
     val_accs = [float(inputs.evaluations[i][val]["accuracy"]) for i in ids]
-    metrics = dashboard_metrics(run_id)
+    metrics = dashboard_metrics(current_run())  # labelled with the command's run, as every metric
     pool = LazyPool(cfg, val, ids, names, metrics)
     # phase 1 speculates on the pool's idle actors; the memo answers what it holds
     content_memo = ContentMemo(memo, [i.sha256 for i in inputs.ingredients])
