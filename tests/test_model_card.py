@@ -44,3 +44,16 @@ def test_published_fused_folder_has_a_model_card(tmp_path):
     # without the report (callers not yet passing it) nothing changes
     dest2 = publish.publish_run(cfg, "run-2", fused_dir_files())
     assert not storage.exists(storage.join(dest2, "fused", "README.md"))
+
+
+def test_the_card_describes_the_published_method(tmp_path):
+    cfg = tiny_config(str(tmp_path / "out"), "soup.methods.model_stock.enabled=true", "soup.publish=model_stock")
+    report = fake_report(cfg, "run-3")
+    report["methods"]["model_stock"] = method_entry(0.97, 0.85, {"noise": 0.5, "blur": 0.6}, [], [])
+    report["published"] = "model_stock"
+    report["model_stock"] = {"members": ["ft-002", "ft-000"], "start": "zero_shot", "t": {"head.weight": 0.5}}
+    dest = publish.publish_run(cfg, "run-3", fused_dir_files(), report=report)
+    card = storage.read_bytes(storage.join(dest, "fused", "README.md")).decode()
+    assert "soup method **model_stock** (Model Stock:" in card and "(`model_stock` is this model)" in card
+    assert "model_stock: members ft-002, ft-000; start zero_shot" in card
+    assert "mixes" not in card and "optimizer" not in card  # no mixture, no search to describe
