@@ -154,3 +154,13 @@ def test_the_soup_key_holds_each_enabled_method_with_its_version_and_settings(mo
     # a new version of a method's code changes its part of the key
     monkeypatch.setattr(type(REGISTRY["model_stock"]), "version", 2)
     assert method_keys(base.soup)["model_stock"]["version"] == 2
+
+
+def test_config_stands_below_the_soup_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.config; "
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.soup')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
