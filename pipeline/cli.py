@@ -260,7 +260,9 @@ def _config_command(args) -> int:
     from .config import Config, ConfigError, redacted
 
     if args.action == "schema":
-        print(json.dumps(Config.model_json_schema(), indent=2))
+        from . import methodspec
+
+        print(json.dumps(methodspec.json_schema(Config.model_json_schema()), indent=2))
         return 0
     try:
         cfg = _config(args)

@@ -13,7 +13,11 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import methodspec
 from .errors import UserError
+
+# soup sections that are methods' settings now (soup.methods.<name>), still accepted
+METHOD_ALIASES = ("wise_ft", "output_ensemble")
 
 
 class ConfigError(UserError, ValueError):
@@ -247,29 +251,6 @@ class Phase2Config(Strict):
         return v
 
 
-class WiseFTConfig(Strict):
-    """WiSE-FT (Wortsman et al. 2022): (1 - alpha) zero-shot + alpha best individual, in weight
-    space, alpha the grid point with the best val accuracy (ties: the first)."""
-    enabled: bool = True
-    """Make and score the WiSE-FT row."""
-    alphas: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    """The grid of alpha (0 = zero-shot, 1 = best individual)."""
-
-    @field_validator("alphas")
-    @classmethod
-    def _grid(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0.0 <= a <= 1.0 for a in v) or len(set(v)) != len(v):
-            raise ValueError(f"must be distinct numbers in [0, 1], at least one; got {v}")
-        return v
-
-
-class OutputEnsembleConfig(Strict):
-    """The mean of every ingredient's logits: K forward passes per image (model soups' reference
-    without a cost limit); scored on every split, so off for large K on large sets if need be."""
-    enabled: bool = True
-    """Score the output ensemble row."""
-
-
 class SoupConfig(Strict):
     """The soup methods: baselines and the manifold mixing soup (MMMS) search."""
     granularity: Literal[0, 1, 2, 3, "reference"] = 2
@@ -296,10 +277,49 @@ class SoupConfig(Strict):
     """The optimizer's seed."""
     phase2: Phase2Config = Phase2Config()
     """MMMS phase 2 (joint refinement)."""
-    wise_ft: WiseFTConfig = WiseFTConfig()
-    """The WiSE-FT baseline."""
-    output_ensemble: OutputEnsembleConfig = OutputEnsembleConfig()
-    """The output-ensemble baseline."""
+    methods: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    """Every soup method's settings, by name: soup.methods.<name>.enabled and the method's own fields (declared by
+    the method: pipeline/methodspec.py); the old soup.wise_ft and soup.output_ensemble keys still work and mean
+    soup.methods.wise_ft / .output_ensemble."""
+    publish: str = "mmms"
+    """The method whose model is published (fused/), the reference of the paired tests and the subject of the
+    model card and plots: an enabled method whose result is one model."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_method_keys(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not any(k in raw for k in METHOD_ALIASES):
+            return raw
+        raw = dict(raw)
+        methods = dict(raw.get("methods") or {}) if isinstance(raw.get("methods") or {}, dict) else raw["methods"]
+        for old in METHOD_ALIASES:
+            if old not in raw:
+                continue
+            given = raw.pop(old)
+            if isinstance(methods, dict) and isinstance(given, dict) and isinstance(methods.get(old, {}), dict):
+                new = methods.get(old, {})
+                clash = [k for k in given if k in new and new[k] != given[k]]
+                if clash:
+                    raise ValueError(f"soup.{old}.{clash[0]} and soup.methods.{old}.{clash[0]} differ: give one")
+                methods[old] = {**given, **new}
+            else:
+                methods[old] = given
+        raw["methods"] = methods
+        return raw
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_settings(cls, raw: Any) -> dict:
+        methods = methodspec.validate(raw)
+        methodspec.check_enabled(methods)
+        return methods
+
+    @field_validator("publish")
+    @classmethod
+    def _publishable(cls, v: str, info) -> str:
+        if "methods" in info.data:  # else the methods' own error is the one to read
+            methodspec.check_publishable(info.data["methods"], v)
+        return v
 
     @field_validator("optimizer")
     @classmethod
@@ -401,7 +421,7 @@ class Config(Strict):
     """The sweep that trains the ingredients."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Scoring the ingredients, and the mixture evaluator."""
-    soup: SoupConfig = SoupConfig()
+    soup: SoupConfig = Field(default_factory=SoupConfig)  # built on use: its methods are found then
     """The soup methods and the MMMS search."""
     ray: RayConfig = RayConfig()
     """The Ray cluster."""

@@ -165,10 +165,11 @@ def check_cluster(cfg: Config, c: Checks) -> None:
 
 
 def evaluation_budget(cfg: Config, n_ingredients: int, n_components: int) -> dict[str, int]:
-    """Upper bounds on mixture evaluations per soup method (phase 1 stops early on skipped candidates)."""
-    from .soup.methods import methods
+    """Upper bounds on mixture evaluations per enabled soup method (phase 1 stops early on skipped
+    candidates)."""
+    from .soup.methods import enabled_methods
 
-    return {m.name: m.budget(cfg.soup, n_ingredients, n_components) for m in methods()}
+    return {m.name: m.budget(cfg.soup, n_ingredients, n_components) for m in enabled_methods(cfg.soup)}
 
 
 def _trials_to_train(cfg: Config) -> str:

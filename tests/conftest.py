@@ -105,6 +105,8 @@ TINY_OVERRIDES = [
     # the two reference rows cost two more scoring passes per soup: on where a test needs them
     "soup.wise_ft.enabled=false",
     "soup.output_ensemble.enabled=false",
+    "soup.methods.model_stock.enabled=false",
+    "soup.methods.lines.enabled=false",
     "ray.address=local",
     "ray.num_cpus=2",
 ]

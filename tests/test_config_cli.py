@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from pipeline import methodspec
 from pipeline.cli import main
 from pipeline.config import Config, ConfigError, load_config, redact, redacted
 
@@ -22,7 +23,8 @@ def _properties(schema: dict):
 
 
 def test_every_field_has_a_description():
-    schema = Config.model_json_schema()
+    """Every field, the soup methods' own settings included (pipeline/methodspec.py)."""
+    schema = methodspec.json_schema(Config.model_json_schema())
     missing = [f"{m}.{f}" for m, f, prop, target in _properties(schema)
                if not (prop.get("description") or target.get("description"))]
     assert missing == []
@@ -45,8 +47,12 @@ def test_config_commands_start_no_ray(tmp_path):
 def test_schema_is_the_models_json_schema(capsys):
     assert main(["config", "schema"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == Config.model_json_schema()
+    assert printed == methodspec.json_schema(Config.model_json_schema())
     assert "soup" in printed["properties"] and "SoupConfig" in printed["$defs"]
+    # the settings each soup method declared are in it, under soup.methods.<name>
+    methods = printed["$defs"]["SoupMethods"]["properties"]
+    assert {"mmms", "model_stock", "lines", "wise_ft"} <= set(methods)
+    assert printed["$defs"]["SoupConfig"]["properties"]["methods"]["$ref"] == "#/$defs/SoupMethods"
 
 
 def test_show_prints_the_resolved_config_after_set(capsys):

@@ -76,3 +76,15 @@ def test_demo_card_has_no_base_model_and_the_default_license(tmp_path):
     dest = publish.publish_run(cfg, "run-1", fused_dir_files(), report=fake_report(cfg, "run-1"))
     card = ModelCard(storage.read_bytes(storage.join(dest, "fused", "README.md")).decode())
     assert card.data.base_model is None and card.data.license == "apache-2.0" and card.data.datasets is None
+
+def test_the_card_describes_the_published_method(tmp_path):
+    cfg = tiny_config(str(tmp_path / "out"), "soup.methods.model_stock.enabled=true", "soup.publish=model_stock")
+    report = fake_report(cfg, "run-3")
+    report["methods"]["model_stock"] = method_entry(0.97, 0.85, {"noise": 0.5, "blur": 0.6}, [], [])
+    report["published"] = "model_stock"
+    report["model_stock"] = {"members": ["ft-002", "ft-000"], "start": "zero_shot", "t": {"head.weight": 0.5}}
+    dest = publish.publish_run(cfg, "run-3", fused_dir_files(), report=report)
+    card = storage.read_bytes(storage.join(dest, "fused", "README.md")).decode()
+    assert "soup method **model_stock** (Model Stock:" in card and "(`model_stock` is this model)" in card
+    assert "model_stock: members ft-002, ft-000; start zero_shot" in card
+    assert "mixes" not in card and "optimizer" not in card  # no mixture, no search to describe

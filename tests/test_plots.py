@@ -38,3 +38,18 @@ def test_plots_follow_the_numbers():
     b = render_plots(r)
     assert a["beta_mmms.png"] != b["beta_mmms.png"]
     assert a["id_vs_ood.png"] == b["id_vs_ood.png"]
+
+
+def test_plots_describe_the_published_method_and_every_search_trace():
+    r = _report()
+    r["published"] = "greedy_soup"
+    r["traces"] = {"greedy_soup": [[1, 0.9], [2, 0.91]], "mmms": [[1, 0.9], [9, 0.93]]}
+    pngs = render_plots(r)
+    assert set(pngs) == {"id_vs_ood.png", "beta_greedy_soup.png", "search_trace.png"}
+    only_mmms = render_plots({**r, "traces": {"mmms": r["traces"]["mmms"]}})
+    assert only_mmms["search_trace.png"] != pngs["search_trace.png"]
+    # a published model that is not a mixture: mmms's mixture is drawn; no method searched: no trace
+    r["published"] = "model_stock"
+    r["methods"]["model_stock"] = {**r["methods"]["mmms"], "ingredients": [], "beta": []}
+    r["traces"], r["search_trace"] = {}, []
+    assert set(render_plots(r)) == {"id_vs_ood.png", "beta_mmms.png"}

@@ -1,5 +1,6 @@
 """The report's figures, drawn only from report.json's numbers: ID vs OOD accuracy (the model
-soups figure), the mmms mixture as a heatmap, and the search trace."""
+soups figure), the published method's mixture as a heatmap (mmms's when the published model is
+not a mixture), and the search traces of the methods that searched."""
 from __future__ import annotations
 
 import io
@@ -36,7 +37,7 @@ def id_vs_ood(report: dict) -> bytes:
                    c="lightsteelblue", edgecolors="steelblue", label="finetuned ingredients", zorder=2)
     for name, m in report["methods"].items():
         marker, color = method_style(name)
-        ax.scatter([m["id_test"]], [m["ood_avg"]], marker=marker, s=140 if name == "mmms" else 70,
+        ax.scatter([m["id_test"]], [m["ood_avg"]], marker=marker, s=140 if name == published(report) else 70,
                    c=color, edgecolors="black", label=name, zorder=3)
     ax.set_xlabel("ID test accuracy")
     ax.set_ylabel("OOD accuracy (mean over shifted sets)")
@@ -61,26 +62,49 @@ def beta_heatmap(report: dict, method: str = "mmms") -> bytes:
     return _png(fig)
 
 
+def published(report: dict) -> str:
+    return report.get("published", "mmms")
+
+
+def traces(report: dict) -> dict[str, list]:
+    """{method: [[evaluations, best val so far], ...]} of the methods that searched."""
+    found = dict(report.get("traces") or {})
+    if not found and report.get("search_trace"):  # a report from before per-method traces
+        found["mmms"] = report["search_trace"]
+    return {name: t for name, t in found.items() if t}
+
+
 def search_trace(report: dict) -> bytes:
-    trace = report.get("search_trace") or []
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    if trace:
+    for name, trace in traces(report).items():
         xs, ys = zip(*trace)
-        ax.step(xs, ys, where="post", color="tab:red", label="mmms best val")
-    for name in ("best_individual", "greedy_soup"):
+        ax.step(xs, ys, where="post", color=method_style(name)[1], label=f"{name} best val")
+    for name in ("best_individual",):
         if name in report["methods"]:
             ax.axhline(report["methods"][name]["val"], ls="--", lw=1, color=method_style(name)[1], label=name)
     ax.set_xlabel("evaluations")
     ax.set_ylabel("best val accuracy")
-    ax.set_title("Search trace")
+    ax.set_title("Search traces")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
 
 
-PLOTS = {"id_vs_ood.png": id_vs_ood, "beta_mmms.png": beta_heatmap, "search_trace.png": search_trace}
+def heatmap_method(report: dict) -> str | None:
+    """The published method when it is a mixture, else mmms when it is in the report."""
+    for name in (published(report), "mmms"):
+        if report["methods"].get(name, {}).get("beta"):
+            return name
+    return None
 
 
 def render_plots(report: dict) -> dict[str, bytes]:
-    """PNG bytes by file name, published beside report.json."""
-    return {name: draw(report) for name, draw in PLOTS.items()}
+    """PNG bytes by file name, published beside report.json: id_vs_ood.png, beta_<method>.png
+    (when a mixture is there to draw) and search_trace.png (when a method searched)."""
+    pngs = {"id_vs_ood.png": id_vs_ood(report)}
+    method = heatmap_method(report)
+    if method is not None:
+        pngs[f"beta_{method}.png"] = beta_heatmap(report, method)
+    if traces(report):
+        pngs["search_trace.png"] = search_trace(report)
+    return pngs

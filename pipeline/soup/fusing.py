@@ -78,9 +78,34 @@ class ModelServices:
     def ingredient_state(self, row: int) -> dict[str, torch.Tensor]:
         return load_state(self.inputs.ingredients[row].uri)
 
-    def fuse(self, states: Sequence[dict[str, torch.Tensor]], beta: np.ndarray) -> dict[str, torch.Tensor]:
-        """``sum_j beta[j, c] * states[j]`` per component: the reference fusion of any models."""
-        return mixture.fuse(states, beta, self.inputs.components)
+    def ingredient(self, row: int) -> Ingredient:
+        return self.inputs.ingredients[row]
+
+    def checkpoint_state(self, uri: str, source: str) -> dict[str, torch.Tensor]:
+        """Another classifier checkpoint of this model (safetensors, or a legacy file read with
+        weights_only): refused, naming ``source`` and the tensor, unless it has the zero-shot
+        classifier's tensor names and shapes and finite weights."""
+        tensors, _ = weights.read_checkpoint(uri)
+        reference = self.zero_shot_state()
+        for name, t in reference.items():
+            if name not in tensors or tensors[name].shape != t.shape:
+                found = tuple(tensors[name].shape) if name in tensors else "missing"
+                raise weights.CheckpointError(f"{source}: tensor {name!r} is {found}, expected {tuple(t.shape)}")
+        extra = sorted(set(tensors) - set(reference))
+        if extra:
+            raise weights.CheckpointError(f"{source}: tensors the model does not have: {extra[:5]}")
+        weights.check_finite(tensors, source)
+        return {name: tensors[name].to(t.dtype) for name, t in reference.items()}
+
+    @property
+    def components(self) -> list:
+        return list(self.inputs.components)
+
+    def fuse(self, states: Sequence[dict[str, torch.Tensor]], beta: np.ndarray,
+             components=None) -> dict[str, torch.Tensor]:
+        """``sum_j beta[j, c] * states[j]`` per component (the soup's, or ``components``): the
+        reference fusion of any models."""
+        return mixture.fuse(states, beta, self.inputs.components if components is None else components)
 
     @property
     def n_components(self) -> int:

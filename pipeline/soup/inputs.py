@@ -20,6 +20,7 @@ from ..ingredients import Ingredient, IngredientError, RunModel, read_registry, 
 from ..keys import digest, result_settings
 from ..model import weights
 from ..model.components import components as model_components
+from .methods import method_keys
 
 
 class SoupInputError(UserError, ValueError):
@@ -120,13 +121,14 @@ def memo_context(cfg: Config, components, val_name: str) -> dict:
 
 def soup_key(cfg: Config, inputs: SoupInputs) -> str:
     """Everything the published result depends on: the memo context, the ingredients' contents,
-    the scores that order them and fill the report, the soup settings, the scored splits, the
-    model card's metadata."""
-
+    the scores that order them and fill the report, the soup settings, each enabled method's
+    name, version and settings (a new or changed method changes the key; a disabled one's
+    settings do not), the scored splits, the model card's metadata."""
     val, id_test, ood = split_names(cfg)
     splits = layout.splits(cfg)
+    soup = {k: v for k, v in result_settings(cfg.soup).items() if k != "methods"}
     return digest({"context": memo_context(cfg, inputs.components, val),
                    "ingredients": [[i.id, i.sha256] for i in inputs.ingredients],
-                   "scores": inputs.evaluations, "soup": result_settings(cfg.soup),
+                   "scores": inputs.evaluations, "soup": soup, "methods": method_keys(cfg.soup),
                    "base": cfg.model.model_dump(mode="json"), "card": cfg.card.model_dump(mode="json"),
                    "splits": {s: [splits[s].role, split_content(splits[s].uri)] for s in (val, id_test, *ood)}})

@@ -72,7 +72,7 @@ def hub_base_model(model_name: str, pretrained: str) -> str | None:
 
 def card_metadata(report: Mapping) -> dict:
     """The card's YAML front matter for the Hugging Face Hub, from report.json: library, task,
-    license, base model, tags, datasets and a model-index with the model's accuracy per split."""
+    license, base model, tags, datasets and a model-index with the published model's accuracy per split."""
     cfg = report["config"]
     card = cfg.get("card", {})  # reports of earlier versions have no card section
     meta: dict = {"library_name": "open_clip", "pipeline_tag": "image-classification",
@@ -83,9 +83,9 @@ def card_metadata(report: Mapping) -> dict:
     meta["tags"] = list(dict.fromkeys([*CARD_TAGS, *card.get("tags", [])]))
     if card.get("datasets"):
         meta["datasets"] = list(card["datasets"])
-    mmms, splits = report["methods"]["mmms"], report["splits"]
-    accuracies = [(splits["val"], "val", mmms["val"]), (splits["id_test"], "id_test", mmms["id_test"]),
-                  *[(name, "ood", mmms["ood"][name]) for name in splits["ood"]]]
+    model, splits = report["methods"][report.get("published", "mmms")], report["splits"]
+    accuracies = [(splits["val"], "val", model["val"]), (splits["id_test"], "id_test", model["id_test"]),
+                  *[(name, "ood", model["ood"][name]) for name in splits["ood"]]]
     meta["model-index"] = [{"name": f"frankensoup-{report.get('run_id', 'fused')}", "results": [
         {"task": {"type": "image-classification", "name": "Image Classification"},
          "dataset": {"name": name, "type": name, "split": role},
@@ -105,41 +105,33 @@ def model_card(report: Mapping, preprocess: Mapping, class_names: list[str]) -> 
     from .report import markdown_table
 
     cfg, soup = report["config"], report["config"]["soup"]
-    mmms = report["methods"]["mmms"]
-    ids = list(mmms["ingredients"])
-    mixed = [i for i, row in zip(ids, mmms["beta"]) if any(row)]
+    name = report.get("published", "mmms")
+    published = report["methods"][name]
+    ids = list(report.get("ingredient_scores") or published["ingredients"])
     components = list(report["components"])
     evaluations = report.get("evaluations", {})
     size = preprocess["size"]
     size_text = f"{size}x{size}" if isinstance(size, int) else "x".join(str(s) for s in size)
-    phase2 = soup["phase2"]
     lines = [
         f"# frankensoup fused model — run {report.get('run_id', '?')}",
         "",
         f"An image classifier over {len(class_names)} classes: the image tower of the open_clip "
         f"model `{cfg['model']['name']}` (base weights: `{cfg['model']['pretrained']}`) with a linear "
-        "head, fused from finetuned copies of it by the **manifold mixing model soup** (Fassold, "
-        "IMVIP 2023). It costs the same at inference as one model. The text tower in "
+        f"head, made from finetuned copies of it by the soup method **{name}** ({method_summary(name)}). "
+        "It costs the same at inference as one model. The text tower in "
         "`open_clip_model.safetensors` is the base model's, unchanged.",
         "",
         "## How it was made",
         "",
-        f"- ingredients: {len(ids)} finetunes of the zero-shot classifier ({', '.join(ids)}); "
-        f"the soup mixes {len(mixed)} of them ({', '.join(mixed)})",
-        f"- components ({len(components)}, granularity {soup['granularity']}): {', '.join(components)}; "
-        "each component has its own mixing factors",
-        f"- search: optimizer {soup['optimizer']}, {soup['num_workers']} candidates per step (W), "
-        f"{soup['max_func_evals_per_dim']} evaluations per dimension, tau {soup['tau']}, "
-        f"bounds delta {soup['bounds_delta']}, seed {soup['seed']}; phase 2 "
-        + (f"over [{phase2['bounds'][0]}, {phase2['bounds'][1]}], {phase2['evals_per_dim']} evaluations per "
-           f"dimension: {report.get('phase2_decision', '')}" if phase2["enabled"] else "off"),
-        f"- mixtures evaluated: {evaluations.get('evaluated', '?')} (on the val split "
-        f"`{report['splits']['val']}`, the split the search maximises)",
+        f"- ingredients: {len(ids)} finetunes of the zero-shot classifier ({', '.join(ids)})",
+        *how_it_was_made(report, name, published, soup, components),
+        f"- mixtures evaluated by the soup's search: {evaluations.get('evaluated', '?')} (on the val split "
+        f"`{report['splits']['val']}`, which every method's choices maximise)",
         "",
         "## Results",
         "",
         "Top-1 accuracy in %, 95 % interval in brackets; each row a method built from the same "
-        "ingredients, measured on its model as published (`mmms` is this model):",
+        f"ingredients, measured on its model as published (`{name}` is this model):",
         "",
         markdown_table(report),
         "",
@@ -195,6 +187,39 @@ def model_card(report: Mapping, preprocess: Mapping, class_names: list[str]) -> 
         "and classify as above.",
     ]
     return front_matter(report) + "\n".join(lines) + "\n"
+
+
+def method_summary(name: str) -> str:
+    from .methods import REGISTRY
+
+    return REGISTRY[name].summary if name in REGISTRY else "a soup method"
+
+
+def how_it_was_made(report: Mapping, name: str, published: Mapping, soup: Mapping, components: list) -> list[str]:
+    """The model card's lines on how the published method made the model."""
+    out = []
+    beta = published.get("beta") or []
+    if beta:
+        mixed = [i for i, row in zip(published["ingredients"], beta) if any(row)]
+        out.append(f"- the soup mixes {len(mixed)} of them ({', '.join(mixed)}) per component; components "
+                   f"({len(components)}, granularity {soup['granularity']}): {', '.join(components)}")
+    if name in ("mmms", "mmms_phase1"):
+        phase2 = soup["phase2"]
+        out.append("- each component has its own mixing factors; search: optimizer "
+                   f"{soup['optimizer']}, {soup['num_workers']} candidates per step (W), "
+                   f"{soup['max_func_evals_per_dim']} evaluations per dimension, tau {soup['tau']}, "
+                   f"bounds delta {soup['bounds_delta']}, seed {soup['seed']}"
+                   + ("" if name == "mmms_phase1" else "; phase 2 " + (
+                       f"over [{phase2['bounds'][0]}, {phase2['bounds'][1]}], {phase2['evals_per_dim']} "
+                       f"evaluations per dimension: {report.get('phase2_decision', '')}" if phase2["enabled"]
+                       else "off")))
+    own = report.get(name)  # the method's own record in report.json (wise_ft, lines, model_stock)
+    if isinstance(own, Mapping):
+        facts = [f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in own.items()
+                 if not isinstance(v, Mapping)]
+        if facts:
+            out.append(f"- {name}: " + "; ".join(facts))
+    return out
 
 
 def card_file(report: Mapping, files: Mapping[str, bytes]) -> dict[str, bytes]:

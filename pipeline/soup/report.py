@@ -88,7 +88,7 @@ def mcnemar_tests(scores: Mapping[str, Mapping[str, Mapping]], reference: str, n
 
 
 def not_significant(report: Mapping, name: str, split: str) -> bool:
-    """Whether the paired test cannot tell ``name`` from the reference (mmms) on ``split``."""
+    """Whether the paired test cannot tell ``name`` from the reference (the published method) on ``split``."""
     test = report.get("mcnemar", {}).get("tests", {}).get(name, {}).get(split)
     return test is not None and test["p"] >= report["mcnemar"]["alpha"]
 
@@ -174,9 +174,11 @@ def markdown_table(report: Mapping) -> str:
 def render_markdown(report: Mapping) -> str:
     """report.md: the table, what each number means, and how the soups were made."""
     sizes = report["split_sizes"]
-    ids = report["methods"]["mmms"]["ingredients"]
-    kept_beta = np.asarray(report["methods"]["mmms"]["beta"])
-    chosen = [ids[j] for j in np.flatnonzero(kept_beta.any(axis=1))] if kept_beta.size else []
+    published = report.get("published", "mmms")
+    entry = report["methods"][published]
+    ids = list(report.get("ingredient_scores") or entry["ingredients"])
+    kept_beta = np.asarray(entry["beta"])
+    chosen = [entry["ingredients"][j] for j in np.flatnonzero(kept_beta.any(axis=1))] if kept_beta.size else []
     timings = report.get("timings", {})
     lines = [
         f"# frankensoup report — run {report.get('run_id', '?')}",
@@ -192,8 +194,9 @@ def render_markdown(report: Mapping) -> str:
         *[f"- {name}: {summary}" for name, summary in method_summaries(report)],
         f"- components ({len(report['components'])}): {', '.join(report['components'])}",
         f"- ingredients ({len(ids)}): {', '.join(ids)}",
-        f"- mmms mixes: {', '.join(chosen)}",
-        f"- phase 2 kept: {report['phase2_kept']} ({report.get('phase2_decision', '')})",
+        f"- published (fused/): {published}" + (f", mixing {', '.join(chosen)}" if chosen else ""),
+        *([f"- phase 2 kept: {report['phase2_kept']} ({report.get('phase2_decision', '')})"]
+          if "phase2_kept" in report else []),
         f"- optimizer {report['config']['soup']['optimizer']}, W = {report['config']['soup']['num_workers']}, "
         f"seed {report['seed']}",
         "- seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),

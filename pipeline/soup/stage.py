@@ -2,7 +2,7 @@
 finetuned ingredients, searched on val through a pool of Ray evaluator actors (every evaluation
 kept in the content-keyed search memo, so no mixture is scored twice), every method's model
 scored on val, id_test and the ood sets (scores memoised by content), and the result published
-atomically.
+atomically (the model of ``soup.publish``, mmms by default).
 
 Reads: finetune/ingredients.json, the ingredient checkpoints, evaluate/memo.json, the shards,
 the base CLIP. Writes: soup/memo/<context>/, soup/scores.json, soup/<run-id>/, soup/LATEST,
@@ -57,7 +57,8 @@ def build_report(cfg: Config, run_id: str, ids: Sequence[str], component_names: 
             {m: {s: v["accuracy"] for s, v in by_split.items()} for m, by_split in evaluations.items()},
             ids, val, id_test, ood),
         "cost": result.cost,
-        "mcnemar": rep.mcnemar_tests(scores, "mmms", list(methods), [id_test, *ood]),
+        "published": cfg.soup.publish,
+        "mcnemar": rep.mcnemar_tests(scores, cfg.soup.publish, list(methods), [id_test, *ood]),
         "splits": {"val": val, "id_test": id_test, "ood": ood},
         "split_sizes": sizes,
         "evaluations": counts,
@@ -116,7 +117,8 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
 
 
 def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: bool = True) -> dict:
-    """Baselines + MMMS on the ingredients and their scores; publishes soup/<run-id>/ and moves
+    """Every enabled soup method on the ingredients and their scores; publishes soup/<run-id>/
+    (fused/ is the model of ``soup.publish``) and moves
     soup/LATEST. Returns report.json's content. When the published run was made from exactly
     these inputs (its soup key) nothing is redone, unless ``force``; otherwise every mixture
     and score already in a memo is reused. Ends by printing the report's table."""
@@ -128,7 +130,8 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
         report = pub.read_report(cfg, done["run_id"])
         seconds = round(time.time() - t_start, 1)
         log(f"soup: inputs unchanged since run {done['run_id']}: reused ({seconds}s)")
-        layout.mark_done(cfg, "soup", key, {**{k: done[k] for k in ("run_id", "run_uri", "mmms_val")},
+        layout.mark_done(cfg, "soup", key, {**{k: done.get(k) for k in ("run_id", "run_uri", "published",
+                                                                         "published_val")},
                                             "reused": 0, "computed": 0, "unit": "mixtures", "scores_reused": 0,
                                             "scores_computed": 0, "seconds": seconds})
         if show_table:
@@ -155,7 +158,7 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
 
         t0 = time.time()
         fused = fuse_methods(result.betas, inputs.ingredients, inputs.components)
-        states = {"zero_shot": inputs.reference.state_dict(), **fused,
+        states = {ZERO_SHOT: inputs.reference.state_dict(), **fused,
                   **{n: r.state for n, r in result.results.items() if r.state is not None}}
         ensembles = {n: r.ensemble for n, r in result.results.items() if r.ensemble is not None}
         scores, scores_reused, scores_made = score_fused(cfg, inputs, states, scratch, [val, id_test, *ood], ensembles)
@@ -168,7 +171,9 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
 
     t0 = time.time()
     base_clip, _ = load_base_clip(cfg)
-    files = pub.fused_files(base_clip, meta["model_name"], meta["preprocess"], fused["mmms"],
+    made = {**fused, **{n: r.state for n, r in result.results.items() if r.state is not None}}
+    published = cfg.soup.publish  # an enabled method whose result is one model (checked at load)
+    files = pub.fused_files(base_clip, meta["model_name"], meta["preprocess"], made[published],
                             list(meta["class_names"]))
     timings["total"] = time.time() - t_start
     report = build_report(cfg, run_id, ids, inputs.component_names, result, scores, inputs.evaluations,
@@ -177,7 +182,8 @@ def run_soup(cfg: Config, force: bool = False, log: Log = print, show_table: boo
     dest = pub.publish_run(cfg, run_id, files, report=report)  # with the report: fused/README.md, the model card
     seconds = round(time.time() - t_start, 1)
     layout.mark_done(cfg, "soup", key, {"run_id": run_id, "run_uri": layout.relative(cfg, dest),
-                                        "mmms_val": report["methods"]["mmms"]["val"],
+                                        "published": published,
+                                        "published_val": report["methods"][published]["val"],
                                         "reused": counts["from_memo"], "computed": counts["evaluated"],
                                         "unit": "mixtures", "scores_reused": scores_reused,
                                         "scores_computed": scores_made, "seconds": seconds})

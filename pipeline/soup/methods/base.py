@@ -15,8 +15,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ... import methodspec
 from ...config import Config, SoupConfig
 from ...errors import UserError
+from ...keys import result_settings
+from ...methodspec import MethodSettings, MethodSpec
 from ..dispatch import Dispatcher, Evaluator, dispatcher_of
 
 Log = Callable[[str], None]
@@ -37,6 +40,7 @@ class MethodResult:
     state: dict[str, torch.Tensor] | None = None  # a fused classifier made otherwise (WiSE-FT)
     ensemble: list[int] | None = None        # ingredient rows whose logits are averaged
     cost: dict = field(default_factory=dict)  # what the evaluators did for it (filled by run_methods)
+    trace: list | None = None                # [[evaluations, best val so far], ...] of a method that searched
 
     def __post_init__(self):
         kinds = sum(x is not None for x in (self.beta, self.state, self.ensemble))
@@ -68,20 +72,39 @@ class MethodContext:
 
 
 class SoupMethod:
-    """Subclass, set ``name``, implement ``run``; decorate with ``@register``."""
+    """Subclass, set ``name``, implement ``run``; decorate with ``@register``. Its settings are a
+    ``MethodSettings`` subclass (``Settings``), read from ``soup.methods.<name>``; ``version``
+    goes into the soup's key with them, so bump it when a code change changes the result."""
     name: ClassVar[str]
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    version: ClassVar[int] = 1
+    one_model: ClassVar[bool] = True        # False: the result is not one set of weights (never published)
     summary: ClassVar[str] = ""             # what it is, one line (docs, report.md)
     marker: ClassVar[tuple[str, str]] = ("o", "tab:purple")  # plot marker and colour
     needs: ClassVar[tuple[str, ...]] = ()   # methods whose results it reads (registered before it)
     needs_models: ClassVar[bool] = False    # uses the stage's model services (not the mixture evaluator alone)
 
+    def options(self, soup: SoupConfig) -> MethodSettings:
+        """Its own settings, ``soup.methods.<name>``."""
+        return methodspec.settings_of(soup.methods, self.name)
+
     def enabled(self, soup: SoupConfig) -> bool:
-        """Whether the run makes it (a method with a switch in config.py says so here)."""
-        return True
+        """Whether the run makes it: ``soup.methods.<name>.enabled``."""
+        return self.options(soup).enabled
 
     def settings(self, soup: SoupConfig) -> dict:
-        """The settings it reads, for the report (typed in config.py)."""
+        """The soup-level settings it reads besides its own (the search's, for mmms)."""
         return {}
+
+    def content(self, soup: SoupConfig) -> dict:
+        """Content hashes of files its settings name (a setting that is a URI is keyed by what
+        it holds, never by where it is)."""
+        return {}
+
+    def key(self, soup: SoupConfig) -> dict:
+        """Its part of the soup's key: name, version and every setting that changes its result."""
+        own = result_settings(self.options(soup))
+        return {"version": self.version, "settings": {**own, **self.settings(soup)}, **self.content(soup)}
 
     def budget(self, soup: SoupConfig, n_ingredients: int, n_components: int) -> int:
         """An upper bound on its mixture evaluations on val (the dry run's plan)."""
@@ -108,17 +131,32 @@ def register(cls: type[SoupMethod]) -> type[SoupMethod]:
     if later:
         raise MethodError(f"soup method {name!r} searches with the mixture evaluator, which is done before "
                           f"{later} run: it cannot need them")
+    if "enabled" not in cls.Settings.model_fields or not issubclass(cls.Settings, MethodSettings):
+        raise MethodError(f"soup method {name!r}: its Settings must subclass pipeline.methodspec.MethodSettings")
+    methodspec.declare(MethodSpec(name, cls.Settings, int(cls.version), tuple(cls.needs), bool(cls.one_model)))
     REGISTRY[name] = cls()
     return cls
 
 
 def unregister(name: str) -> None:
     REGISTRY.pop(name, None)
+    methodspec.withdraw(name)
 
 
 def methods() -> list[SoupMethod]:
-    """Every registered method, in registration order (the report's row order)."""
+    """Every registered method, built-in and installed plugins, in registration order (the
+    report's row order)."""
+    methodspec.load()
     return list(REGISTRY.values())
+
+
+def enabled_methods(soup: SoupConfig) -> list[SoupMethod]:
+    return [m for m in methods() if m.enabled(soup)]
+
+
+def method_keys(soup: SoupConfig) -> dict[str, dict]:
+    """Each enabled method's part of the soup key: adding, changing or switching one changes the key."""
+    return {m.name: m.key(soup) for m in enabled_methods(soup)}
 
 
 @dataclass
@@ -146,6 +184,7 @@ class SearchResult:
         out: dict = {}
         for r in self.results.values():
             out.update(r.report)
+        out["traces"] = {n: [list(p) for p in r.trace] for n, r in self.results.items() if r.trace}
         return out
 
     def __getitem__(self, name: str) -> MethodResult:
@@ -164,7 +203,7 @@ def run_methods(cfg: Config, evaluate: Evaluator, val_accs: Sequence[float], n_c
     evaluate = dispatcher_of(evaluate)
     ids = list(ids) if ids is not None else [str(j) for j in range(len(val_accs))]
     ctx = MethodContext(cfg, [float(a) for a in val_accs], n_components, evaluate, progress, log, {}, ids, models)
-    enabled = [m for m in methods() if m.enabled(cfg.soup)]
+    enabled = enabled_methods(cfg.soup)
     for group in ([m for m in enabled if not m.needs_models], [m for m in enabled if m.needs_models]):
         if group and group[0].needs_models:
             if mixtures_done is not None:

@@ -52,4 +52,5 @@ class GreedySoup(SoupMethod):
         beta, trace = baselines.greedy_soup(ctx.val_accs, ctx.n_components, ctx.evaluate)
         acc = trace[-1][1]
         used = int(np.count_nonzero(beta.any(axis=1)))
-        return MethodResult(beta, acc, f"greedy soup val {acc:.4f} ({used} of {ctx.K} ingredients)", details=trace)
+        return MethodResult(beta, acc, f"greedy soup val {acc:.4f} ({used} of {ctx.K} ingredients)", details=trace,
+                            trace=[[n, a] for n, a in trace])

@@ -56,7 +56,7 @@ class MMMS(SoupMethod):
         beta, acc = (p2.beta, p2.val_acc) if kept else (p1.beta, p1.val_acc)
         fields = {"phase2_kept": kept, "phase2_decision": decision, "search_trace": search_trace(p1, p2),
                   "phase1_decisions": [[ctx.ids[j], outcome, a] for j, outcome, a in p1.decisions]}
-        return MethodResult(beta, acc, decision, details=(p1, p2, kept), report=fields)
+        return MethodResult(beta, acc, decision, details=(p1, p2, kept), report=fields, trace=fields["search_trace"])
 
 
 def search_trace(p1: mmms.Phase1Result, p2: mmms.Phase2Result | None) -> list[list[float]]:

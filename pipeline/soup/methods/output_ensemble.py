@@ -2,8 +2,16 @@
 soups' reference without a cost limit: K forward passes per image, where a soup needs one)."""
 from __future__ import annotations
 
-from ...config import SoupConfig
+from pydantic import Field
+
+from ...methodspec import MethodSettings
 from .base import MethodContext, MethodResult, SoupMethod, register
+
+
+class OutputEnsembleSettings(MethodSettings):
+    """K forward passes per image (model soups' reference without a cost limit), scored on every
+    split: switch it off for large K on large sets."""
+    enabled: bool = Field(True, description="whether the soup stage scores the output ensemble of all ingredients")
 
 
 @register
@@ -12,9 +20,8 @@ class OutputEnsemble(SoupMethod):
     summary = "output ensemble: the mean of every ingredient's logits (K forward passes per image)"
     marker = ("h", "tab:olive")
     needs_models = True
-
-    def enabled(self, soup: SoupConfig) -> bool:
-        return soup.output_ensemble.enabled
+    one_model = False
+    Settings = OutputEnsembleSettings
 
     def run(self, ctx: MethodContext) -> MethodResult:
         rows = list(range(ctx.K))

@@ -1,13 +1,28 @@
 """WiSE-FT (Wortsman et al., "Robust fine-tuning of zero-shot models", 2022) as a soup method:
 the weight-space interpolation (1 - alpha) zero-shot + alpha best individual, alpha picked on
-val from ``soup.wise_ft.alphas``. alpha = 0 is the zero-shot model and alpha = 1 the best
+val from ``soup.methods.wise_ft.alphas``. alpha = 0 is the zero-shot model and alpha = 1 the best
 individual, weight for weight (the reference fusion skips a zero weight)."""
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field, field_validator
 
-from ...config import SoupConfig
+from ...methodspec import MethodSettings
 from .base import MethodContext, MethodResult, SoupMethod, register
+
+
+class WiseFTSettings(MethodSettings):
+    """WiSE-FT (Wortsman et al. 2022): (1 - alpha) zero-shot + alpha best individual, in weight
+    space, alpha the grid point with the best val accuracy (ties: the first)."""
+    alphas: list[float] = Field([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+                                description="the grid of alpha scored on val (0 = zero-shot, 1 = best individual)")
+
+    @field_validator("alphas")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= a <= 1.0 for a in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct numbers in [0, 1], at least one; got {v}")
+        return v
 
 
 @register
@@ -17,22 +32,18 @@ class WiseFT(SoupMethod):
     marker = ("X", "tab:brown")
     needs = ("best_individual",)
     needs_models = True
-
-    def enabled(self, soup: SoupConfig) -> bool:
-        return soup.wise_ft.enabled
-
-    def settings(self, soup: SoupConfig) -> dict:
-        return {"alphas": list(soup.wise_ft.alphas)}
+    Settings = WiseFTSettings
 
     def run(self, ctx: MethodContext) -> MethodResult:
+        alphas = self.options(ctx.soup).alphas
         best = int(np.flatnonzero(ctx.results["best_individual"].beta[:, 0])[0])
         models = ctx.models
         ends = [models.zero_shot_state(), models.ingredient_state(best)]
         C = models.n_components
         states = {f"wise_ft alpha={a:g}": models.fuse(ends, np.array([[1.0 - a] * C, [a] * C]))
-                  for a in ctx.soup.wise_ft.alphas}
+                  for a in alphas}
         accs = models.val_accuracy(states)
-        by_alpha = {a: accs[f"wise_ft alpha={a:g}"] for a in ctx.soup.wise_ft.alphas}
+        by_alpha = {a: accs[f"wise_ft alpha={a:g}"] for a in alphas}
         alpha = max(by_alpha, key=lambda a: (by_alpha[a], -list(by_alpha).index(a)))  # ties: the first
         line = f"wise_ft val {by_alpha[alpha]:.4f} at alpha {alpha:g} (zero-shot + {ctx.ids[best]})"
         return MethodResult(state=states[f"wise_ft alpha={alpha:g}"], search_val=by_alpha[alpha], summary=line,
