@@ -378,25 +378,26 @@ class Progress:
         with tqdm.get_lock():
             if finished and bar.total != bar.n:
                 bar.total = bar.n
-            if note:
-                bar.bar_format = _fitting_format(bar, note)
+            bar.bar_format = _fitting_format(bar, note)
             bar.close()
         _console.close(bar)
 
 
-# a closed bar's formats, richest first, with the note at the end: the first that fits is used
-_CLOSED_FORMATS = ("{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}, NOTE]",
-                   "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, NOTE]",
-                   "{l_bar}{bar}| {n_fmt}/{total_fmt}, NOTE",
-                   "{desc}: {n_fmt}/{total_fmt}, NOTE")
+# a closed bar's formats, richest first, the note (if any) at the end: the first that fits is used
+_CLOSED_FORMATS = ("{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}NOTE]",
+                   "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}NOTE]",
+                   "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}NOTE]",
+                   "{l_bar}{bar}| {n_fmt}/{total_fmt}NOTE",
+                   "{desc}: {n_fmt}/{total_fmt}NOTE")
 _MIN_BAR = 4  # cells of the bar itself, below which a format does not fit
 
 
-def _fitting_format(bar, note: str) -> str:
+def _fitting_format(bar, note: str | None) -> str:
     """The richest of _CLOSED_FORMATS, ending in ``note``, whose line fits the terminal's width
-    with a bar of at least _MIN_BAR cells, so the note is never cut off."""
+    with a bar of at least _MIN_BAR cells, so nothing at its end is cut off."""
     width = bar.dynamic_ncols(bar.fp)[0] if callable(getattr(bar, "dynamic_ncols", None)) else bar.ncols
-    formats = [f.replace("NOTE", note.replace("{", "{{").replace("}", "}}")) for f in _CLOSED_FORMATS]
+    ending = ", " + note.replace("{", "{{").replace("}", "}}") if note else ""
+    formats = [f.replace("NOTE", ending) for f in _CLOSED_FORMATS]
     for fmt in formats:  # measured with tqdm's default bar of 10 cells
         if not width or len(bar.format_meter(**{**bar.format_dict, "bar_format": fmt, "ncols": None})) \
                 <= width - _MIN_BAR + (10 if "{bar}" in fmt else 0):

@@ -69,6 +69,6 @@ class ProgressPrinter:
         progress, self._progress = self._progress, None
         not_needed = math.ceil(self._expected) - round(progress.done)  # of the total the bar showed
         note = f"stopped early: {not_needed} evaluations not needed" if finished and not_needed > 0 else None
-        if note and progress.bar is not None:
+        if progress.bar is not None:  # the ingredient it last worked on says nothing at the end
             progress.bar.set_description_str(f"soup phase {self._phase}", refresh=False)
         progress.close(note, finished=finished)
