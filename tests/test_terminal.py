@@ -184,3 +184,27 @@ def test_a_soup_in_a_terminal_shows_whole_lines_closed_bars_and_a_table_that_fit
     assert assert_table_fits(screen, report, 80) == 2, shown
     assert assert_table_fits(screen2, report, 100) >= 1, "\n".join(screen2)
     assert not bar_lines(screen2) and stage_messages(raw2, "soup")[0].startswith("soup: inputs unchanged")
+
+
+def test_a_pipe_or_quiet_gets_the_markdown_table(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from pipeline.cli import _final_table
+    from pipeline.soup.report import markdown_table
+
+    report = synthetic_report(["zero_shot", "best_individual", "mmms_phase1", "mmms"], ["noise", "blur"])
+    _final_table(SimpleNamespace(quiet=False), report)  # captured stdout: not a terminal
+    assert capsys.readouterr().out == markdown_table(report) + "\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    monkeypatch.setenv("COLUMNS", "80")  # rich's width where the stream has none
+    _final_table(SimpleNamespace(quiet=True), report)
+    assert sys.stdout.getvalue() == markdown_table(report) + "\n"
+    sys.stdout = Terminal()
+    _final_table(SimpleNamespace(quiet=False), report)  # a terminal: the tables that fit it
+    shown = sys.stdout.getvalue()
+    assert "| mmms |" not in shown and assert_table_fits(ANSI.sub("", shown).splitlines(), report, 80) >= 1
