@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import console
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config (default: configs/demo.yaml, else built-in demo); "
@@ -233,7 +235,7 @@ def _dispatch(args) -> int:
     elif cmd == "soup":
         from .soup.stage import run_soup
 
-        _final_table(args, run_soup(cfg, force=args.force, log=log))
+        _final_table(args, run_soup(cfg, force=args.force, log=log, show_table=False))
     elif cmd == "run":
         if args.dry_run:
             from .dryrun import dry_run
@@ -241,7 +243,7 @@ def _dispatch(args) -> int:
             return 0 if dry_run(cfg) else 1
         from .run import run_all
 
-        _final_table(args, run_all(cfg, force=args.force, log=log))
+        _final_table(args, run_all(cfg, force=args.force, log=log, show_table=False))
     return 0
 
 
@@ -284,16 +286,20 @@ def _config_command(args) -> int:
 
 
 def _final_table(args, report: dict) -> None:
-    """With -q the stage printed nothing, so the table is printed here."""
-    if args.quiet:
+    """The report's table, last: on a terminal as tables that fit its width (rich); with -q,
+    or into a pipe or a file, the markdown table of report.md (what logs have always got)."""
+    if args.quiet or not console.isatty(sys.stdout):
         from .soup.report import markdown_table
 
         print(markdown_table(report))
+    else:
+        from .report.terminal import print_table
+
+        print_table(report)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import console
     from .errors import UserError
 
     console.configure(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)

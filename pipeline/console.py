@@ -168,6 +168,120 @@ def rate_text(rate: float, unit: str) -> str:
     return f"{rate:,.1f} {unit}s/s" if rate >= 1 else f"{1 / rate:,.1f} s/{unit}"
 
 
+class _LinesAroundBars:
+    """Stands in for sys.stdout or sys.stderr while a bar is open: each whole line written is
+    passed on with the open bars cleared first and redrawn below it, under tqdm's lock (Ray's
+    log thread prints workers' lines from another thread); a partial line waits for its end.
+    With no bar open it writes straight through, so a logging handler that took it as its stream
+    stays correct after the bars close."""
+
+    def __init__(self, real: TextIO):
+        self.real = real
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        with tqdm.get_lock():
+            if not _console.bars:
+                self._flush_pending()
+                self.real.write(text)
+                return len(text)
+            self._pending += text
+            if "\n" in self._pending:
+                whole, self._pending = self._pending.rsplit("\n", 1)
+                _console.above_bars(self.real, whole + "\n")
+        return len(text)
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self.real.write(self._pending)
+            self._pending = ""
+
+    def flush(self) -> None:
+        from tqdm import tqdm
+
+        with tqdm.get_lock():
+            if not _console.bars:
+                self._flush_pending()
+            self.real.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, buffer, ...: the real stream's
+        return getattr(self.real, name)
+
+
+class _Console:
+    """The one owner of the terminal while progress bars are open: from the first bar to the
+    last, sys.stdout and sys.stderr (and the logging handlers that wrote to them) go through
+    ``_LinesAroundBars``, so a stage line, a warning or a Ray worker's forwarded line never lands
+    on a bar's line, and a bar is never drawn twice."""
+
+    def __init__(self):
+        self.bars: list = []  # open tqdm bars
+        self._saved: tuple | None = None  # (stdout, stderr, [(handler, stream)])
+
+    def open(self, bar) -> None:
+        from tqdm import tqdm
+
+        with tqdm.get_lock():
+            if not self.bars:
+                self._redirect()
+            self.bars.append(bar)
+
+    def close(self, bar) -> None:
+        from tqdm import tqdm
+
+        with tqdm.get_lock():
+            if bar in self.bars:
+                self.bars.remove(bar)
+            if not self.bars:
+                self._restore()
+
+    def above_bars(self, real: TextIO, lines: str) -> None:
+        """Write ``lines`` (whole lines) where the bars are, then draw the bars again below them
+        (the caller holds tqdm's lock)."""
+        for bar in self.bars:
+            bar.clear(nolock=True)
+            bar.fp.flush()
+        real.write(lines)
+        real.flush()
+        for bar in self.bars:
+            bar.refresh(nolock=True)
+
+    def _redirect(self) -> None:
+        out, err = sys.stdout, sys.stderr
+        wrapped = {id(out): _LinesAroundBars(out), id(err): _LinesAroundBars(err)}
+        handlers = []
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for h in getattr(logger, "handlers", []):
+                if isinstance(h, logging.StreamHandler) and id(h.stream) in wrapped:
+                    handlers.append((h, h.stream))
+                    h.setStream(wrapped[id(h.stream)])
+        self._saved = (out, err, handlers)
+        sys.stdout, sys.stderr = wrapped[id(out)], wrapped[id(err)]
+
+    def _restore(self) -> None:
+        if self._saved is None:
+            return
+        out, err, handlers = self._saved
+        self._saved = None
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, _LinesAroundBars):
+                stream.flush()  # a partial line left over
+        sys.stdout, sys.stderr = out, err
+        for h, stream in handlers:
+            if isinstance(h.stream, _LinesAroundBars):  # nobody else replaced it meanwhile
+                h.setStream(stream)
+
+
+_console = _Console()
+
+
+def real_stream(stream: TextIO) -> TextIO:
+    """The terminal or file behind ``stream`` (sys.stderr may stand in for it while a bar is open)."""
+    return stream.real if isinstance(stream, _LinesAroundBars) else stream
+
+
 class Progress:
     """Progress of some work towards ``total`` units (``update(done)`` as it goes, ``close()``
     at the end): on a terminal a tqdm bar with rate and ETA; elsewhere (``ray job submit``
@@ -182,18 +296,19 @@ class Progress:
                  clock: Callable[[], float] = time.monotonic, bar: bool | None = None):
         self.total, self.label, self.unit, self.every_s = total, label, unit, every_s
         self.log, self.clock = log, clock
-        self.stream = stream if stream is not None else sys.stderr
+        self.stream = real_stream(stream if stream is not None else sys.stderr)
         self.quiet = verbosity() <= QUIET
         self.start = self._last_line = clock()
         self.done = 0.0
         self._bar = None
         self._said_complete = False
-        use_bar = bar if bar is not None else _isatty(self.stream)
+        use_bar = bar if bar is not None else isatty(self.stream)
         if use_bar and not self.quiet:
             from tqdm import tqdm
 
             self._bar = tqdm(total=_whole(total), desc=label, unit=unit, file=self.stream, dynamic_ncols=True,
                              leave=True)
+            _console.open(self._bar)
 
     @property
     def bar(self):
@@ -252,13 +367,46 @@ class Progress:
             self._last_line, self._said_complete = now, self._said_complete or complete
             self.log(self.status(text, **fields))
 
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+    def close(self, note: str | None = None, finished: bool = True) -> None:
+        """Ends the bar. ``finished``: the work is done, so the bar ends at what was done (its
+        real total, whatever was expected); ``note`` (e.g. why it ended early) shows at its end."""
+        if self._bar is None:
+            return
+        from tqdm import tqdm
+
+        bar, self._bar = self._bar, None
+        with tqdm.get_lock():
+            if finished and bar.total != bar.n:
+                bar.total = bar.n
+            bar.bar_format = _fitting_format(bar, note)
+            bar.close()
+        _console.close(bar)
 
 
-def _isatty(stream) -> bool:
+# a closed bar's formats, richest first, the note (if any) at the end: the first that fits is used
+_CLOSED_FORMATS = ("{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}NOTE]",
+                   "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}NOTE]",
+                   "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}NOTE]",
+                   "{l_bar}{bar}| {n_fmt}/{total_fmt}NOTE",
+                   "{desc}: {n_fmt}/{total_fmt}NOTE")
+_MIN_BAR = 4  # cells of the bar itself, below which a format does not fit
+
+
+def _fitting_format(bar, note: str | None) -> str:
+    """The richest of _CLOSED_FORMATS, ending in ``note``, whose line fits the terminal's width
+    with a bar of at least _MIN_BAR cells, so nothing at its end is cut off."""
+    width = bar.dynamic_ncols(bar.fp)[0] if callable(getattr(bar, "dynamic_ncols", None)) else bar.ncols
+    ending = ", " + note.replace("{", "{{").replace("}", "}}") if note else ""
+    formats = [f.replace("NOTE", ending) for f in _CLOSED_FORMATS]
+    for fmt in formats:  # measured with tqdm's default bar of 10 cells
+        if not width or len(bar.format_meter(**{**bar.format_dict, "bar_format": fmt, "ncols": None})) \
+                <= width - _MIN_BAR + (10 if "{bar}" in fmt else 0):
+            return fmt
+    return formats[-1]
+
+
+def isatty(stream) -> bool:
+    """Whether ``stream`` is a terminal."""
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # a closed or unusual stream: no terminal

@@ -43,9 +43,10 @@ def stage_record(cfg: Config, stage: str, seconds: float) -> dict:
     return record
 
 
-def run_all(cfg: Config, force: bool = False, log: Log = print) -> dict:
+def run_all(cfg: Config, force: bool = False, log: Log = print, show_table: bool = True) -> dict:
     """Run every stage (each reusing what it can; nothing with ``force``); returns the soup's
-    report (report.json's content), writes run.json and prints each stage's line and the table."""
+    report (report.json's content), writes run.json and prints each stage's line and the table
+    (unless ``show_table`` is False: the CLI prints it to fit the terminal)."""
     from .raycluster import init_ray
 
     init_ray(cfg)
@@ -64,9 +65,10 @@ def run_all(cfg: Config, force: bool = False, log: Log = print) -> dict:
     storage.write_json(layout.run_record_uri(cfg), {
         "stages": stages, "run": current_run(), "run_id": report.get("run_id"), "config": redacted(cfg),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - started, 1)})
-    from .soup.report import markdown_table
+    if show_table:
+        from .soup.report import markdown_table
 
-    log(markdown_table(report))
+        log(markdown_table(report))
     return report
 
 

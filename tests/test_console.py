@@ -146,7 +146,14 @@ def test_a_terminal_gets_a_tqdm_bar_and_no_lines(restore_console):
     progress.update(120, total=240)
     progress.close()
     out = stream.getvalue()
-    assert "120/240" in out and "image/s" in out and "best_val=0.9000" in out and lines == []
+    assert "image/s" in out and "best_val=0.9000" in out and lines == []
+    # the work ended: the bar closes at what was done (120 of an expected 240), not at the estimate
+    assert out.rstrip("\n").rsplit("\r", 1)[-1].startswith("evaluate: 100%|") and "120/120" in out
+    stream = Terminal()
+    progress = console.Progress(200, "evaluate", "image", stream=stream)
+    progress.update(120)
+    progress.close(finished=False)  # a failure: the bar stays where the work stopped
+    assert "120/200" in stream.getvalue() and "120/120" not in stream.getvalue()
 
 
 def test_quiet_shows_no_progress(restore_console):
@@ -190,11 +197,16 @@ def test_the_soup_search_on_a_terminal_is_a_bar_per_phase(restore_console):
     stream, lines = Terminal(), []
     printer = ProgressPrinter(["ft-000", "ft-001"], lines.append, stream=stream)
     printer(soup_progress(1, 1, 458, 1210.4))
+    shown = str(printer._progress.bar)  # tqdm draws at most every 0.1 s: what the bar reads now
+    assert shown.startswith("soup phase 1 ft-001:") and "458/1211" in shown and "best_val=" in shown
     printer(soup_progress(2, None, 3, 400))
+    assert str(printer._progress.bar).startswith("soup phase 2 all chosen:")
     printer.close()
     out = stream.getvalue()
-    assert "soup phase 1 ft-001" in out and "458/1211" in out and "soup phase 2 all chosen" in out
-    assert "best_val=" in out and lines == []
+    assert lines == []
+    # phase 1 ended early: its bar closed at the evaluations it made, saying how many it spared
+    assert "soup phase 1: 100%|" in out and "458/458" in out
+    assert "stopped early: 753 evaluations not needed" in out
 
 
 def test_a_finished_trial_says_the_eta_of_the_rest(capsys, restore_console):

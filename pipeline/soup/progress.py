@@ -1,6 +1,7 @@
 """The soup search's progress: the console (a bar or status lines) and the Ray dashboard's metrics."""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
@@ -32,6 +33,7 @@ class ProgressPrinter:
         self.stream, self.clock = stream, clock
         self._phase = None
         self._progress: Progress | None = None
+        self._expected = 0.0
 
     def __call__(self, p: dict) -> None:
         if self.metrics is not None:
@@ -43,6 +45,7 @@ class ProgressPrinter:
             self._phase = p["phase"]
             self._progress = Progress(expected, "soup", "evaluation", every_s=self.every_s, stream=self.stream,
                                       log=self.log, clock=self.clock)
+        self._expected = expected
         ing = p.get("ingredient")
         name = "all chosen" if ing is None else self.ids[ing]
         extra = f", {p['dropped']} speculative dropped" if p.get("dropped") else ""
@@ -53,8 +56,20 @@ class ProgressPrinter:
         self._progress.update(p["evals"], expected, text=text, force=new_phase,
                               desc=f"soup phase {p['phase']} {name}", best_val=best)
 
-    def close(self) -> None:
-        """Ends the current phase's bar (the next phase, or the end of the search)."""
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
+    def say(self, line: str) -> None:
+        """A stage line after a method's work: the bar of the phase it ended closes first."""
+        self.close()
+        self.log(line)
+
+    def close(self, finished: bool = True) -> None:
+        """Ends the current phase's bar (the next phase, a method's end, or the end of the
+        search) at the evaluations it made, saying so when they were fewer than expected;
+        ``finished=False`` (the search failed) leaves it where it stopped."""
+        if self._progress is None:
+            return
+        progress, self._progress = self._progress, None
+        not_needed = math.ceil(self._expected) - round(progress.done)  # of the total the bar showed
+        note = f"stopped early: {not_needed} evaluations not needed" if finished and not_needed > 0 else None
+        if progress.bar is not None:  # the ingredient it last worked on says nothing at the end
+            progress.bar.set_description_str(f"soup phase {self._phase}", refresh=False)
+        progress.close(note, finished=finished)

@@ -144,24 +144,34 @@ def _cell(acc: float | None, interval: tuple[float, float] | None) -> str:
     return f"{100 * acc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def table_rows(report: Mapping) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the accuracy table: val, id_test, each ood set, ood avg, with intervals."""
+def table_cells(report: Mapping) -> tuple[list[tuple[str, str]], list[tuple[str, list[tuple]]]]:
+    """The accuracy table as numbers: columns [(role, split name)] (val, id_test, each ood set,
+    then ("ood avg", "")) and rows [(method, [(accuracy, 95 % interval or None, ≈ mark), ...])]."""
     sizes = report["split_sizes"]
     splits = report["splits"]
     ood_names = list(splits["ood"])
-    header = ["method", f"val ({splits['val']})", f"id_test ({splits['id_test']})", *ood_names, "ood avg"]
+    columns = [("val", splits["val"]), ("id_test", splits["id_test"]), *(("ood", s) for s in ood_names),
+               ("ood avg", "")]
     rows = []
-    mark = lambda name, split: " ≈" if not_significant(report, name, split) else ""  # noqa: E731
     for name, m in report["methods"].items():
-        cells = [name,
-                 _cell(m["val"], wilson_interval(m["val"], sizes[splits["val"]])),
-                 _cell(m["id_test"], wilson_interval(m["id_test"], sizes[splits["id_test"]]))
-                 + mark(name, splits["id_test"])]
-        cells += [_cell(m["ood"][s], wilson_interval(m["ood"][s], sizes[s])) + mark(name, s) for s in ood_names]
-        cells.append(_cell(m["ood_avg"], mean_interval([m["ood"][s] for s in ood_names], [sizes[s] for s in ood_names])
-                           if ood_names else None))
-        rows.append(cells)
-    return header, rows
+        cells = [(m["val"], wilson_interval(m["val"], sizes[splits["val"]]), False),
+                 (m["id_test"], wilson_interval(m["id_test"], sizes[splits["id_test"]]),
+                  not_significant(report, name, splits["id_test"]))]
+        cells += [(m["ood"][s], wilson_interval(m["ood"][s], sizes[s]), not_significant(report, name, s))
+                  for s in ood_names]
+        cells.append((m["ood_avg"], mean_interval([m["ood"][s] for s in ood_names], [sizes[s] for s in ood_names])
+                      if ood_names else None, False))
+        rows.append((name, cells))
+    return columns, rows
+
+
+def table_rows(report: Mapping) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the accuracy table: val, id_test, each ood set, ood avg, with intervals."""
+    columns, rows = table_cells(report)
+    header = ["method", *(f"{role} ({name})" if role in ("val", "id_test") else name or role
+                          for role, name in columns)]
+    return header, [[name, *(_cell(acc, interval) + (" ≈" if mark else "") for acc, interval, mark in cells)]
+                    for name, cells in rows]
 
 
 def markdown_table(report: Mapping) -> str:

@@ -97,11 +97,11 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
         pool.close()  # the evaluators' CPUs and GPUs go to scoring WiSE-FT's and the ensemble's models
 
     try:
-        result = run_methods(cfg, evaluate, val_accs, len(names), printer, log, ids, models,
+        result = run_methods(cfg, evaluate, val_accs, len(names), printer, printer.say, ids, models,
                              mixtures_done=mixtures_done)
     finally:
         content_memo.flush()  # what was evaluated is kept, even when the search failed
-        printer.close()
+        printer.close(finished=False)  # closed already when the search ended
         pool.close()
         if metrics is not None:
             metrics.close()
