@@ -119,6 +119,9 @@ def _import_images(args) -> int:
         from .raycluster import connect
 
         connect()
+    from . import storage
+
+    storage.check_reachable([args.out, args.holdout_out])
     info = import_image_folder(args.src, args.out, name=args.name, role=args.role, class_names=classes,
                                folder_classes=folders, only_listed=only_listed, shuffle_seed=args.shuffle_seed,
                                holdout=args.holdout, holdout_uri=args.holdout_out,
@@ -176,6 +179,9 @@ def _dispatch(args) -> int:
         return 0
 
     cfg = _config(args)
+    from . import layout, storage
+
+    storage.check_reachable(layout.storage_uris(cfg))  # seconds, not minutes of retries, when it is down
     log = _say(args)
     if cmd == "prepare":
         from .prepare import run_prepare
