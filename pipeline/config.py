@@ -258,6 +258,9 @@ class StorageConfig(Strict):
     # a local output_uri that every node mounts at the same path (NFS, EFS, FSx): allowed on a
     # cluster of several nodes (otherwise use s3://; a node's own disk is invisible to the others)
     shared: bool = neutral(False)
+    # a writer's lease on output_uri (pipeline/lease.py) whose heartbeat is older than this is
+    # taken over by the next writer; the holder beats every quarter of it
+    lease_ttl_s: float = neutral(60.0, gt=0)
 
 
 class ConsoleConfig(Strict):
