@@ -203,6 +203,10 @@ def _dispatch(args) -> int:
 
 
 def _run_command(cmd: str, cfg, args, log) -> int:
+    if cmd in ("finetune", "evaluate", "soup", "import-ingredients"):
+        from .prepare import check_splits_unchanged
+
+        check_splits_unchanged(cfg)  # `run` and `prepare` check in prepare, after remaking demo shards
     if cmd == "prepare":
         from .prepare import run_prepare
 

@@ -165,6 +165,44 @@ def listdir(uri: str) -> list[str]:
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
 
+def _s3_client():
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint or None)
+
+
+def stat_files(dir_uri: str) -> dict[str, dict]:
+    """{file name: {"size", "version"}} of the files directly under ``dir_uri``, from one listing:
+    ``version`` is the object's ETag on S3 (pyarrow does not list ETags), the mtime in ns on a
+    disk. Either changes whenever the file is written."""
+    dir_uri = _normalise(dir_uri)
+    try:
+        if is_remote(dir_uri):
+            bucket, _, prefix = dir_uri.split("://", 1)[1].partition("/")
+            prefix = prefix.rstrip("/") + "/" if prefix else ""
+            out = {}
+            for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                                Delimiter="/"):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(prefix):]] = {"size": obj["Size"], "version": obj["ETag"].strip('"')}
+            return out
+        loc = resolve(dir_uri)
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+        return {posixpath.basename(i.path): {"size": i.size, "version": str(i.mtime_ns)} for i in infos if i.is_file}
+    except Exception as e:  # botocore and pyarrow raise several types; one message naming the URI
+        raise StorageError(f"cannot list {dir_uri!r}: {e}") from e
+
+
+def stat_file(uri: str) -> dict:
+    """``stat_files``'s entry of one file."""
+    parent, name = posixpath.split(_normalise(uri)) if is_remote(uri) else os.path.split(_normalise(uri))
+    found = stat_files(parent).get(name)
+    if found is None:
+        raise StorageError(f"{uri!r} does not exist")
+    return found
+
+
 def makedirs(uri: str) -> None:
     loc = resolve(uri)
     loc.fs.create_dir(loc.path, recursive=True)
