@@ -255,9 +255,10 @@ def evaluator_pool(cfg: Config, split_name: str, ingredient_ids: Sequence[str], 
 
 
 class LazyPool:
-    """The evaluator pool, started at the first mixture the memo cannot answer: a soup whose
-    every evaluation is in the memo starts no actor at all. Synchronous ``pool(betas)`` and the
-    asynchronous side the speculative phase 1 uses (``free``, ``submit``, ``wait``)."""
+    """The evaluator pool, started when first needed: the soup stage starts it before it opens
+    the memo, whose context holds the evaluators' probe fingerprint (pipeline/soup/probe.py).
+    Synchronous ``pool(betas)`` and the asynchronous side the speculative phase 1 uses
+    (``free``, ``submit``, ``wait``)."""
 
     parallel = True
 
