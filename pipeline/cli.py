@@ -32,6 +32,11 @@ def _verbosity_args(p: argparse.ArgumentParser, default) -> None:
                    help="show only errors and the final table")
 
 
+def _no_wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-wait", action="store_true",
+                   help="stop at once if another command is writing to output_uri (default: wait for it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frankensoup", description=__doc__)
     parser.add_argument("--version", action="version", version=f"frankensoup {version()}")
@@ -48,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="check config, storage and cluster; print the plan")
     p.add_argument("--force", action="store_true", help="redo all work even where its inputs are unchanged")
+    _no_wait_arg(p)
 
     for name, text in [("prepare", "build the demo shards and the demo base model"),
                        ("finetune", "run the Ray Tune sweep and write the ingredient registry"),
@@ -56,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, help=text)
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="redo the stage even if finished")
+        _no_wait_arg(p)
 
     p = add("import-images", help="turn DIR/<class folder>/<image> into shards")
     p.add_argument("src", metavar="DIR")
@@ -89,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["auto", "frankensoup", "model-soups"], default="auto")
     p.add_argument("--replace", action="store_true",
                    help="drop every registered ingredient first (default: add to the registry)")
+    _no_wait_arg(p)
 
     p = add("config", help="show, validate or describe a config (never starts Ray)")
     p.add_argument("action", choices=["show", "validate", "schema"],
@@ -130,6 +138,9 @@ def _import_images(args) -> int:
         from .raycluster import connect
 
         connect()
+    from . import storage
+
+    storage.check_reachable([args.out, args.holdout_out])
     info = import_image_folder(args.src, args.out, name=args.name, role=args.role, class_names=classes,
                                folder_classes=folders, only_listed=only_listed, shuffle_seed=args.shuffle_seed,
                                holdout=args.holdout, holdout_uri=args.holdout_out,
@@ -215,7 +226,26 @@ def _dispatch(args) -> int:
 
     new_run()  # this command's id: the `run` label of its dashboard metrics, run.json's "run"
     cfg = _config(args)
+    from . import layout, storage
+
+    storage.check_reachable(layout.storage_uris(cfg))  # seconds, not minutes of retries, when it is down
     log = _say(args)
+    if cmd == "run" and args.dry_run:
+        from .dryrun import dry_run
+
+        return 0 if dry_run(cfg) else 1
+    from .lease import holding
+
+    # one writer per output: a second command waits for this one (or stops with --no-wait)
+    with holding(cfg.output_uri, cmd, ttl_s=cfg.storage.lease_ttl_s, wait=not args.no_wait, log=log):
+        return _run_command(cmd, cfg, args, log)
+
+
+def _run_command(cmd: str, cfg, args, log) -> int:
+    if cmd in ("finetune", "evaluate", "soup", "import-ingredients"):
+        from .prepare import check_splits_unchanged
+
+        check_splits_unchanged(cfg)  # `run` and `prepare` check in prepare, after remaking demo shards
     if cmd == "prepare":
         from .prepare import run_prepare
 
@@ -237,10 +267,6 @@ def _dispatch(args) -> int:
 
         _final_table(args, run_soup(cfg, force=args.force, log=log, show_table=False))
     elif cmd == "run":
-        if args.dry_run:
-            from .dryrun import dry_run
-
-            return 0 if dry_run(cfg) else 1
         from .run import run_all
 
         _final_table(args, run_all(cfg, force=args.force, log=log, show_table=False))

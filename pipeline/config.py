@@ -54,16 +54,15 @@ def parse_failure(spec: str | None) -> tuple[int, int] | None:
     return trial, epoch
 
 
-def _is_ngopt_family(name: str) -> bool:
-    """Whether nevergrad's ``name`` is an NGOpt-family optimizer, one that picks another per
-    problem (a configured optimizer's registry entry wraps the class it builds)."""
-    import nevergrad as ng
-    from nevergrad.optimization.optimizerlib import NGOptBase
-
-    entry = ng.optimizers.registry[name]
-    while not isinstance(entry, type):
-        entry = entry._OptimizerClass
-    return issubclass(entry, NGOptBase)
+# The optimizers a soup accepts: each is deterministic from soup.seed alone (its own numpy
+# random state, swapped in around every ask and tell: pipeline/soup/mmms.py), which
+# tests/test_optimizers.py checks for each. NGOpt is accepted where it picks Cobyla: with one
+# worker and at most NGOPT_MAX_EVALS_PER_DIM evaluations per dimension, whatever the dimension
+# (every granularity, phase 1's passes and phase 2); beyond that it picks MetaModel, which
+# crashes inside scikit-learn with numpy 2.x, or CMA.
+OPTIMIZERS = ("Cobyla", "CMA", "TwoPointsDE", "NGOpt")
+SEQUENTIAL_OPTIMIZERS = ("Cobyla", "NGOpt")  # one ask at a time: num_workers must be 1
+NGOPT_MAX_EVALS_PER_DIM = 50
 
 
 Role = Literal["pretrain", "train", "val", "id_test", "ood"]
@@ -266,7 +265,8 @@ class SoupConfig(Strict):
     second_pass_low: float = Field(0.3, ge=0, lt=1)
     """Lower bound of lambda in phase 1's second pass."""
     optimizer: str = "CMA"
-    """Any nevergrad optimizer name; NGOpt only with num_workers=1."""
+    """One of OPTIMIZERS (Cobyla, CMA, TwoPointsDE, NGOpt), each deterministic from soup.seed; Cobyla and NGOpt
+    only with num_workers=1."""
     num_workers: int = Field(4, ge=1)
     """W: candidate mixtures in flight per optimizer step (changes the search)."""
     num_evaluators: int = neutral(2, ge=1)
@@ -324,19 +324,24 @@ class SoupConfig(Strict):
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
-        import nevergrad as ng
-
-        if v not in ng.optimizers.registry:
-            raise ValueError(f"unknown nevergrad optimizer {v!r}")
+        if v not in OPTIMIZERS:
+            raise ValueError(f"{v!r} is not an accepted optimizer: use one of {', '.join(OPTIMIZERS)} "
+                             "(each deterministic from soup.seed)")
         return v
 
     @model_validator(mode="after")
     def _optimizer_runs_with_num_workers(self):
-        if self.num_workers > 1 and _is_ngopt_family(self.optimizer):
-            # its parallel pick is MetaModel, which crashes inside sklearn with numpy 2.x
+        if self.num_workers > 1 and self.optimizer in SEQUENTIAL_OPTIMIZERS:
+            # NGOpt's parallel pick is MetaModel, which crashes with numpy 2.x; Cobyla asks one at a time
             raise ValueError(f"soup.optimizer {self.optimizer!r} cannot run with soup.num_workers={self.num_workers} "
-                             "> 1: it picks MetaModel, which crashes with numpy 2.x; name one (CMA, TwoPointsDE) "
-                             "or set num_workers=1")
+                             "> 1: it asks one point at a time (NGOpt would pick MetaModel, which crashes with "
+                             "numpy 2.x); name one (CMA, TwoPointsDE) or set num_workers=1")
+        most = max(self.max_func_evals_per_dim, self.phase2.evals_per_dim if self.phase2.enabled else 0)
+        if self.optimizer == "NGOpt" and most > NGOPT_MAX_EVALS_PER_DIM:
+            raise ValueError(f"soup.optimizer 'NGOpt' with {most} evaluations per dimension "
+                             f"(soup.max_func_evals_per_dim, soup.phase2.evals_per_dim): above "
+                             f"{NGOPT_MAX_EVALS_PER_DIM} it no longer picks Cobyla but MetaModel or CMA; "
+                             "name the optimizer (CMA, Cobyla) or lower the budget")
         return self
 
 
@@ -359,6 +364,9 @@ class StorageConfig(Strict):
     shared: bool = neutral(False)
     """A local output_uri that every node mounts at the same path (NFS, EFS, FSx): allowed on a cluster of
     several nodes (otherwise use s3://; a node's own disk is invisible to the others)."""
+    lease_ttl_s: float = neutral(60.0, gt=0)
+    """A writer's lease on output_uri (pipeline/lease.py) whose heartbeat is older than this many seconds is taken
+    over by the next writer; the holder beats every quarter of it."""
 
 
 class ConsoleConfig(Strict):

@@ -41,6 +41,14 @@ def ood_splits(cfg: Config) -> dict[str, SplitConfig]:
     return {n: s for n, s in splits(cfg).items() if s.role == "ood"}
 
 
+def storage_uris(cfg: Config) -> list[str]:
+    """Every storage URI a run reads or writes: output_uri, the shard sets, a weights file."""
+    uris = [cfg.output_uri, *(s.uri for s in splits(cfg).values())]
+    if "://" in cfg.model.pretrained:
+        uris.append(cfg.model.pretrained)
+    return uris
+
+
 def base_dir(cfg: Config) -> str:
     return storage.join(cfg.output_uri, "base")
 

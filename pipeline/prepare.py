@@ -77,10 +77,16 @@ def _demo_data(cfg: Config, force: bool, log) -> bool:
 
     key = demo_data_key(cfg)
     recipe = layout.demo_recipe_uri(cfg)
-    complete = all(storage.exists(storage.join(layout.data_uri(cfg, name), shards.MARKER))
-                   for name in [*layout.DEMO_ROLES, *cfg.data.demo.shifts])
+    names = [*layout.DEMO_ROLES, *cfg.data.demo.shifts]
+    complete = all(storage.exists(storage.join(layout.data_uri(cfg, name), shards.MARKER)) for name in names)
     if not force and complete and storage.exists(recipe) and storage.read_json(recipe).get("key") == key:
-        return False
+        changed = {name: shards.changed_shards(layout.data_uri(cfg, name)) for name in names}
+        changed = {name: files for name, files in changed.items() if files}
+        if not changed:
+            return False
+        # the demo shards are made from settings alone: make them again (same bytes, same keys)
+        log("prepare: demo shards changed since they were written (" + "; ".join(
+            f"{name}: {', '.join(files)}" for name, files in changed.items()) + "): writing them again")
     storage.delete(recipe)
     write_demo_splits(layout.data_root(cfg), cfg.data.demo, cfg.data.rows_per_shard)
     storage.write_json(recipe, {"key": key})
@@ -111,6 +117,22 @@ def _zero_shot_current(cfg: Config, key: str) -> bool:
     return record.get("key") == key and storage.sha256(storage.read_bytes(layout.zeroshot_uri(cfg))) == record["sha256"]
 
 
+def check_splits_unchanged(cfg: Config) -> None:
+    """Refuse, naming the shard, a split whose shards changed since its dataset.json was
+    written (one listing per split; only a shard that looks different is read): every key over
+    that split would name content it no longer holds. Run before each stage; prepare has made
+    its demo shards again by then."""
+    for name, split in layout.splits(cfg).items():
+        if not storage.exists(storage.join(split.uri, shards.MARKER)):
+            continue  # not made yet (the demo's) or missing: the stage that reads it says so
+        changed = shards.changed_shards(split.uri)
+        if changed:
+            made_here = cfg.data.source == "demo" and split.uri.startswith(layout.data_root(cfg))
+            hint = "run `frankensoup prepare` to make it again" if made_here else "import the split again"
+            raise shards.DataError(f"split {name}: shard {storage.join(split.uri, changed[0])} changed since "
+                                   f"its dataset.json was written (sha256 differs): {hint}")
+
+
 def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
     """Demo shards, base CLIP and zero-shot head, each made only when its key changed (or with
     ``force``); returns the stage marker (with ``reused``/``computed`` counts of the three)."""
@@ -119,6 +141,7 @@ def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
     if cfg.data.source == "demo":
         made.append(_demo_data(cfg, force, log))
     rows = {}
+    check_splits_unchanged(cfg)
     for name, split in layout.splits(cfg).items():
         info = shards.split_info(split.uri)  # fails naming an unreadable or incomplete split
         rows[name] = {"role": split.role, "rows": info["num_rows"], "uri": layout.relative(cfg, split.uri)}

@@ -60,6 +60,81 @@ def resolve(uri: str) -> Location:
     return Location(fs, path, uri)
 
 
+# How long a command waits for object storage to answer before it says it is unreachable:
+# pyarrow's defaults retry for minutes against an endpoint that accepts but never replies.
+REACH_CONNECT_S = 3.0
+REACH_REPLY_S = 5.0
+REACH_DEADLINE_S = 12.0
+
+
+def s3_endpoint(uri: str) -> str:
+    """The endpoint an ``s3://`` URI is served from: AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3, or an
+    ``endpoint_override`` in the URI's query), else AWS's regional endpoint."""
+    from urllib.parse import parse_qs, urlsplit
+
+    query = parse_qs(urlsplit(uri).query)
+    if query.get("endpoint_override"):
+        return query["endpoint_override"][0]
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var]
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return f"https://s3.{region}.amazonaws.com"
+
+
+def _probe(uri: str) -> None:
+    """One request to the store behind ``uri`` with short timeouts and no retries; OSError when
+    the endpoint does not answer. Any answer (even 'no such key' or 'access denied') is an answer."""
+    loc = resolve(uri)
+    endpoint = s3_endpoint(uri)
+    scheme, _, host = endpoint.rpartition("://")
+    fs = pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme or "https", region=loc.fs.region,
+                           connect_timeout=REACH_CONNECT_S, request_timeout=REACH_REPLY_S,
+                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    try:
+        fs.get_file_info(loc.path)
+    except OSError as e:
+        if "NETWORK_CONNECTION" in str(e) or "curlCode" in str(e):
+            raise
+        # the endpoint answered (with an error of its own, which the command reports in its place)
+
+
+def check_reachable(uris, deadline_s: float = REACH_DEADLINE_S) -> None:
+    """Refuse, in one line naming the URI and its endpoint, object storage that does not answer
+    within a few seconds. Local paths are not checked. One probe per bucket and endpoint."""
+    import threading
+
+    seen = set()
+    for uri in uris:
+        if not uri or not is_remote(uri):
+            continue
+        uri = _normalise(uri)
+        endpoint = s3_endpoint(uri)
+        bucket = uri.split("://", 1)[1].split("/", 1)[0]
+        if (endpoint, bucket) in seen:
+            continue
+        seen.add((endpoint, bucket))
+        outcome: list = []
+
+        def probe(uri=uri, outcome=outcome):
+            try:
+                _probe(uri)
+                outcome.append(None)
+            except Exception as e:  # reported below with the URI and endpoint
+                outcome.append(e)
+
+        worker = threading.Thread(target=probe, daemon=True)  # a hung resolver must not hold the exit
+        worker.start()
+        worker.join(deadline_s)
+        if not outcome:
+            why = f"no answer within {deadline_s:g} s"
+        elif outcome[0] is None:
+            continue
+        else:
+            why = str(outcome[0]).split("Details: ")[-1].strip()
+        raise StorageError(f"storage unreachable: {uri} at endpoint {endpoint}: {why}")
+
+
 def join(uri: str, *parts: str) -> str:
     uri = _normalise(uri)
     if "://" in uri:
@@ -88,6 +163,52 @@ def listdir(uri: str) -> list[str]:
     except OSError as e:
         raise StorageError(f"cannot list {uri!r}: {e}") from e
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
+def _s3_client():
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint or None)
+
+
+def stat_files(dir_uri: str) -> dict[str, dict]:
+    """{file name: {"size", "version"}} of the files directly under ``dir_uri``, from one listing:
+    ``version`` is the object's ETag on S3 (pyarrow does not list ETags), the mtime in ns on a
+    disk. Either changes whenever the file is written."""
+    dir_uri = _normalise(dir_uri)
+    try:
+        if is_remote(dir_uri):
+            bucket, _, prefix = dir_uri.split("://", 1)[1].partition("/")
+            prefix = prefix.rstrip("/") + "/" if prefix else ""
+            out = {}
+            for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                                Delimiter="/"):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(prefix):]] = {"size": obj["Size"], "version": obj["ETag"].strip('"')}
+            return out
+        loc = resolve(dir_uri)
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+        return {posixpath.basename(i.path): {"size": i.size, "version": str(i.mtime_ns)} for i in infos if i.is_file}
+    except Exception as e:  # botocore and pyarrow raise several types; one message naming the URI
+        raise StorageError(f"cannot list {dir_uri!r}: {e}") from e
+
+
+def stat_file(uri: str) -> dict:
+    """``stat_files``'s entry of one file (one HEAD on S3, one stat on a disk)."""
+    uri = _normalise(uri)
+    try:
+        if is_remote(uri):
+            bucket, _, key = uri.split("://", 1)[1].partition("/")
+            head = _s3_client().head_object(Bucket=bucket, Key=key)
+            return {"size": head["ContentLength"], "version": head["ETag"].strip('"')}
+        loc = resolve(uri)
+        info = loc.fs.get_file_info(loc.path)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(uri)
+        return {"size": info.size, "version": str(info.mtime_ns)}
+    except Exception as e:  # botocore and pyarrow raise several types; one message naming the URI
+        raise StorageError(f"cannot stat {uri!r}: {e}") from e
 
 
 def makedirs(uri: str) -> None:

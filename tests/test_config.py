@@ -40,8 +40,8 @@ def test_wrong_values_name_the_field(override, field):
     assert field in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
-@pytest.mark.parametrize("optimizer", ["NGOpt", "NgIoh", "Wiz"])
-def test_ngopt_family_runs_only_with_one_worker(optimizer):
+@pytest.mark.parametrize("optimizer", ["NGOpt", "Cobyla"])
+def test_sequential_optimizers_run_only_with_one_worker(optimizer):
     with pytest.raises(ConfigError, match=f"soup.optimizer '{optimizer}'.*soup.num_workers=4.*MetaModel") as e:
         load_config(None, [f"soup.optimizer={optimizer}", "soup.num_workers=4"])
     assert len(str(e.value).splitlines()) == 1

@@ -63,3 +63,44 @@ def test_bad_uris_name_themselves():
         storage.resolve("gs://x/y")
     with pytest.raises(storage.StorageError, match="does not exist"):
         storage.read_bytes("/nonexistent/frankensoup/file")
+
+
+# ---- object storage that does not answer ------------------------------------------------
+
+@pytest.fixture
+def dead_endpoints():
+    """Two endpoints that never answer an S3 request: a closed port, and a listening socket that
+    accepts connections and never replies (pyarrow's retries waited minutes on it)."""
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    yield {"closed port": f"http://127.0.0.1:{closed_port}", "silent socket": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+    silent.close()
+
+
+@pytest.mark.parametrize("command", [["run", "--dry-run"], ["soup"]])  # run and every stage pass the same check
+def test_unreachable_object_storage_stops_at_once_naming_uri_and_endpoint(dead_endpoints, command, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    for kind, endpoint in dead_endpoints.items():
+        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "PYTHONPATH": os.getcwd()}
+        # the timeout catches the old behaviour (78-100 s of retries), it is not a speed test
+        out = subprocess.run([sys.executable, "-m", "pipeline", *command, "--set", "ray.address=local",
+                              "--set", "output_uri=s3://nowhere/run1"], env=env, capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+        assert out.returncode == 2, (kind, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and out.stdout == "", (kind, out.stdout, out.stderr)
+        assert "s3://nowhere/run1" in lines[0] and endpoint in lines[0] and "unreachable" in lines[0], lines
+
+
+def test_storage_that_answers_passes_the_reachability_check(s3_bucket, tmp_path):
+    storage.check_reachable([f"{s3_bucket}/not-yet-written", str(tmp_path), f"{s3_bucket}/other"])

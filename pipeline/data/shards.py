@@ -128,8 +128,10 @@ def write_shard(uri: str, index: int, images: Sequence[bytes], labels: Sequence[
     label_arr = check_labels(labels, len(class_names), shard_uri)
     data = _shard_bytes(images, label_arr, _split_metadata(name, role, class_names), shard_uri)
     storage.write_bytes(shard_uri, data)
-    # the shard's content hash: keys of work that read this split cost no read of the shards
-    return {"file": shard_file(index), "num_rows": len(label_arr), "sha256": storage.sha256(data)}
+    # the shard's content hash: keys of work that read this split cost no read of the shards;
+    # its size and version (mtime, or S3's ETag): a run's start tells a changed shard from one listing
+    return {"file": shard_file(index), "num_rows": len(label_arr), "sha256": storage.sha256(data),
+            **storage.stat_file(shard_uri)}
 
 
 def finish_split(uri: str, shards: list[dict], *, name: str, role: str, class_names: list[str],
@@ -232,6 +234,35 @@ def split_content(uri: str, info: dict | None = None) -> str:
               for s in info["shards"]]
     return digest({"class_names": info["class_names"], "shards": hashes,
                    "rows": [s["num_rows"] for s in info["shards"]]})
+
+
+def changed_shards(uri: str, info: dict | None = None) -> list[str]:
+    """The shards of a split whose content is no longer what dataset.json records, from one
+    listing: a shard whose size and version (mtime on a disk, ETag on S3) still match is taken as
+    unchanged; one that differs (or is missing) is hashed again. A shard rewritten with the same
+    bytes (a copy, a touch) gets its new size and version recorded in dataset.json, best effort,
+    so it is not hashed again."""
+    info = info or split_info(uri)
+    listing = storage.stat_files(uri)
+    changed, refreshed = [], False
+    for entry in info["shards"]:
+        now = listing.get(entry["file"])
+        if now is None:
+            changed.append(entry["file"])
+            continue
+        if all(entry.get(k) == v for k, v in now.items()):
+            continue
+        if entry.get("sha256") is not None:
+            data = storage.read_bytes(storage.join(uri, entry["file"]))
+            if storage.sha256(data) != entry["sha256"]:
+                changed.append(entry["file"])
+                continue
+        entry.update(now)  # same content (or a split from before hashes): remember how it looks now
+        refreshed = True
+    if refreshed and not changed:
+        with contextlib.suppress(Exception):  # a read-only store: hashed again next time
+            storage.write_json(storage.join(uri, MARKER), info)
+    return changed
 
 
 def shard_uris(uri: str) -> list[str]:

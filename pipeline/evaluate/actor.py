@@ -114,12 +114,19 @@ class EvaluatorHost:
         with self._busy():
             return self.evaluator.score(list(betas), thresholds)
 
+    def probe(self, betas: Sequence) -> bytes:
+        """Predictions on the probe images for the probe mixtures (pipeline/soup/probe.py)."""
+        from ..soup.probe import probe_predictions
+
+        return probe_predictions(self.evaluator, list(betas))
+
     def info(self) -> dict:
         ev = self.evaluator
         return {"ingredient_ids": self.ids, "split": self.split_name, "beta_shape": list(ev.beta_shape),
                 "component_names": list(ev.component_names), "n_images": int(ev.images.shape[0]),
                 "device": str(ev.device), "dtype": str(ev.dtype).removeprefix("torch."),
-                "threads": torch.get_num_threads(), **placement(ev.device)}
+                "threads": torch.get_num_threads(), **placement(ev.device),
+                "device_name": torch.cuda.get_device_name(ev.device) if ev.device.type == "cuda" else "cpu"}
 
 
 # resources come from the caller: .options(num_cpus=..., num_gpus=...) (soup.evaluator_resources)

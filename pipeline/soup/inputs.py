@@ -107,12 +107,14 @@ def split_names(cfg: Config) -> tuple[str, str, list[str]]:
     return val, id_test, list(layout.ood_splits(cfg))
 
 
-def memo_context(cfg: Config, components, val_name: str) -> dict:
+def memo_context(cfg: Config, components, val_name: str, probe: str | None = None) -> dict:
     """What a val accuracy depends on besides the mixture: the val split's content and scoring,
-    the model, the component layout (names and tensors) and the evaluator's precision."""
+    the model, the component layout (names and tensors) and the evaluator's precision; with
+    ``probe``, the fingerprint of the evaluators' predictions on the probe mixtures (their
+    hardware, pipeline/soup/probe.py)."""
 
     val = layout.splits(cfg)[val_name]
-    return {"format": "frankensoup-search-memo-v1", "model": cfg.model.name,
+    return {"format": "frankensoup-search-memo-v1", "model": cfg.model.name, **({"probe": probe} if probe else {}),
             "ingredient_dtype": cfg.evaluate.ingredient_dtype,
             "components": [[c.name, sorted(c.params), sorted(getattr(c, "buffers", ()))] for c in components],
             "val": {"content": split_content(val.uri), "class_subset": val.class_subset, "class_map": val.class_map,

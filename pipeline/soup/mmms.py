@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import nevergrad as ng
 import numpy as np
 
-from ..config import SoupConfig
+from ..config import OPTIMIZERS, SoupConfig
 from ..evaluate.mixture import Threshold
 from . import mixture
 from .dispatch import Dispatcher, Evaluator, Request, Task, dispatcher_of
@@ -27,15 +27,80 @@ Progress = Callable[[dict], None] | None
 
 # ---- the one optimiser loop -----------------------------------------------------------------
 
-def make_optimizer(name: str, x0: np.ndarray, lower, upper, budget: int, num_workers: int, seed: int):
-    """A seeded nevergrad optimizer over a bounded array (sigma spans the bounds / 6). SoupConfig
-    checks the name and its pairing with num_workers; what only building it tells is named here."""
-    param = ng.p.Array(init=x0, lower=lower, upper=upper)
-    param.random_state.seed(seed)
+class OwnRandomState:
+    """A numpy global random state of one's own: pycma (CMA) and parts of nevergrad draw from
+    ``np.random``'s global state, so anything else in the process that draws from it between
+    two asks would change the search. Inside ``active()`` the global state is this one; on exit
+    it is kept here and the caller's is put back. Not reseeded per ask: it runs on from where
+    the last ask left it."""
+
+    def __init__(self, seed: int):
+        self._state = np.random.RandomState(seed % 2**32).get_state()
+
+    @contextmanager
+    def active(self):
+        outer = np.random.get_state()
+        np.random.set_state(self._state)
+        try:
+            yield
+        finally:
+            self._state = np.random.get_state()
+            np.random.set_state(outer)
+
+
+def nevergrad():
+    """nevergrad, imported without touching the caller's ``np.random`` stream (some of its
+    modules draw from it at import time)."""
+    outer = np.random.get_state()
     try:
-        return ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=num_workers)
-    except ValueError as e:  # e.g. "Cobyla does not support parallelization"
-        raise ValueError(f"soup.optimizer {name!r} with num_workers={num_workers}: {e}") from e
+        import nevergrad as ng
+    finally:
+        np.random.set_state(outer)
+    return ng
+
+
+def _picked(opt) -> str:
+    """The optimizer an NGOpt-family one delegates to (its last ``optim``), by class name."""
+    while hasattr(opt, "optim"):
+        opt = opt.optim
+    return getattr(opt, "name", type(opt).__name__)
+
+
+class SeededOptimizer:
+    """A nevergrad optimizer deterministic from its seed alone: its parametrization's random
+    state is seeded, and every call that may draw from ``np.random`` runs in its own state."""
+
+    def __init__(self, name: str, x0: np.ndarray, lower, upper, budget: int, num_workers: int, seed: int):
+        if name not in OPTIMIZERS:
+            raise ValueError(f"soup.optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+        ng = nevergrad()
+        self.random = OwnRandomState(seed)
+        with self.random.active():
+            param = ng.p.Array(init=x0, lower=lower, upper=upper)
+            param.random_state.seed(seed)
+            try:
+                self.opt = ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=num_workers)
+            except ValueError as e:  # e.g. "Cobyla does not support parallelization"
+                raise ValueError(f"soup.optimizer {name!r} with num_workers={num_workers}: {e}") from e
+            self.picked = _picked(self.opt) if name == "NGOpt" else name
+        if self.picked not in OPTIMIZERS:  # SoupConfig keeps NGOpt to budgets where it picks Cobyla
+            raise ValueError(f"soup.optimizer {name!r} picked {self.picked} for {len(np.atleast_1d(x0))} dimensions "
+                             f"and budget {budget}: not one of {', '.join(OPTIMIZERS)}; name the optimizer")
+
+    def ask(self):
+        with self.random.active():
+            return self.opt.ask()
+
+    def tell(self, candidate, loss: float) -> None:
+        with self.random.active():
+            self.opt.tell(candidate, loss)
+
+
+def make_optimizer(name: str, x0: np.ndarray, lower, upper, budget: int, num_workers: int, seed: int):
+    """A seeded nevergrad optimizer over a bounded array (sigma spans the bounds / 6), deterministic
+    from ``seed`` whatever else draws from ``np.random``. SoupConfig checks the name and its
+    pairing with num_workers; what only building it tells is named here."""
+    return SeededOptimizer(name, np.asarray(x0), lower, upper, budget, num_workers, seed)
 
 
 def _point_key(x: np.ndarray) -> bytes:

@@ -39,7 +39,8 @@ class EvaluatorPool:
     (``evaluations``, ``best_val``, ``seconds``) and the ``on_batch(n, best_val, seconds)`` hooks
     are updated after every call, one call being one batch."""
 
-    def __init__(self, actors: Sequence, on_batch: Sequence[OnBatch] = (), start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(self, actors: Sequence, on_batch: Sequence[OnBatch] = (), start_timeout_s: float = START_TIMEOUT_S,
+                 on_admit: Sequence[Callable] = ()):
         import ray
 
         if not actors:
@@ -51,6 +52,7 @@ class EvaluatorPool:
         self.infos: list[dict] = []  # each started actor's info(), in start order
         self.start_timeout_s = start_timeout_s
         self.on_batch: list[OnBatch] = list(on_batch)
+        self.on_admit = list(on_admit)  # (actor, info) -> None, before it takes work: the probe check
         self.evaluations = 0
         self.best_val: float | None = None
         self.seconds = 0.0
@@ -84,6 +86,8 @@ class EvaluatorPool:
         for ref in done:
             actor = self._starting.pop(ref)
             self.infos.append(self._ray.get(ref))  # raises the actor's construction error
+            for admit in self.on_admit:
+                admit(actor, self.infos[-1])
             self._ready.append(actor)
             self._idle.append(actor)
 
@@ -241,15 +245,23 @@ def start_evaluators(cfg: Config, split_name: str, ingredient_ids: Sequence[str]
 
 
 def evaluator_pool(cfg: Config, split_name: str, ingredient_ids: Sequence[str], *,
-                   on_batch: Sequence[OnBatch] = (), **kwargs) -> EvaluatorPool:
-    """The Ray-backed ``evaluate`` for the soup: E actors behind one callable."""
-    return EvaluatorPool(start_evaluators(cfg, split_name, ingredient_ids, **kwargs), on_batch=on_batch)
+                   on_batch: Sequence[OnBatch] = (), n_components: int | None = None, **kwargs) -> EvaluatorPool:
+    """The Ray-backed ``evaluate`` for the soup: E actors behind one callable, each checked to
+    predict like the first on the probe mixtures (pipeline/soup/probe.py) as it joins."""
+    from .probe import ProbeCheck
+
+    pool = EvaluatorPool(start_evaluators(cfg, split_name, ingredient_ids, **kwargs), on_batch=on_batch)
+    if n_components is not None:
+        pool.probe = ProbeCheck(len(ingredient_ids), n_components)
+        pool.on_admit.append(pool.probe.admit)
+    return pool
 
 
 class LazyPool:
-    """The evaluator pool, started at the first mixture the memo cannot answer: a soup whose
-    every evaluation is in the memo starts no actor at all. Synchronous ``pool(betas)`` and the
-    asynchronous side the speculative phase 1 uses (``free``, ``submit``, ``wait``)."""
+    """The evaluator pool, started when first needed: the soup stage starts it before it opens
+    the memo, whose context holds the evaluators' probe fingerprint (pipeline/soup/probe.py).
+    Synchronous ``pool(betas)`` and the asynchronous side the speculative phase 1 uses
+    (``free``, ``submit``, ``wait``)."""
 
     parallel = True
 
@@ -263,9 +275,15 @@ class LazyPool:
 
     def started(self):
         if self.pool is None:
-            self.pool = evaluator_pool(self.cfg, self.val, self.ids)
+            self.pool = evaluator_pool(self.cfg, self.val, self.ids, n_components=len(self.names))
             check_pool(self.pool.wait_ready(), self.ids, self.names)
         return self.pool
+
+    def probe_fingerprint(self) -> str | None:
+        """Starts the pool; the fingerprint of its evaluators' probe predictions (None for a
+        pool without the probe check)."""
+        probe = getattr(self.started(), "probe", None)
+        return None if probe is None else probe.fingerprint
 
     def __call__(self, betas: list[np.ndarray]) -> list[float]:
         return self.started()(betas)

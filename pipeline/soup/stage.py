@@ -83,10 +83,15 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
     evaluator actors; methods that make other models score them through ``models``."""
     val, _, _ = split_names(cfg)
     ids, names = inputs.ids, inputs.component_names
-    memo = Memo.open(layout.soup_memo_root(cfg), memo_context(cfg, inputs.components, val))
     val_accs = [float(inputs.evaluations[i][val]["accuracy"]) for i in ids]
     metrics = dashboard_metrics(current_run())  # labelled with the command's run, as every metric
     pool = LazyPool(cfg, val, ids, names, metrics)
+    try:  # the memo is keyed by what the evaluators predict on the probe: they start first
+        probe = pool.probe_fingerprint()
+    except BaseException:
+        pool.close()
+        raise
+    memo = Memo.open(layout.soup_memo_root(cfg), memo_context(cfg, inputs.components, val, probe))
     # phase 1 speculates on the pool's idle actors; the memo answers what it holds
     content_memo = ContentMemo(memo, [i.sha256 for i in inputs.ingredients])
     evaluate = Dispatcher(pool, memo=content_memo)
@@ -109,7 +114,7 @@ def search_on_ray(cfg: Config, inputs: SoupInputs, run_id: str, log: Log,
     hits, misses = content_memo.reused, evaluate.cost.evaluations
     log(f"soup: {hits} mixtures from memo, {misses} evaluated")
     infos = pool.pool.infos if pool.pool is not None else []  # each evaluator's placement
-    counts = {"memo": layout.relative(cfg, memo.uri), "from_memo": hits, "evaluated": misses,
+    counts = {"memo": layout.relative(cfg, memo.uri), "probe": probe, "from_memo": hits, "evaluated": misses,
               "evaluator_nodes": [i["node_id"] for i in infos],
               "evaluators": [{k: i.get(k) for k in PLACEMENT_FIELDS} for i in infos],
               "evaluator_seconds": round(pool.seconds, 2)}
