@@ -367,3 +367,61 @@ def test_any_module_and_its_buffers(mix_statistics):
             expected = sum((model(images[s:s + 16]).argmax(1) == labels[s:s + 16]).sum().item()
                            for s in range(0, 40, 16)) / 40
         assert ev.evaluate([one_hot(3, 2, j)]) == [expected]
+
+
+# ---- shards and the working set -------------------------------------------------------------
+
+def test_shards_are_whole_batches_and_predictions_do_not_depend_on_them(world):
+    """Per-image outcomes on a real evaluator are the same for S = 1, 2, 3 (uneven) shards, the
+    shards' integer counts sum to the unsharded count, and a threshold's per-shard early stop
+    decides exactly as the unsharded test does."""
+    from pipeline.evaluate.mixture import Threshold, combine, misses_allowed, shard_bounds
+
+    assert shard_bounds(100, 32, 3) == [(0, 32), (32, 64), (64, 100)]  # 4 batches: 1, 1, 2
+    assert shard_bounds(100, 32, 9) == [(0, 32), (32, 64), (64, 96), (96, 100)]  # at most one per batch
+    ev = make_evaluator(world)
+    k, c = ev.beta_shape
+    betas = [random_mixture(k, c, 5), one_hot(k, c, 2)]
+    for beta in betas:
+        whole = ev.predictions(beta)
+        [full] = ev.score([beta])
+        for s in (1, 2, 3):
+            bounds = ev.shards(s)
+            assert torch.equal(torch.cat([ev.predictions(beta, a, b) for a, b in bounds]), whole)
+            counts = [ev.score_shard(beta, a, b) for a, b in bounds]
+            assert sum(x.correct for x in counts) / N_IMAGES == full.accuracy
+            for value in (full.accuracy - 0.05, full.accuracy, full.accuracy + 0.01, 0.99):
+                t = Threshold(value)
+                [unsharded] = ev.score([beta], [t])
+                allowed = misses_allowed(t, N_IMAGES)
+                shard_counts = [ev.score_shard(beta, a, b, allowed) for a, b in bounds]
+                assert combine(shard_counts, N_IMAGES, t).accuracy == unsharded.accuracy, (s, value)
+                assert any(x.stopped for x in shard_counts) <= unsharded.below  # a stop is always right
+    with pytest.raises(EvaluatorInputError, match="whole batches"):
+        ev.score_shard(betas[0], 0, 40)
+
+
+def test_eviction_and_reload_give_identical_results(world):
+    """A working set of one row (every mixture of two rows evicts): the same fused weights and
+    accuracies as all rows resident; a one-hot row is bit-equal after eviction and reload."""
+    base, ingredients, components, images, labels = world
+    n_params = sum(p.numel() for p in base.parameters())
+    one_row_gb = n_params * 4 / (1 << 30)
+    small = make_evaluator(world, working_set_gb=one_row_gb * 1.5)
+    full = make_evaluator(world)
+    assert small.working_set.capacity == 1 and full.working_set.capacity == 4
+    k, c = small.beta_shape
+    betas = [random_mixture(k, c, s) for s in range(3)] + [one_hot(k, c, j) for j in (0, 3, 0)]
+    assert small.evaluate(betas) == full.evaluate(betas)
+    for beta in betas:
+        a, b = small.fused_state_dict(beta), full.fused_state_dict(beta)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert all(torch.equal(small.fused_state_dict(one_hot(k, c, 0))[key], ingredients[0][key]) for key in ingredients[0])
+    assert small.working_set.peak_rows == 1 and small.working_set.loads > k  # rows were evicted and reloaded
+
+
+def test_a_working_set_smaller_than_one_row_is_refused(world):
+    with pytest.raises(EvaluatorMemoryError) as err:
+        make_evaluator(world, working_set_gb=1e-9)
+    message = str(err.value)
+    assert "\n" not in message and "evaluate.working_set_gb=1e-09 is smaller than one ingredient row" in message
