@@ -169,6 +169,9 @@ class EvaluateConfig(Strict):
     ingredient_dtype: Literal["float32", "bfloat16"] = "float32"
     # memory one evaluator may use for ingredient weights + val tensors (GiB; None = device's)
     memory_limit_gb: float | None = neutral(None)
+    # ingredient rows one mixture evaluator keeps resident (GiB; None = all K may stay): rows load
+    # when a mixture first uses them, the least recently used is evicted (docs/evaluator.md)
+    working_set_gb: float | None = neutral(None, gt=0)
     threads: int = Field(1, ge=1)
 
 
@@ -218,6 +221,9 @@ class SoupConfig(Strict):
     optimizer: str = "CMA"  # any nevergrad optimizer name; NGOpt only with num_workers=1
     num_workers: int = Field(4, ge=1)   # W: asks in flight (changes the search)
     num_evaluators: int = neutral(2, ge=1)  # E: evaluator actors (never changes the result)
+    # S: shard tasks of whole val batches one evaluation is cut into, each run by any evaluator
+    # and summed (never changes the result; docs/evaluator.md)
+    val_shards: int = neutral(1, ge=1)
     evaluator_resources: Resources = neutral(Resources())
     seed: int = 123456789
     phase2: Phase2Config = Phase2Config()

@@ -425,3 +425,57 @@ def test_a_working_set_smaller_than_one_row_is_refused(world):
         make_evaluator(world, working_set_gb=1e-9)
     message = str(err.value)
     assert "\n" not in message and "evaluate.working_set_gb=1e-09 is smaller than one ingredient row" in message
+
+
+def test_uint8_val_gives_bit_equal_input_tensors():
+    """Val kept as uint8 after resize and crop, normalised per batch: the very tensors the eval
+    transform (ToTensor, Normalize) makes, bit for bit, and the evaluator scores them alike."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.data.shards import decode_image
+    from pipeline.evaluate.actor import SplitImages
+    from pipeline.model import image_transform
+
+    rng = np.random.default_rng(0)
+    encoded = []
+    for i in range(12):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    preprocess = {"size": 16, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    transform = image_transform(preprocess, train=False)
+    expected = torch.stack([transform(decode_image(b)) for b in encoded])
+    val = SplitImages(encoded, preprocess)
+    stored = val.rows(0, 12)
+    assert stored.dtype == torch.uint8 and val.nbytes == stored.numel() == expected.numel()
+    assert torch.equal(val.prepare(stored), expected)
+    assert torch.equal(val.prepare(val.rows(4, 9)), expected[4:9])
+
+    w = make_world("vit", level=1)
+    labels = torch.arange(12) % N_CLASSES
+    a = MixtureEvaluator(copy.deepcopy(w.base), w.ingredients, w.components, expected, labels, device="cpu", batch_size=5)
+    b = MixtureEvaluator(copy.deepcopy(w.base), w.ingredients, w.components, val, labels, device="cpu", batch_size=5)
+    beta = random_mixture(4, 3, 0)
+    assert torch.equal(a.predictions(beta), b.predictions(beta))
+    assert torch.equal(b.predictions(beta, 5, 12), a.predictions(beta)[5:])
+
+
+def test_evaluators_on_a_node_read_each_checkpoint_once(tmp_path, monkeypatch):
+    from pipeline import storage
+    from pipeline.evaluate import actor
+
+    src = tmp_path / "ingredient.safetensors"
+    src.write_bytes(b"checkpoint bytes")
+    sha = storage.sha256(b"checkpoint bytes")
+    reads = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: reads.append(uri) or real(uri))
+    cache = str(tmp_path / "node")
+    assert actor.node_cached_bytes(str(src), sha, cache) == b"checkpoint bytes"
+    assert actor.node_cached_bytes(str(src), sha, cache) == b"checkpoint bytes"
+    assert reads == [str(src)]  # the second evaluator read the node's copy
+    (tmp_path / "node" / f"{sha}.safetensors").write_bytes(b"corrupted")
+    assert actor.node_cached_bytes(str(src), sha, cache) == b"checkpoint bytes"  # a bad copy is replaced
+    assert len(reads) == 2
