@@ -479,3 +479,19 @@ def test_evaluators_on_a_node_read_each_checkpoint_once(tmp_path, monkeypatch):
     (tmp_path / "node" / f"{sha}.safetensors").write_bytes(b"corrupted")
     assert actor.node_cached_bytes(str(src), sha, cache) == b"checkpoint bytes"  # a bad copy is replaced
     assert len(reads) == 2
+
+
+def test_the_gpu_bench_runs_in_its_tiny_cpu_mode(capsys):
+    """bench/gpu_evaluator.py, kept working for the first GPU machine: two CPU evaluators, sharded
+    and unsharded accuracies equal."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_evaluator.py")
+    spec = importlib.util.spec_from_file_location("gpu_evaluator", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--tiny", "--images", "40", "--evaluations", "1", "--k", "2"])
+    assert result["identical"] and result["gpus"] == 2
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("evals_per_s_S1=") and last.endswith("gpus=2 identical=True")
