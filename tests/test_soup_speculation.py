@@ -232,6 +232,11 @@ def test_sharded_phase1_on_real_evaluators_is_bit_identical_for_any_S_and_E(sear
     from pipeline.soup.pool import InProcessPool
 
     w = make_world("vit", level=1)
+    teacher = copy.deepcopy(w.base)  # labels of the ingredients' average: mixing pays, candidates join
+    teacher.load_state_dict({k: torch.stack([i[k] for i in w.ingredients]).mean(0) if v.is_floating_point() else v
+                             for k, v in w.base.state_dict().items()})
+    with torch.no_grad():
+        w = w._replace(labels=teacher(w.images).argmax(1))
     cfg = SoupConfig(max_func_evals_per_dim=2, **SEARCHES[search])
     evaluators = [MixtureEvaluator(copy.deepcopy(w.base), w.ingredients, w.components, w.images, w.labels,
                                    device="cpu", batch_size=BATCH) for _ in range(4)]

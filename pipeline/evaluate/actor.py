@@ -136,6 +136,33 @@ class SplitImages(ValImages):
         return batch.to(torch.float32).div_(scale).sub_(mean).div_(std)
 
 
+def build_mixture_evaluator(cfg: Config, split_name: str = "val", ingredient_ids: Sequence[str] | None = None,
+                            *, device: str | torch.device | None = None) -> MixtureEvaluator:
+    """A MixtureEvaluator over the registry's ingredients (rows of beta in ``ingredient_ids``
+    order) on ``split_name`` with the eval transform, with components at
+    ``cfg.soup.granularity`` and the split's class_subset / class_map. Val shards are decoded
+    when first scored (uint8), ingredient rows loaded when first mixed."""
+    ingredients = chosen_ingredients(cfg, ingredient_ids)
+    splits = layout.splits(cfg)
+    if split_name not in splits:
+        raise ConfigError(f"no split named {split_name!r}; the run's splits are {sorted(splits)}")
+    torch.set_num_threads(cfg.evaluate.threads)  # decoding too, not only the evaluator's arithmetic
+    # the architecture from prepare's zero-shot classifier: no evaluator reads a checkpoint it never mixes
+    model, meta = load_classifier(layout.zeroshot_uri(cfg))
+    split = read_split(splits[split_name].uri)
+    images = SplitImages(split.table.column("image").to_pylist(), meta["preprocess"], source=split.uri)
+    labels = torch.from_numpy(split.table.column("label").to_numpy().astype(np.int64))
+    scoring = split_scoring(split_name, splits[split_name], split.class_names, meta["class_names"])
+    target_of_label, class_mask, class_map = scoring_tensors(scoring, "cpu")
+    ev = cfg.evaluate
+    return MixtureEvaluator(model, IngredientCheckpoints(ingredients, RunModel.of_run(cfg)),
+                            components(model, cfg.soup.granularity),
+                            images, target_of_label[labels], dtype=ev.ingredient_dtype, device=device,
+                            batch_size=ev.batch_size, class_mask=class_mask, class_map=class_map,
+                            threads=ev.threads, memory_limit_gb=ev.memory_limit_gb,
+                            working_set_gb=ev.working_set_gb)
+
+
 def evaluator_device(cfg: Config) -> str:
     """The actor's device: a GPU only when the actor was given one."""
     return "cuda" if cfg.soup.evaluator_resources.gpu > 0 and torch.cuda.is_available() else "cpu"

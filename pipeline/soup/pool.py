@@ -89,6 +89,7 @@ class EvaluatorPool:
         self._running: dict = {}
         self._idle: list = []
         self.shards_run = 0  # shard tasks that came back (dropped ones included)
+        self._served: dict[int, set[int]] = {}  # id(actor) -> shards it holds
 
     @property
     def size(self) -> int:
@@ -216,7 +217,10 @@ class EvaluatorPool:
             if evaluation.settled:  # another shard already settled it below its threshold
                 self._release(evaluation)
                 continue
-            actor = self._idle.pop(0)
+            # an actor that already holds this shard's images, if one is idle (else any: it loads them)
+            actor = next((a for a in self._idle if shard in self._served.get(id(a), ())), self._idle[0])
+            self._idle.remove(actor)
+            self._served.setdefault(id(actor), set()).add(shard)
             start, stop = self._bounds[shard]
             self._running[self._launch(actor, evaluation.beta, start, stop, evaluation.allowed)] = (item, actor)
 
