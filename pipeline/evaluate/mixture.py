@@ -233,12 +233,14 @@ class WorkingSet:
     on when it was loaded, so nothing scored depends on what was resident before."""
 
     def __init__(self, ingredients: Sequence[Mapping[str, torch.Tensor]], layout: FlatLayout,
-                 known_keys: set[str], dtype: torch.dtype, device: torch.device, capacity: int):
+                 known_keys: set[str], dtype: torch.dtype, device: torch.device, capacity: int,
+                 blocks: list[list[tuple[int, int]]] | None = None):
         if capacity < 1:
             raise EvaluatorInputError(f"the working set must hold at least one row, got {capacity}")
         self.ingredients, self.layout, self.known_keys = ingredients, layout, known_keys
         self.dtype, self.device, self.capacity = dtype, device, capacity
-        self.rows: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.blocks = blocks if blocks is not None else component_blocks(layout.component_slices, layout.n_params)
+        self.rows: OrderedDict[int, Views] = OrderedDict()
         self.loads = 0      # rows read (a row evicted and used again is read again)
         self.peak_rows = 0  # most rows resident at once
 
@@ -253,20 +255,21 @@ class WorkingSet:
     def resident_bytes(self) -> int:
         return len(self.rows) * self.row_bytes
 
-    def row(self, j: int) -> torch.Tensor:
+    def row(self, j: int) -> Views:
+        """Row j (its per-component block views), loaded if it is not resident."""
         found = self.rows.get(j)
         if found is not None:
             self.rows.move_to_end(j)
             return found
         if len(self.rows) >= self.capacity:
-            _, buffer = self.rows.popitem(last=False)  # least recently used
+            _, views = self.rows.popitem(last=False)  # least recently used: its buffer is reused
         else:
-            buffer = torch.empty(self.layout.n_params, dtype=self.dtype, device=self.device)
-        load_row(buffer, j, self.ingredients[j], self.layout, self.known_keys)
-        self.rows[j] = buffer
+            views = Views(torch.empty(self.layout.n_params, dtype=self.dtype, device=self.device), self.blocks)
+        load_row(views.tensor, j, self.ingredients[j], self.layout, self.known_keys)
+        self.rows[j] = views
         self.loads += 1
         self.peak_rows = max(self.peak_rows, len(self.rows))
-        return buffer
+        return views
 
 
 def check_ingredients(ingredients: Sequence[Mapping[str, torch.Tensor]], layout: FlatLayout,
@@ -296,8 +299,21 @@ def ieee_float32_matmul(device: torch.device):
         torch.backends.cuda.matmul.fp32_precision = before
 
 
-def fuse_into(flat: torch.Tensor, row: Callable[[int], torch.Tensor], beta: np.ndarray,
-              slices: Sequence[tuple[int, int]], scratch: torch.Tensor) -> None:
+def component_blocks(slices: Sequence[tuple[int, int]], block: int) -> list[list[tuple[int, int]]]:
+    """Each component's range cut into blocks of at most ``block`` elements (the scratch size)."""
+    return [[(s, min(s + block, stop)) for s in range(start, stop, block)] for start, stop in slices]
+
+
+class Views:
+    """Per-component block views of a flat tensor, made once: fusing then slices nothing."""
+
+    def __init__(self, tensor: torch.Tensor, blocks: list[list[tuple[int, int]]], at_zero: bool = False):
+        self.tensor = tensor
+        self.blocks = [[tensor[:e - s] if at_zero else tensor[s:e] for s, e in comp] for comp in blocks]
+        self.whole = [tensor[comp[0][0]:comp[-1][1]] if comp and not at_zero else None for comp in blocks]
+
+
+def fuse_into(flat: Views, row: Callable[[int], Views], beta: np.ndarray, scratch: Views) -> None:
     """Write the mixture ``beta`` ([K, C]) into the flat buffer:
     flat[slice_c] = sum over j with beta[j, c] != 0, in row order, of beta[j, c] * W[j, slice_c],
     each term and the running sum in float32 (the very arithmetic of
@@ -307,32 +323,33 @@ def fuse_into(flat: torch.Tensor, row: Callable[[int], torch.Tensor], beta: np.n
     rows it mixes. A one-hot mixture gives its row bit for bit. Terms past a component's first
     are multiplied into the preallocated float32 ``scratch`` block: no temporaries."""
     coeffs = np.asarray(beta, dtype=np.float32)  # the float32 coefficients decide what is used
-    started = [False] * len(slices)
-    block = scratch.numel()
-    with torch.no_grad(), ieee_float32_matmul(flat.device):
+    started = [False] * len(flat.blocks)
+    with torch.no_grad(), ieee_float32_matmul(flat.tensor.device):
         for j in np.flatnonzero(coeffs.any(axis=1)).tolist():
             weights = row(j)
+            same = weights.tensor.dtype == torch.float32
             for c in np.flatnonzero(coeffs[j]).tolist():
-                start, stop = slices[c]
+                out_blocks = flat.blocks[c]
+                if not out_blocks:
+                    continue
                 coef = float(coeffs[j, c])  # a float32 value: the multiply is in float32
+                w_blocks = weights.blocks[c]
                 if not started[c]:
                     started[c] = True
-                    out = flat[start:stop]
-                    if weights.dtype == out.dtype:
-                        torch.mul(weights[start:stop], coef, out=out)
+                    out, w = flat.whole[c], weights.whole[c]
+                    if same:
+                        torch.mul(w, coef, out=out)
                     else:  # the upcast is exact; the multiply is the float32 one
-                        out.copy_(weights[start:stop])
+                        out.copy_(w)
                         out.mul_(coef)
                     continue
-                for s in range(start, stop, block):
-                    e = min(s + block, stop)
-                    tmp = scratch[:e - s]
-                    if weights.dtype == tmp.dtype:
-                        torch.mul(weights[s:e], coef, out=tmp)
+                for out, w, tmp in zip(out_blocks, w_blocks, scratch.blocks[c]):
+                    if same:
+                        torch.mul(w, coef, out=tmp)
                     else:
-                        tmp.copy_(weights[s:e])
+                        tmp.copy_(w)
                         tmp.mul_(coef)
-                    flat[s:e].add_(tmp)
+                    out.add_(tmp)
 
 
 # ---- val shards -----------------------------------------------------------------------------
@@ -509,9 +526,12 @@ class MixtureEvaluator:
         known_keys = set(model.state_dict().keys())
         if isinstance(ingredients, (list, tuple)):
             check_ingredients(ingredients, self.layout, known_keys)
-        self.working_set = WorkingSet(ingredients, self.layout, known_keys, self.dtype, self.device, rows)
-        self.scratch = torch.empty(min(n, UPCAST_BLOCK_ELEMENTS), dtype=torch.float32, device=self.device)
+        blocks = component_blocks(self.layout.component_slices, UPCAST_BLOCK_ELEMENTS)
+        self.working_set = WorkingSet(ingredients, self.layout, known_keys, self.dtype, self.device, rows, blocks)
+        self.scratch = Views(torch.empty(min(n, UPCAST_BLOCK_ELEMENTS), dtype=torch.float32, device=self.device),
+                             blocks, at_zero=True)
         self.flat = self._adopt_tensors(model, flat_dtype)
+        self._flat_views = Views(self.flat, blocks)
         self.model = model
         self._fused: bytes | None = None  # the mixture the flat buffer holds
         self._shards: dict[tuple[int, int], torch.Tensor] = {}  # val ranges moved to the device
@@ -661,7 +681,7 @@ class MixtureEvaluator:
         if key == self._fused:
             return  # the shards of one mixture on one evaluator fuse it once
         self._fused = None  # a failure half way leaves no claim on the buffer
-        fuse_into(self.flat, self.working_set.row, beta, self.layout.component_slices, self.scratch)
+        fuse_into(self._flat_views, self.working_set.row, beta, self.scratch)
         self._fused = key
 
     def _adopt_tensors(self, model: torch.nn.Module, flat_dtype: torch.dtype) -> torch.Tensor:
