@@ -228,6 +228,9 @@ class EvaluateConfig(Strict):
     """dtype the mixture evaluator holds ingredient weights in (bfloat16 halves its memory)."""
     memory_limit_gb: float | None = neutral(None)
     """GiB one evaluator may use for ingredient weights + val tensors (None: the device's)."""
+    working_set_gb: float | None = neutral(None, gt=0)
+    """GiB of ingredient rows one mixture evaluator keeps resident (None: all K may stay): rows load when a mixture
+    first uses them, the least recently used is evicted (docs/evaluator.md)."""
     threads: int = Field(1, ge=1)
     """torch threads per scoring actor and evaluator."""
 
@@ -271,6 +274,9 @@ class SoupConfig(Strict):
     """W: candidate mixtures in flight per optimizer step (changes the search)."""
     num_evaluators: int = neutral(2, ge=1)
     """E: evaluator actors (never changes the result, only the speed)."""
+    val_shards: int = neutral(1, ge=1)
+    """S: shard tasks of whole val batches one evaluation is cut into, each run by any evaluator and summed (never
+    changes the result; docs/evaluator.md)."""
     evaluator_resources: Resources = neutral(Resources())
     """What each evaluator actor gets."""
     seed: int = 123456789

@@ -188,7 +188,8 @@ def _trials_to_train(cfg: Config) -> str:
 def plan(cfg: Config, rows: dict[str, int], log) -> bool:
     import torch
 
-    from .evaluate.mixture import required_bytes
+    from .evaluate.mixture import EvaluatorMemoryError, required_bytes, row_bytes, shard_bounds, working_set_rows
+    from .soup.mmms import expected_evaluations
     from .ingredients import read_registry, usable
     from .model.classifier import init_classifier
     from .model.components import components
@@ -211,9 +212,17 @@ def plan(cfg: Config, rows: dict[str, int], log) -> bool:
     size = size if isinstance(size, int) else size[0]
     _, val = layout.split_of_role(cfg, "val")
     n_val = rows.get(next(n for n, s in layout.splits(cfg).items() if s.uri == val.uri), 0)
-    images = torch.empty((n_val, 3, size, size), dtype=torch.float32, device="meta")
-    need = required_bytes(K, n_params, cfg.evaluate.ingredient_dtype, images)
+    ev = cfg.evaluate
+    try:
+        resident = working_set_rows(max(K, 1), n_params, ev.ingredient_dtype, ev.working_set_gb)
+    except EvaluatorMemoryError as e:
+        log(f"  FAIL  {e}")
+        return False
+    val_bytes = n_val * 3 * size * size  # uint8 after resize and crop, normalised per batch
+    need = required_bytes(resident, n_params, ev.ingredient_dtype, None) + val_bytes
     budget = evaluation_budget(cfg, K, len(comps))
+    S, E = cfg.soup.val_shards, cfg.soup.num_evaluators
+    shards = shard_bounds(n_val, ev.batch_size, S) if n_val else []
     log("plan:")
     for stage in layout.STAGES:
         marker = layout.read_marker(cfg, stage)
@@ -228,8 +237,16 @@ def plan(cfg: Config, rows: dict[str, int], log) -> bool:
     total = sum(budget.values())
     log("  evaluations (upper bounds): " + ", ".join(f"{k} {v}" for k, v in budget.items()) + f"; total {total}")
     log(f"  rounds of W: about {math.ceil(total / cfg.soup.num_workers)}")
-    log(f"  memory per evaluator: {need / 2**30:.2f} GiB ({K} ingredients x {n_params / 1e6:.2f}M params in "
-        f"{cfg.evaluate.ingredient_dtype} + {n_val} val images at {size}px)")
+    expected = 1 + expected_evaluations([], max(K - 1, 0), len(comps), cfg.soup)
+    log(f"  plan: S={len(shards) or S} val shards of whole batches per evaluation x E={E} evaluators; phase 1 "
+        f"expects about {expected:.0f} evaluations (the reference's outcome rates), at most "
+        f"{budget.get('mmms_phase1', 0)}; the sequential search's next evaluation gets all E first")
+    per_shard = max((b - a for a, b in shards), default=0) * 3 * size * size
+    log(f"  memory per evaluator: {need / 2**30:.2f} GiB at most: working set {resident} of {K} rows x "
+        f"{row_bytes(n_params, ev.ingredient_dtype) / 2**20:.1f} MiB ({ev.ingredient_dtype}"
+        + (f", evaluate.working_set_gb={ev.working_set_gb:g}" if ev.working_set_gb is not None else ", no budget")
+        + f") + val {n_val} images at {size}px in uint8 ({val_bytes / 2**20:.1f} MiB if it serves every shard; "
+        f"{per_shard / 2**20:.1f} MiB per shard held)")
     if cfg.evaluate.memory_limit_gb is not None and need > cfg.evaluate.memory_limit_gb * 2**30:
         log(f"  FAIL  that exceeds evaluate.memory_limit_gb={cfg.evaluate.memory_limit_gb}")
         return False

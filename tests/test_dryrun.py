@@ -14,6 +14,16 @@ def test_dry_run_ready_prints_the_plan(prepared_demo, ray_local):
     assert ok, out
     assert "evaluations (upper bounds)" in out and "memory per evaluator" in out
     assert "prepare   last finished" in out
+    assert "plan: S=1 val shards of whole batches per evaluation x E=" in out and "phase 1 expects about" in out
+    assert "working set" in out and "in uint8" in out
+
+    sharded = tiny_config(prepared_demo.output_uri, "soup.val_shards=2", "evaluate.working_set_gb=0.5")
+    ok, out = _run(sharded)
+    assert ok and "plan: S=2 val shards" in out and "evaluate.working_set_gb=0.5" in out, out
+    ok, out = _run(tiny_config(prepared_demo.output_uri, "evaluate.working_set_gb=1e-9"))
+    assert not ok
+    [line] = [x for x in out.splitlines() if "FAIL" in x]
+    assert "evaluate.working_set_gb=1e-09 is smaller than one ingredient row" in line
 
 
 def test_dry_run_catches_unreachable_output_uri(s3_bucket, ray_local):

@@ -367,3 +367,131 @@ def test_any_module_and_its_buffers(mix_statistics):
             expected = sum((model(images[s:s + 16]).argmax(1) == labels[s:s + 16]).sum().item()
                            for s in range(0, 40, 16)) / 40
         assert ev.evaluate([one_hot(3, 2, j)]) == [expected]
+
+
+# ---- shards and the working set -------------------------------------------------------------
+
+def test_shards_are_whole_batches_and_predictions_do_not_depend_on_them(world):
+    """Per-image outcomes on a real evaluator are the same for S = 1, 2, 3 (uneven) shards, the
+    shards' integer counts sum to the unsharded count, and a threshold's per-shard early stop
+    decides exactly as the unsharded test does."""
+    from pipeline.evaluate.mixture import Threshold, combine, misses_allowed, shard_bounds
+
+    assert shard_bounds(100, 32, 3) == [(0, 32), (32, 64), (64, 100)]  # 4 batches: 1, 1, 2
+    assert shard_bounds(100, 32, 9) == [(0, 32), (32, 64), (64, 96), (96, 100)]  # at most one per batch
+    ev = make_evaluator(world)
+    k, c = ev.beta_shape
+    betas = [random_mixture(k, c, 5), one_hot(k, c, 2)]
+    for beta in betas:
+        whole = ev.predictions(beta)
+        [full] = ev.score([beta])
+        for s in (1, 2, 3):
+            bounds = ev.shards(s)
+            assert torch.equal(torch.cat([ev.predictions(beta, a, b) for a, b in bounds]), whole)
+            counts = [ev.score_shard(beta, a, b) for a, b in bounds]
+            assert sum(x.correct for x in counts) / N_IMAGES == full.accuracy
+            for value in (full.accuracy - 0.05, full.accuracy, full.accuracy + 0.01, 0.99):
+                t = Threshold(value)
+                [unsharded] = ev.score([beta], [t])
+                allowed = misses_allowed(t, N_IMAGES)
+                shard_counts = [ev.score_shard(beta, a, b, allowed) for a, b in bounds]
+                assert combine(shard_counts, N_IMAGES, t).accuracy == unsharded.accuracy, (s, value)
+                assert any(x.stopped for x in shard_counts) <= unsharded.below  # a stop is always right
+    with pytest.raises(EvaluatorInputError, match="whole batches"):
+        ev.score_shard(betas[0], 0, 40)
+
+
+def test_eviction_and_reload_give_identical_results(world):
+    """A working set of one row (every mixture of two rows evicts): the same fused weights and
+    accuracies as all rows resident; a one-hot row is bit-equal after eviction and reload."""
+    base, ingredients, components, images, labels = world
+    n_params = sum(p.numel() for p in base.parameters())
+    one_row_gb = n_params * 4 / (1 << 30)
+    small = make_evaluator(world, working_set_gb=one_row_gb * 1.5)
+    full = make_evaluator(world)
+    assert small.working_set.capacity == 1 and full.working_set.capacity == 4
+    k, c = small.beta_shape
+    betas = [random_mixture(k, c, s) for s in range(3)] + [one_hot(k, c, j) for j in (0, 3, 0)]
+    assert small.evaluate(betas) == full.evaluate(betas)
+    for beta in betas:
+        a, b = small.fused_state_dict(beta), full.fused_state_dict(beta)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert all(torch.equal(small.fused_state_dict(one_hot(k, c, 0))[key], ingredients[0][key]) for key in ingredients[0])
+    assert small.working_set.peak_rows == 1 and small.working_set.loads > k  # rows were evicted and reloaded
+
+
+def test_a_working_set_smaller_than_one_row_is_refused(world):
+    with pytest.raises(EvaluatorMemoryError) as err:
+        make_evaluator(world, working_set_gb=1e-9)
+    message = str(err.value)
+    assert "\n" not in message and "evaluate.working_set_gb=1e-09 is smaller than one ingredient row" in message
+
+
+def test_uint8_val_gives_bit_equal_input_tensors():
+    """Val kept as uint8 after resize and crop, normalised per batch: the very tensors the eval
+    transform (ToTensor, Normalize) makes, bit for bit, and the evaluator scores them alike."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.data.shards import decode_image
+    from pipeline.evaluate.actor import SplitImages
+    from pipeline.model import image_transform
+
+    rng = np.random.default_rng(0)
+    encoded = []
+    for i in range(12):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    preprocess = {"size": 16, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    transform = image_transform(preprocess, train=False)
+    expected = torch.stack([transform(decode_image(b)) for b in encoded])
+    val = SplitImages(encoded, preprocess)
+    stored = val.rows(0, 12)
+    assert stored.dtype == torch.uint8 and val.nbytes == stored.numel() == expected.numel()
+    assert torch.equal(val.prepare(stored), expected)
+    assert torch.equal(val.prepare(val.rows(4, 9)), expected[4:9])
+
+    w = make_world("vit", level=1)
+    labels = torch.arange(12) % N_CLASSES
+    a = MixtureEvaluator(copy.deepcopy(w.base), w.ingredients, w.components, expected, labels, device="cpu", batch_size=5)
+    b = MixtureEvaluator(copy.deepcopy(w.base), w.ingredients, w.components, val, labels, device="cpu", batch_size=5)
+    beta = random_mixture(4, 3, 0)
+    assert torch.equal(a.predictions(beta), b.predictions(beta))
+    assert torch.equal(b.predictions(beta, 5, 12), a.predictions(beta)[5:])
+
+
+def test_evaluators_on_a_node_read_each_checkpoint_once(tmp_path, monkeypatch):
+    from pipeline import storage
+    from pipeline.evaluate import actor
+
+    src = tmp_path / "ingredient.safetensors"
+    src.write_bytes(b"checkpoint bytes")
+    sha = storage.sha256(b"checkpoint bytes")
+    reads = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: reads.append(uri) or real(uri))
+    cache = str(tmp_path / "node")
+    assert actor.node_cached_bytes(str(src), sha, cache) == b"checkpoint bytes"
+    assert actor.node_cached_bytes(str(src), sha, cache) == b"checkpoint bytes"
+    assert reads == [str(src)]  # the second evaluator read the node's copy
+    (tmp_path / "node" / f"{sha}.safetensors").write_bytes(b"corrupted")
+    assert actor.node_cached_bytes(str(src), sha, cache) == b"checkpoint bytes"  # a bad copy is replaced
+    assert len(reads) == 2
+
+
+def test_the_gpu_bench_runs_in_its_tiny_cpu_mode(capsys):
+    """bench/gpu_evaluator.py, kept working for the first GPU machine: two CPU evaluators, sharded
+    and unsharded accuracies equal."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_evaluator.py")
+    spec = importlib.util.spec_from_file_location("gpu_evaluator", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--tiny", "--images", "40", "--evaluations", "1", "--k", "2"])
+    assert result["identical"] and result["gpus"] == 2
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("evals_per_s_S1=") and last.endswith("gpus=2 identical=True")

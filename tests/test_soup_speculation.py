@@ -4,6 +4,7 @@ the sequential search decides. Ray-free except one test through the real Ray poo
 from __future__ import annotations
 
 import collections
+import copy
 import math
 
 import numpy as np
@@ -207,3 +208,77 @@ def test_score_reports_below_not_an_accuracy():
     s = Score(None, 12)
     assert s.below and s.accuracy is None
     torch.manual_seed(0)  # keep torch's global state as the other tests expect
+
+
+# ---- sharded evaluation on real evaluators; speculation only where it can help ---------------
+
+def tensor_hash(state: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("search", list(SEARCHES))
+def test_sharded_phase1_on_real_evaluators_is_bit_identical_for_any_S_and_E(search):
+    """Real MixtureEvaluators behind the pool's own scheduling (InProcessPool): the fused
+    model's tensor hash, and every decision, are the same for S in {1, 2, 3} (uneven shards) x
+    E in {1, 2, 4}, with shuffled finish orders; one evaluator killed mid-shard changes nothing."""
+    from test_mixture_evaluator import BATCH, make_world
+
+    from pipeline.soup.pool import InProcessPool
+
+    w = make_world("vit", level=1)
+    teacher = copy.deepcopy(w.base)  # labels of the ingredients' average: mixing pays, candidates join
+    teacher.load_state_dict({k: torch.stack([i[k] for i in w.ingredients]).mean(0) if v.is_floating_point() else v
+                             for k, v in w.base.state_dict().items()})
+    with torch.no_grad():
+        w = w._replace(labels=teacher(w.images).argmax(1))
+    cfg = SoupConfig(max_func_evals_per_dim=2, **SEARCHES[search])
+    evaluators = [MixtureEvaluator(copy.deepcopy(w.base), w.ingredients, w.components, w.images, w.labels,
+                                   device="cpu", batch_size=BATCH) for _ in range(4)]
+    val_accs = evaluators[0].evaluate([mixture.one_hot(4, 3, j) for j in range(4)])
+    reference = mmms.phase1(val_accs, 3, evaluators[0], cfg)
+    fused = tensor_hash(mixture.fuse(w.ingredients, reference.beta, w.components))
+    runs = [(S, E, None) for S in (1, 2, 3) for E in (1, 2, 4)] + [(3, 4, 5)]
+    for seed, (S, E, lose) in enumerate(runs):
+        pool = InProcessPool(evaluators[:E], n_shards=S, seed=seed, lose_after=lose)
+        assert len(pool.bounds()) == S
+        result = mmms.phase1(val_accs, 3, pool, cfg)
+        assert_identical(result, reference)
+        assert tensor_hash(mixture.fuse(w.ingredients, result.beta, w.components)) == fused, (S, E)
+        if lose is not None:
+            assert len(pool.lost) == 1 and pool.in_service == E - 1  # its shard ran elsewhere
+    assert len(reference.chosen) > 1, "the test means something only if a candidate joins"
+
+
+def test_no_speculation_when_the_memo_answers_the_whole_path(sequential):
+    """A rerun on a full memo evaluates nothing (speculation does not run ahead of a path the
+    memo answers); on a half-filled memo it still speculates where the memo cannot answer."""
+    from pipeline.soup.dispatch import DictMemo
+
+    search, reference = sequential
+    memo = DictMemo()
+    first = mmms.phase1(FUNCTION.val_accs, C, Dispatcher(SimulatedEvaluator(FUNCTION, 4, seed=0, n_images=FUNCTION.n_images), memo=memo),
+                        cfg_of(search))
+    assert_identical(first, reference)
+    again = mmms.phase1(FUNCTION.val_accs, C, Dispatcher(SimulatedEvaluator(FUNCTION, 4, seed=1, n_images=FUNCTION.n_images), memo=memo),
+                        cfg_of(search))
+    assert_identical(again, reference)
+    assert again.cost["evaluations"] == 0 and again.cost["memo_hits"] > 0
+
+    # the first half of a sequential run's memo entries, in the order it made them
+    full = DictMemo()
+    mmms.phase1(FUNCTION.val_accs, C, Dispatcher(FUNCTION, memo=full), cfg_of(search))
+    half = DictMemo()
+    half._accs = dict(list(full._accs.items())[:len(full._accs) // 2])
+    half._failed = dict(list(full._failed.items())[:len(full._failed) // 2])
+    pool = SimulatedEvaluator(FUNCTION, 4, seed=2, n_images=FUNCTION.n_images)
+    resumed = mmms.phase1(FUNCTION.val_accs, C, Dispatcher(pool, memo=half), cfg_of(search))
+    assert_identical(resumed, reference)
+    c = resumed.cost
+    assert c["memo_hits"] > 0 and c["evaluations"] > 0
+    assert pool.max_running > 1  # speculation ran where the memo could not answer

@@ -108,9 +108,10 @@ def assert_same_search(a, b):
     assert a.report_fields()["phase2_kept"] == b.report_fields()["phase2_kept"]
 
 
-@pytest.mark.parametrize("num_evaluators", [2, 4])
-def test_the_number_of_evaluators_never_changes_the_result(evaluated_demo, reference_search, num_evaluators):
-    cfg = tiny_config(evaluated_demo.output_uri, *SOUP, SHARED_CPUS)
+@pytest.mark.parametrize("num_evaluators, shards", [(2, 1), (4, 3)])
+def test_the_number_of_evaluators_never_changes_the_result(evaluated_demo, reference_search, num_evaluators, shards):
+    """Nor the number of val shards each evaluation is cut into (real evaluator actors)."""
+    cfg = tiny_config(evaluated_demo.output_uri, *SOUP, SHARED_CPUS, f"soup.val_shards={shards}")
     result, pool = search_with(cfg, num_evaluators)
     assert len(pool.infos) == num_evaluators
     assert_same_search(result, reference_search)
@@ -395,11 +396,13 @@ def test_the_memo_context_holds_what_an_accuracy_depends_on(souped):
 
     assert len(memo(cfg)) > 0  # the run's own memo
     # search settings and the evaluator count change which mixtures are asked, not their accuracy
-    for override in ["soup.num_evaluators=3", "soup.tau=0.99", "soup.num_workers=3", "soup.optimizer=TwoPointsDE"]:
+    for override in ["soup.num_evaluators=3", "soup.val_shards=3", "evaluate.working_set_gb=0.5", "soup.tau=0.99", "soup.num_workers=3", "soup.optimizer=TwoPointsDE"]:
         assert memo(tiny_config(cfg.output_uri, *SOUP, override, SHARED_CPUS)).uri == memo(cfg).uri, override
     # the evaluator's precision does change an accuracy
     other = memo(tiny_config(cfg.output_uri, *SOUP, "evaluate.ingredient_dtype=bfloat16"))
     assert other.uri != memo(cfg).uri and len(other) == 0
+    # a batch's logits may depend on its size: the batch size is in the context
+    assert memo(tiny_config(cfg.output_uri, *SOUP, "evaluate.batch_size=7")).uri != memo(cfg).uri
 
 
 # ---- publishing -----------------------------------------------------------------------------

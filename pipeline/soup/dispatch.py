@@ -79,7 +79,7 @@ class SyncEvaluator:
     def free(self) -> int:
         return 1 << 30  # batches are the caller's business
 
-    def submit(self, beta: np.ndarray, threshold: Threshold | None = None) -> int:
+    def submit(self, beta: np.ndarray, threshold: Threshold | None = None, priority: int = 0) -> int:
         ticket = next(self._tickets)
         self._queued.append((ticket, beta, threshold))
         return ticket
@@ -125,7 +125,7 @@ class SimulatedEvaluator:
     def free(self) -> int:
         return self.alive - len(self._running) - len(self._queue)
 
-    def submit(self, beta, threshold=None) -> int:
+    def submit(self, beta, threshold=None, priority: int = 0) -> int:
         ticket = next(self._tickets)
         self._queue.append((ticket, np.array(beta), threshold))
         self._start()
@@ -182,12 +182,18 @@ class Batch:
     seconds: float
 
 
+_RANKS = itertools.count()
+
+
 class Task:
     """One coroutine in flight: its current request, the answers gathered so far, and the log of
-    its answered batches (in its own order, which is the sequential order within it)."""
+    its answered batches (in its own order, which is the sequential order within it). ``rank``
+    orders tasks by creation: phase 1 creates its candidates' tasks in the sequential order, so
+    a lower rank is nearer the critical path (the evaluators' queue runs it first)."""
 
     def __init__(self, coroutine: Coroutine, label=None):
         self.coroutine, self.label = coroutine, label
+        self.rank = next(_RANKS)
         self.request: Request | None = None
         self.answers: list[Score | None] = []
         self.sent: list[bool] = []
@@ -331,10 +337,14 @@ class Dispatcher:
 
     def fill(self, tasks: Sequence[Task]) -> bool:
         """Send the tasks' unsent mixtures, in task order, while evaluators are free; answer
-        what the memo or an identical evaluation in flight can. True if evaluators are left free."""
-        for task in tasks:
-            if task.done or task.dropped:
-                continue
+        what the memo or an identical evaluation in flight can. True if evaluators are left free.
+        The first live task is the critical path: later tasks (speculation) are filled only
+        while it waits on an evaluation, so where the memo answers the whole path nothing is
+        evaluated ahead of it."""
+        live = [t for t in tasks if not t.done and not t.dropped]
+        for n, task in enumerate(live):
+            if n > 0 and live[0].ready:
+                return False  # the memo answered the path's request: no speculation for it
             request = task.request
             for i, beta in enumerate(request.betas):
                 if task.sent[i]:
@@ -360,10 +370,15 @@ class Dispatcher:
                     continue
                 if self.evaluator.free() <= 0:
                     return False
-                ticket = self.evaluator.submit(beta, request.threshold)
+                if getattr(self.evaluator, "prioritised", False):
+                    ticket = self.evaluator.submit(beta, request.threshold, task.rank)
+                else:
+                    ticket = self.evaluator.submit(beta, request.threshold)
                 self._flights[ticket] = _Flight(key, beta, request.threshold, [(task, i)])
                 self._by_key.setdefault(key, []).append(ticket)
                 task.sent[i] = True
+        if live and live[0].ready:
+            return False
         return self.evaluator.free() > 0
 
     def wait(self) -> None:

@@ -109,13 +109,14 @@ def split_names(cfg: Config) -> tuple[str, str, list[str]]:
 
 def memo_context(cfg: Config, components, val_name: str, probe: str | None = None) -> dict:
     """What a val accuracy depends on besides the mixture: the val split's content and scoring,
-    the model, the component layout (names and tensors) and the evaluator's precision; with
-    ``probe``, the fingerprint of the evaluators' predictions on the probe mixtures (their
-    hardware, pipeline/soup/probe.py)."""
+    the model, the component layout (names and tensors), the evaluator's precision and its
+    batch size (a batch's logits may depend on how many images share it; how val is sharded
+    never does: shards are whole batches); with ``probe``, the fingerprint of the evaluators'
+    predictions on the probe mixtures (their hardware, pipeline/soup/probe.py)."""
 
     val = layout.splits(cfg)[val_name]
     return {"format": "frankensoup-search-memo-v1", "model": cfg.model.name, **({"probe": probe} if probe else {}),
-            "ingredient_dtype": cfg.evaluate.ingredient_dtype,
+            "ingredient_dtype": cfg.evaluate.ingredient_dtype, "batch_size": cfg.evaluate.batch_size,
             "components": [[c.name, sorted(c.params), sorted(getattr(c, "buffers", ()))] for c in components],
             "val": {"content": split_content(val.uri), "class_subset": val.class_subset, "class_map": val.class_map,
                     "objectnet_mappings": val.objectnet_mappings}}

@@ -3,22 +3,31 @@ Synchronously, ``pool(betas) -> accuracies``: one list is spread over the actors
 back in list order. Asynchronously (the speculative phase 1, pipeline/soup/dispatch.py):
 ``submit(beta, threshold) -> ticket``, ``free()``, ``wait() -> [(ticket, Score)]``.
 
-E and the order in which actors finish never change a result: every actor holds the same
-ingredients and val tensors with a pinned torch thread count, each mixture is scored by
-exactly one actor, and answers are placed by their index in the list. The number of
-candidates per call (the core's W, ``soup.num_workers``) is the search's business."""
+E and the order in which actors finish never change a result: every actor mixes the same
+ingredients with a pinned torch thread count, and answers are placed by their index in the
+list. On the asynchronous side one evaluation is cut into S shard tasks of whole val batches
+(``soup.val_shards``), each run by whichever actor is idle; their integer counts are summed
+(``evaluate.mixture.combine``), so S and E never change a prediction either. Queued shard
+tasks run in priority order (the dispatcher gives the sequential search's next evaluation the
+lowest number), a shard of a lost actor reruns on another, and once one shard settles a
+threshold test below, the evaluation's other shards are dropped. The number of candidates
+per call (the core's W, ``soup.num_workers``) is the search's business."""
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..config import Config
 from ..metrics import RUN_ENV, current_run
 from ..errors import UserError
+from ..evaluate.mixture import ShardCount, Threshold, combine, misses_allowed, shard_bounds
 
 # how long to wait for the first evaluator to start (an autoscaling cluster adds a node first)
 START_TIMEOUT_S = 900.0
@@ -28,6 +37,18 @@ OnBatch = Callable[[int, float | None, float], None]
 
 class EvaluatorPoolError(UserError, RuntimeError):
     """The pool has no evaluator to run on: none started (resources the cluster lacks), or all died."""
+
+
+@dataclass
+class _Evaluation:
+    """One submitted mixture, cut into shard tasks; settled once every shard counted or one stopped."""
+    ticket: int
+    beta: np.ndarray
+    threshold: Threshold | None
+    allowed: int | None
+    counts: dict = field(default_factory=dict)  # shard index -> ShardCount
+    settled: bool = False
+    outstanding: int = 0  # shard tasks queued or running
 
 
 class EvaluatorPool:
@@ -40,7 +61,7 @@ class EvaluatorPool:
     are updated after every call, one call being one batch."""
 
     def __init__(self, actors: Sequence, on_batch: Sequence[OnBatch] = (), start_timeout_s: float = START_TIMEOUT_S,
-                 on_admit: Sequence[Callable] = ()):
+                 on_admit: Sequence[Callable] = (), n_shards: int = 1):
         import ray
 
         if not actors:
@@ -48,6 +69,14 @@ class EvaluatorPool:
         self._ray = ray
         self._all = list(actors)
         self._starting = {a.info.remote(): a for a in self._all}  # info() answers once built
+        self._init_state(on_batch, start_timeout_s, n_shards, on_admit)
+
+    def _init_state(self, on_batch: Sequence[OnBatch], start_timeout_s: float, n_shards: int,
+                    on_admit: Sequence[Callable] = ()) -> None:
+        if n_shards < 1:
+            raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+        self.n_shards = n_shards
+        self._bounds: list[tuple[int, int]] | None = None  # from the first actor's n_images, batch_size
         self._ready: list = []
         self.infos: list[dict] = []  # each started actor's info(), in start order
         self.start_timeout_s = start_timeout_s
@@ -56,11 +85,14 @@ class EvaluatorPool:
         self.evaluations = 0
         self.best_val: float | None = None
         self.seconds = 0.0
-        # the asynchronous side: queued (ticket, beta, threshold), refs in flight, idle actors
+        # the asynchronous side: a heap of (priority, ticket, shard) tasks, refs in flight, idle actors
         self._tickets = itertools.count()
-        self._queue: list[tuple] = []
+        self._queue: list[tuple[int, int, int]] = []
+        self._evaluations: dict[int, _Evaluation] = {}
         self._running: dict = {}
         self._idle: list = []
+        self.shards_run = 0  # shard tasks that came back (dropped ones included)
+        self._served: dict[int, set[int]] = {}  # id(actor) -> shards it holds
 
     @property
     def size(self) -> int:
@@ -148,60 +180,114 @@ class EvaluatorPool:
             hook(len(accs), self.best_val, seconds)
         return accs
 
-    # -- asynchronous: one mixture per actor call, any number in flight --
+    # -- asynchronous: one evaluation = S shard tasks, any number in flight --
 
     parallel = True
+    prioritised = True
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """The val shards every evaluation is cut into (whole batches; fewer when val is small)."""
+        if self._bounds is None:
+            self._admit_ready()
+            info = self.infos[0]
+            self._bounds = shard_bounds(int(info["n_images"]), int(info.get("batch_size", info["n_images"])),
+                                        self.n_shards)
+        return self._bounds
+
+    def _queued(self) -> int:
+        return sum(1 for _, ticket, _ in self._queue if not self._evaluations[ticket].settled)
 
     def free(self) -> int:
-        """Actors that would start a submitted mixture right away (started ones join here)."""
+        """Actors that would start a submitted shard task right away (started ones join here)."""
         self._admit_ready(0 if self._ready else 1)
-        return len(self._idle) - len(self._queue)
+        return len(self._idle) - self._queued()
 
-    def submit(self, beta, threshold=None) -> int:
+    def submit(self, beta, threshold=None, priority: int = 0) -> int:
+        """Queue one evaluation as S shard tasks; lower ``priority`` runs first (ties: ticket order)."""
         ticket = next(self._tickets)
-        self._queue.append((ticket, np.ascontiguousarray(beta, dtype=np.float64), threshold))
+        bounds = self.bounds()
+        n = bounds[-1][1]
+        self._evaluations[ticket] = _Evaluation(ticket, np.ascontiguousarray(beta, dtype=np.float64), threshold,
+                                                misses_allowed(threshold, n))
+        self._evaluations[ticket].outstanding = len(bounds)
+        for shard in range(len(bounds)):
+            heapq.heappush(self._queue, (priority, ticket, shard))
         self._dispatch()
         return ticket
 
     def _dispatch(self) -> None:
         while self._idle and self._queue:
-            actor = self._idle.pop(0)
-            ticket, beta, threshold = item = self._queue.pop(0)
-            self._running[actor.score.remote([beta], [threshold])] = (item, actor)
+            priority, ticket, shard = item = heapq.heappop(self._queue)
+            evaluation = self._evaluations[ticket]
+            if evaluation.settled:  # another shard already settled it below its threshold
+                self._release(evaluation)
+                continue
+            # an actor that already holds this shard's images, if one is idle (else any: it loads them)
+            actor = next((a for a in self._idle if shard in self._served.get(id(a), ())), self._idle[0])
+            self._idle.remove(actor)
+            self._served.setdefault(id(actor), set()).add(shard)
+            start, stop = self._bounds[shard]
+            self._running[self._launch(actor, evaluation.beta, start, stop, evaluation.allowed)] = (item, actor)
 
-    def wait(self) -> list:
-        """Block until at least one submitted mixture is scored: [(ticket, Score)]. A mixture
-        whose actor died goes back to the head of the queue for another actor."""
+    def _launch(self, actor, beta: np.ndarray, start: int, stop: int, allowed: int | None):
+        return actor.score_shard.remote(beta, start, stop, allowed)
+
+    def _finished(self) -> list[tuple[object, ShardCount | None]]:
+        """At least one finished shard task: (ref, its count, or None when its actor died)."""
         from ray.exceptions import RayActorError
 
+        done, _ = self._ray.wait(list(self._running), num_returns=1)
+        rest = [r for r in self._running if r not in done]
+        if rest:
+            done += self._ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        out = []
+        for ref in done:
+            try:
+                out.append((ref, self._ray.get(ref)))
+            except RayActorError:
+                out.append((ref, None))
+        return out
+
+    def wait(self) -> list:
+        """Block until at least one submitted evaluation is settled: [(ticket, Score)]. A shard
+        whose actor died goes back to the queue, at its priority, for another actor."""
         out = []
         while not out:
             if not self._running:
-                if not self._queue:
+                if not self._queued():
                     raise RuntimeError("wait() with nothing submitted")
                 self._replace_lost()  # every actor died: one still starting, or an error
                 self._idle = list(self._ready)  # nothing runs, so every live actor is idle
                 self._dispatch()
                 continue
-            # everything finished by now, at least one
-            done, _ = self._ray.wait(list(self._running), num_returns=1)
-            rest = [r for r in self._running if r not in done]
-            if rest:
-                done += self._ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-            for ref in done:
+            for ref, count in self._finished():
                 item, actor = self._running.pop(ref)
-                try:
-                    (score,) = self._ray.get(ref)
-                except RayActorError:
+                if count is None:
                     self._lose(actor)
-                    self._queue.insert(0, item)
+                    heapq.heappush(self._queue, item)
                     continue
                 self._idle.append(actor)
-                out.append((item[0], score))
-                self._count(score)
+                self.shards_run += 1
+                _, ticket, shard = item
+                evaluation = self._evaluations[ticket]
+                if not evaluation.settled:  # else settled below by another shard: this count is moot
+                    evaluation.counts[shard] = count
+                    if count.stopped or len(evaluation.counts) == len(self._bounds):
+                        evaluation.settled = True
+                        score = combine(list(evaluation.counts.values()), self._bounds[-1][1],
+                                        evaluation.threshold)
+                        out.append((ticket, score))
+                        self._count(score)
+                self._release(evaluation)
             self._admit_ready(0)
             self._dispatch()
         return out
+
+    def _release(self, evaluation: _Evaluation) -> None:
+        """One of its shard tasks is done with (run, or skipped once settled)."""
+        evaluation.outstanding -= 1
+        if evaluation.settled and evaluation.outstanding == 0:
+            del self._evaluations[evaluation.ticket]
 
     def _lose(self, actor) -> None:
         if actor in self._ready:
@@ -228,6 +314,52 @@ class EvaluatorPool:
         self.close()
 
 
+class InProcessPool(EvaluatorPool):
+    """The same scheduling over evaluators in this process (anything with ``info()`` and
+    ``score_shard``, e.g. a MixtureEvaluator's host): each ``wait`` finishes a seeded random
+    subset of the running shard tasks, so tests drive shuffled finish orders and lost evaluators
+    (``lose_after``: that many shard tasks in, the evaluator running the next one dies mid-shard
+    and its shard reruns elsewhere) through the code the Ray pool runs."""
+
+    def __init__(self, hosts: Sequence, n_shards: int = 1, *, seed: int = 0, lose_after: int | None = None,
+                 on_batch: Sequence[OnBatch] = ()):
+        if not hosts:
+            raise ValueError("InProcessPool needs at least one evaluator")
+        self._all = list(hosts)
+        self._starting = {}
+        self._init_state(on_batch, 0.0, n_shards)
+        self.infos = [h.info() if hasattr(h, "info") else {"n_images": h.n_images, "batch_size": h.batch_size}
+                      for h in self._all]
+        self._ready, self._idle = list(self._all), list(self._all)
+        self.rng = random.Random(seed)
+        self.lose_after = lose_after
+        self.lost: list = []
+        self._refs = itertools.count()
+
+    def _launch(self, actor, beta, start, stop, allowed):
+        ref = next(self._refs)
+        self._calls = getattr(self, "_calls", {})
+        self._calls[ref] = (actor, beta, start, stop, allowed)
+        return ref
+
+    def _finished(self):
+        refs = list(self._running)
+        self.rng.shuffle(refs)
+        out = []
+        for ref in refs[:self.rng.randint(1, len(refs))]:
+            actor, beta, start, stop, allowed = self._calls.pop(ref)
+            if self.lose_after is not None and self.shards_run >= self.lose_after and len(self._ready) > 1:
+                self.lose_after = None
+                self.lost.append(actor)
+                out.append((ref, None))  # died mid-shard: nothing comes back
+                continue
+            out.append((ref, actor.score_shard(beta, start, stop, allowed)))
+        return out
+
+    def close(self) -> None:
+        self._all, self._ready, self._idle = [], [], []
+
+
 def start_evaluators(cfg: Config, split_name: str, ingredient_ids: Sequence[str], *,
                      num_evaluators: int | None = None, actor_class=None, **actor_kwargs) -> list:
     """E mixture evaluator actors on ``split_name`` with soup.evaluator_resources each.
@@ -246,11 +378,13 @@ def start_evaluators(cfg: Config, split_name: str, ingredient_ids: Sequence[str]
 
 def evaluator_pool(cfg: Config, split_name: str, ingredient_ids: Sequence[str], *,
                    on_batch: Sequence[OnBatch] = (), n_components: int | None = None, **kwargs) -> EvaluatorPool:
-    """The Ray-backed ``evaluate`` for the soup: E actors behind one callable, each checked to
-    predict like the first on the probe mixtures (pipeline/soup/probe.py) as it joins."""
+    """The Ray-backed ``evaluate`` for the soup: E actors behind one callable, each evaluation cut
+    into ``soup.val_shards`` shard tasks, each actor checked to predict like the first on the
+    probe mixtures (pipeline/soup/probe.py) as it joins."""
     from .probe import ProbeCheck
 
-    pool = EvaluatorPool(start_evaluators(cfg, split_name, ingredient_ids, **kwargs), on_batch=on_batch)
+    pool = EvaluatorPool(start_evaluators(cfg, split_name, ingredient_ids, **kwargs), on_batch=on_batch,
+                         n_shards=cfg.soup.val_shards)
     if n_components is not None:
         pool.probe = ProbeCheck(len(ingredient_ids), n_components)
         pool.on_admit.append(pool.probe.admit)
@@ -264,6 +398,7 @@ class LazyPool:
     (``free``, ``submit``, ``wait``)."""
 
     parallel = True
+    prioritised = True
 
     def __init__(self, cfg: Config, val: str, ids: list[str], component_names: list[str], metrics):
         self.cfg, self.val, self.ids, self.names, self.metrics = cfg, val, ids, component_names, metrics
@@ -291,8 +426,8 @@ class LazyPool:
     def free(self) -> int:
         return self.started().free()
 
-    def submit(self, beta, threshold=None) -> int:
-        return self.started().submit(beta, threshold)
+    def submit(self, beta, threshold=None, priority: int = 0) -> int:
+        return self.started().submit(beta, threshold, priority)
 
     def wait(self) -> list:
         return self.started().wait()

@@ -31,24 +31,15 @@ def probe_mixtures(n_ingredients: int, n_components: int) -> list[np.ndarray]:
 
 
 def probe_predictions(evaluator, betas, n_images: int = PROBE_IMAGES) -> bytes:
-    """A MixtureEvaluator's predicted class per probe image for each mixture, as int64 bytes
-    (what the evaluator's accuracy counts, before comparing with labels)."""
+    """A MixtureEvaluator's predicted class per probe image (the first ``n_images`` val images,
+    whole batches, as scoring runs them) for each mixture, as int64 bytes: what the evaluator's
+    accuracy counts, before comparing with labels."""
     import torch
 
-    from ..evaluate.scoring import predictions
-
-    out = []
-    n = min(n_images, evaluator.images.shape[0])
-    evaluator.model.eval()
-    for index, beta in enumerate(betas):
-        evaluator._fuse(evaluator._checked(np.asarray(beta, dtype=np.float64), index))
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                                  enabled=evaluator.device.type == "cuda" and evaluator.dtype == torch.bfloat16)
-        with torch.inference_mode(), autocast:
-            for start in range(0, n, evaluator.batch_size):
-                logits = evaluator.model(evaluator.images[start:min(start + evaluator.batch_size, n)])
-                out.append(predictions(logits, evaluator.mask, evaluator.class_map).to("cpu", torch.int64))
-    return torch.cat(out).numpy().tobytes()
+    n = min(n_images, evaluator.n_images)
+    out = [evaluator.predictions(evaluator._checked(np.asarray(beta, dtype=np.float64), index), 0, n)
+           for index, beta in enumerate(betas)]
+    return torch.cat(out).to(torch.int64).numpy().tobytes()
 
 
 def _where(info: dict) -> str:

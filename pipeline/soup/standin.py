@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..evaluate.mixture import Score, Threshold
+from ..evaluate.mixture import Score, ShardCount, Threshold
 from .dispatch import simulated_score
 
 # fractions of candidates per kind (the reference: ~60 % short-circuited, ~8 % joining)
@@ -62,20 +62,62 @@ class ReferenceLike:
         return [simulated_score(self(b), self.n_images, t) for b, t in zip(betas, thresholds)]
 
 
+def shard_count(accuracy: float, n_images: int, start: int, stop: int, allowed: int | None) -> ShardCount:
+    """A shard's count for an accuracy of correct / n_images with the misses spread evenly over
+    the images (image i is the m-th miss when floor(M i / n) steps): stopped at the image where
+    the shard's own misses exceed ``allowed``, as the real evaluator stops at a batch."""
+    misses = n_images - round(accuracy * n_images)
+
+    def missed(i: int) -> int:  # misses among images [0, i)
+        return misses * i // n_images
+
+    if allowed is not None:
+        if allowed < 0:
+            return ShardCount(0, 0, True)
+        if missed(stop) - missed(start) > allowed:
+            # the first image at which the shard's misses exceed allowed
+            lo, hi = start + 1, stop
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if missed(mid) - missed(start) > allowed:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            images = lo - start
+            return ShardCount(images - (missed(lo) - missed(start)), images, True)
+    return ShardCount((stop - start) - (missed(stop) - missed(start)), stop - start)
+
+
 class StandInHost:
-    """A mixture evaluator actor's interface (info, evaluate, score) over ``ReferenceLike``,
-    sleeping ``latency_s`` per evaluation as a val pass on a GPU would take."""
+    """A mixture evaluator actor's interface (info, evaluate, score, score_shard) over
+    ``ReferenceLike``, sleeping ``latency_s`` per evaluation (a shard task: ``fixed_s`` plus
+    ``per_image_s`` per image scored) as a val pass on a GPU would take."""
 
     def __init__(self, K: int, C: int, seed: int, latency_s: float, n_images: int = 26_000,
-                 die_after: int | None = None):
+                 die_after: int | None = None, batch_size: int = 256, fixed_s: float | None = None,
+                 per_image_s: float | None = None):
         self.function = ReferenceLike(K, C, seed, n_images)
         self.latency_s = latency_s
         self.die_after = die_after  # tests: the process exits on this evaluation, as a lost node
         self.scored = 0
+        self.batch_size = batch_size
+        # a shard's time: fixed (fusing, launching) + per image; by default all of it per image
+        self.fixed_s = 0.0 if fixed_s is None else fixed_s
+        self.per_image_s = (latency_s - self.fixed_s) / n_images if per_image_s is None else per_image_s
 
     def info(self) -> dict:
         return {"ingredient_ids": [f"ing{j:02d}" for j in range(self.function.K)],
-                "component_names": [f"c{c}" for c in range(self.function.C)], "n_images": self.function.n_images}
+                "component_names": [f"c{c}" for c in range(self.function.C)], "n_images": self.function.n_images,
+                "batch_size": self.batch_size}
+
+    def score_shard(self, beta, start: int, stop: int, allowed: int | None = None) -> ShardCount:
+        self.scored += 1
+        if self.die_after is not None and self.scored > self.die_after:
+            os._exit(1)
+        count = shard_count(self.function(beta), self.function.n_images, start, stop, allowed)
+        seconds = self.fixed_s + self.per_image_s * count.images
+        time.sleep(seconds)
+        return ShardCount(count.correct, count.images, count.stopped, seconds)
 
     def evaluate(self, betas) -> list[float]:
         time.sleep(self.latency_s * len(betas))
