@@ -116,6 +116,47 @@ class ModelConfig(Strict):
     prompt_names: dict[str, str] | Literal["imagenet"] | None = None
     demo_base: DemoBaseConfig = DemoBaseConfig()
 
+    @model_validator(mode="after")
+    def _activation_of_the_weights(self):
+        problem = activation_mismatch(self.name, self.pretrained)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def activation_mismatch(name: str, pretrained: str) -> str | None:
+    """Why open_clip tag ``pretrained`` does not fit model ``name``, or None: weights trained
+    with QuickGELU (OpenAI's) on a GELU model, or the reverse, load without error (open_clip only
+    warns) and compute another function. The weights' setting is open_clip's pretrained
+    registry's (no download); a file, a folder or "demo" is not checked here."""
+    if pretrained == "demo" or "/" in pretrained or "\\" in pretrained or pretrained.endswith(WEIGHT_SUFFIXES):
+        return None
+    import open_clip
+
+    model = open_clip.get_model_config(name)
+    if model is None:
+        return None
+    has = bool(model.get("quick_gelu", False))
+    # the tag's own entry, or the one under the other activation's name (open_clip lists
+    # "laion2b_s34b_b79k" under ViT-B-32 only, and "openai" under both)
+    twin = name.removesuffix("-quickgelu") if name.endswith("-quickgelu") else f"{name}-quickgelu"
+    tag = open_clip.get_pretrained_cfg(name, pretrained) or open_clip.get_pretrained_cfg(twin, pretrained)
+    if not tag:
+        return None
+    wants = bool(tag.get("quick_gelu", False))
+    if wants == has:
+        return None
+    base = name.removesuffix("-quickgelu")
+    right = f"{base}-quickgelu" if wants else base
+    if right not in open_clip.list_models() or not open_clip.get_pretrained_cfg(right, pretrained):
+        right = None
+    act = {True: "QuickGELU", False: "GELU"}
+    return (f"model.name {name!r} with pretrained {pretrained!r}: those weights were trained with {act[wants]}, "
+            f"the model uses {act[has]}" + (f"; use model.name {right!r}" if right else ""))
+
 
 class Resources(Strict):
     cpu: float = Field(1.0, ge=0)

@@ -295,11 +295,11 @@ def vit_b32_prepared(tmp_path, class_names):
         write_split(uri, [encode_png(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)],
                     [0, 1, 0, 1], name=role, role=role, class_names=class_names)
         sets += [f"data.splits.{role}.uri={uri}", f"data.splits.{role}.role={role}"]
-    cfg = load_config(None, [f"output_uri={out}", "model.name=ViT-B-32", "model.pretrained=openai",
+    cfg = load_config(None, [f"output_uri={out}", "model.name=ViT-B-32-quickgelu", "model.pretrained=openai",
                              "data.source=shards", *sets])
     preprocess = {"size": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
                   "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
-    save_classifier(zeroshot_uri(cfg), init_classifier("ViT-B-32", len(class_names)), model_name="ViT-B-32",
+    save_classifier(zeroshot_uri(cfg), init_classifier(cfg.model.name, len(class_names)), model_name=cfg.model.name,
                     class_names=class_names, preprocess=preprocess)
     data = storage.read_bytes(zeroshot_uri(cfg))
     storage.write_json(layout.zeroshot_record_uri(cfg), {"key": "test", "sha256": storage.sha256(data),
@@ -314,7 +314,7 @@ def test_import_maps_the_model_soups_vit_b32_layout(tmp_path):
 
     torch.manual_seed(0)
     cfg = vit_b32_prepared(tmp_path, ["cat", "dog"])
-    clip = open_clip.create_model("ViT-B-32")  # random init, no download
+    clip = open_clip.create_model("ViT-B-32-quickgelu")  # random init, no download
     # model-soups' ModelWrapper: the CLIP as `model` (its text transformer deleted) + the head
     state = {f"model.{k}": v for k, v in clip.state_dict().items() if not k.startswith("transformer.")}
     state["classification_head.weight"] = torch.randn(2, 512)
@@ -325,7 +325,7 @@ def test_import_maps_the_model_soups_vit_b32_layout(tmp_path):
     row = registry["ingredients"][0]
     assert row["id"] == "model_7" and row["source"] == "import" and row["val_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     imported, meta = load_classifier(row["checkpoint_uri"])
-    assert meta["model_name"] == "ViT-B-32" and meta["class_names"] == ["cat", "dog"]
+    assert meta["model_name"] == "ViT-B-32-quickgelu" and meta["class_names"] == ["cat", "dog"]
     for name, value in clip.visual.state_dict().items():
         assert torch.equal(imported.visual.state_dict()[name], value), name
     assert torch.equal(imported.head.weight, state["classification_head.weight"])
