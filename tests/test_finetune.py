@@ -246,7 +246,9 @@ def test_import_registers_our_own_checkpoints(prepared_demo, tmp_path):
     clf, _ = load_classifier(zeroshot_uri(cfg))
     plain = tmp_path / "plain_state.safetensors"  # a bare state dict, no metadata
     storage.save_tensors(str(plain), clf.state_dict())
-    registry = import_ingredients(cfg, [zeroshot_uri(cfg), str(plain)])
+    lines = []
+    registry = import_ingredients(cfg, [zeroshot_uri(cfg), str(plain)], log=lines.append)
+    assert not any("warning" in line for line in lines)  # the demo's val is no random holdout
 
     rows = registry["ingredients"]
     assert [r["id"] for r in rows] == ["zeroshot", "plain_state"]
@@ -305,6 +307,27 @@ def vit_b32_prepared(tmp_path, class_names):
     storage.write_json(layout.zeroshot_record_uri(cfg), {"key": "test", "sha256": storage.sha256(data),
                                                          "id_test_accuracy": 0.0})
     return cfg
+
+
+def test_import_warns_in_one_line_when_val_is_our_own_random_holdout(prepared_demo, tmp_path):
+    """Ingredients trained elsewhere (model soups' on ImageNet minus their fixed 2 %) most likely
+    trained on a val that import-images drew at random: said in one line; not with the
+    reference's indices (--holdout-indices)."""
+    from pipeline.finetune import import_ingredients
+    from pipeline.layout import zeroshot_uri
+
+    cfg = clone_output(prepared_demo, tmp_path / "out")
+    marker = storage.join(layout.split_of_role(cfg, "val")[1].uri, "dataset.json")
+    info = storage.read_json(marker)
+    said = {}
+    for method, held in [("random", {"method": "random", "fraction": 0.02, "seed": 0}),
+                         ("indices", {"method": "indices", "file": "imagenet_98_idxs.npy"})]:
+        storage.write_json(marker, {**info, "holdout": held})
+        lines = []
+        import_ingredients(cfg, [zeroshot_uri(cfg)], replace=True, log=lines.append)
+        said[method] = [line for line in lines if "warning" in line]
+    assert said["indices"] == [] and len(said["random"]) == 1
+    assert "random 0.02 holdout" in said["random"][0] and "--holdout-indices" in said["random"][0]
 
 
 def test_import_maps_the_model_soups_vit_b32_layout(tmp_path):
