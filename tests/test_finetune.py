@@ -124,6 +124,30 @@ def test_auto_loader_streams_what_would_not_fit_the_memory_limit(prepared_demo):
         assert type(train_images({**setup, "memory_limit_gb": limit}, meta["preprocess"], seed=0)) is kind
 
 
+def test_a_train_split_streamed_unshuffled_is_refused_before_any_training(prepared_demo, tmp_path):
+    """dataset.json records how rows were ordered; a train split the stage would stream shard by
+    shard without that order being shuffled is refused in one line, nothing trained or written.
+    Kept in memory (the memory loader shuffles it all), the same split is fine."""
+    from pipeline.finetune.sweep import FinetuneError, check_train_order, run_finetune
+    from pipeline.inputs import load_zero_shot
+
+    cfg = clone_output(prepared_demo, tmp_path / "out", "finetune.loader=stream")
+    with pytest.raises(FinetuneError) as e:
+        run_finetune(cfg, log=lambda *_: None)
+    message = str(e.value)
+    assert "\n" not in message and "train split 'train'" in message and "--shuffle-seed" in message
+    assert "order: not recorded" in message
+    assert not storage.exists(layout.registry_uri(cfg)) and not storage.exists(storage.join(cfg.output_uri, "finetune"))
+    preprocess = load_zero_shot(cfg)[1]["preprocess"]
+    check_train_order(clone_output(prepared_demo, tmp_path / "mem", "finetune.loader=memory"), preprocess)
+    marker = storage.join(layout.split_of_role(cfg, "train")[1].uri, "dataset.json")
+    storage.write_json(marker, {**storage.read_json(marker), "order": "folders"})
+    with pytest.raises(FinetuneError, match="order: folders"):
+        check_train_order(cfg, preprocess)
+    storage.write_json(marker, {**storage.read_json(marker), "order": "shuffled", "shuffle_seed": 0})
+    check_train_order(cfg, preprocess)
+
+
 def trial_checkpoints(experiment_dir: str, trial_id: str) -> dict[str, dict]:
     """Checkpoint name -> its state.json, for the trial Tune calls ``trial_id``. Checkpoints
     are the trial's own record: workers write them before reporting (Tune's result.json is

@@ -19,7 +19,7 @@ from ..ingredients import RunModel, read_registry, registry_key, usable
 from ..keys import digest, result_settings
 from ..raycluster import PLACEMENT_FIELDS
 from . import registry as registry_lib
-from .trainable import MODEL_FILE, train_ingredient
+from .trainable import MODEL_FILE, resolved_loader, train_ingredient
 
 
 class FinetuneError(UserError, RuntimeError):
@@ -38,6 +38,22 @@ def trial_setup(cfg: Config) -> dict:
             "threads": ft.threads, "seed": ft.seed, "inject_failure": ft.inject_failure,
             "loader": ft.loader, "memory_limit_gb": ft.memory_limit_gb, "loader_workers": ft.loader_workers,
             "shuffle_buffer": ft.shuffle_buffer}
+
+
+def check_train_order(cfg: Config, preprocess: dict) -> None:
+    """A train split streamed shard by shard must have been written in shuffled order: a stream
+    mixes only the shards a worker has open, so a split written class folder by class folder
+    gives batches of a few classes. The memory loader shuffles the whole split itself."""
+    setup = trial_setup(cfg)
+    info = shards.split_info(setup["train_uri"])
+    if info.get("order") == "shuffled":
+        return
+    if resolved_loader(setup, preprocess) != "stream":
+        return
+    name, _ = layout.split_of_role(cfg, "train")
+    raise FinetuneError(f"train split {name!r} ({setup['train_uri']}) would be streamed shard by shard but its rows "
+                        f"were not shuffled (dataset.json order: {info.get('order', 'not recorded')}), so a batch "
+                        f"would hold a few classes: import it with --shuffle-seed N (or finetune.loader: memory)")
 
 
 def trial_hparams(cfg: Config, trial: int) -> dict:
@@ -320,6 +336,7 @@ def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
     if todo:
         from ..raycluster import init_ray
 
+        check_train_order(cfg, run.preprocess)
         init_ray(cfg)
         log(f"finetune: training {len(todo)} of {len(plan)} trials "
             f"({', '.join(t['id'] for t in todo[:8])}{' ...' if len(todo) > 8 else ''})")

@@ -81,14 +81,20 @@ def image_shape(preprocess: dict) -> tuple[int, int, int]:
     return 3, height, width
 
 
-def train_images(setup: dict, preprocess: dict, seed: int) -> MemoryTrain | StreamTrain:
-    """The train split kept in memory or streamed, as ``setup["loader"]`` says ("auto": stream
-    when keeping it would take more than ``memory_limit_gb``)."""
+def resolved_loader(setup: dict, preprocess: dict) -> str:
+    """"memory" or "stream": ``setup["loader"]``, "auto" streaming when keeping the split would
+    take more than ``memory_limit_gb``."""
     loader = setup.get("loader", "memory")
     if loader == "auto":
         rows = shards.split_info(setup["train_uri"])["num_rows"]
         loader = "stream" if memory_bytes(rows, image_shape(preprocess)) > setup["memory_limit_gb"] * 2**30 else "memory"
-    if loader == "stream":
+    return loader
+
+
+def train_images(setup: dict, preprocess: dict, seed: int) -> MemoryTrain | StreamTrain:
+    """The train split kept in memory or streamed, as ``setup["loader"]`` says ("auto": stream
+    when keeping it would take more than ``memory_limit_gb``)."""
+    if resolved_loader(setup, preprocess) == "stream":
         transform, _, _ = uint8_transform(preprocess)
         return StreamTrain(setup["train_uri"], transform, seed=seed, workers=setup["loader_workers"],
                            buffer=setup["shuffle_buffer"])
