@@ -164,13 +164,24 @@ class Resources(Strict):
 
 
 class SearchSpace(Strict):
-    """Modelled on model soups' sweep (hparam_info.json)."""
+    """The shape of model soups' sweep (hparam_info.json); the ImageNet configs give its ranges."""
     lr: tuple[float, float] = (1e-4, 3e-3)            # log-uniform
     weight_decay: tuple[float, float] = (1e-4, 0.2)   # log-uniform
     epochs: list[int] = [4, 6, 8]
     label_smoothing: list[float] = [0.0, 0.1]
-    randaugment_magnitude: list[int] = [0, 5, 10]     # 0 = off
+    # RandAugment M on timm's scale (rand-m{M}-n{N}: M/10 of each op's largest change, M above
+    # 10 counts as 10 as in timm); 0 = off. The demo's 1.67 and 3.33 are torchvision's 5 and 10
+    # of its 31 bins, the magnitudes the demo always used
+    randaugment_magnitude: list[float] = Field([0.0, 1.67, 3.33], min_length=1)
+    randaugment_ops: list[int] = Field([2], min_length=1)  # N: ops per image; 0 = off
     mix_prob: list[float] = [0.0, 0.3]                # mixup/cutmix probability
+
+    @field_validator("randaugment_magnitude", "randaugment_ops")
+    @classmethod
+    def _not_negative(cls, v: list) -> list:
+        if any(x < 0 for x in v):
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
 
 
 class FinetuneConfig(Strict):
@@ -184,6 +195,11 @@ class FinetuneConfig(Strict):
     max_failures: int = neutral(2, ge=0)
     resources: Resources = neutral(Resources())
     space: SearchSpace = SearchSpace()
+    # the training crop: "center", the eval resize and centre crop (the demo: digits must not be
+    # flipped); "random_resized_flip", a random resized crop (8-100 % of the area, aspect 3/4-4/3)
+    # and a horizontal flip before RandAugment, as timm's transforms_imagenet_train that model
+    # soups trained with (taken from the centre crop the images are kept or streamed at)
+    train_crop: Literal["center", "random_resized_flip"] = "center"
     # how a trial reads the train split: "memory" decodes it once and keeps it (uint8 at the
     # model's input size); "stream" reads shard by shard each epoch through `loader_workers`
     # processes with a shuffle buffer of `shuffle_buffer` images; "auto" streams when keeping it

@@ -37,7 +37,9 @@ def test_a_resumed_trial_replays_the_uninterrupted_one(prepared_demo, tmp_path, 
 
     def trial_config_(cfg):
         config = trial_config(cfg)
-        config["setup"].update(loader=loader, loader_workers=2, shuffle_buffer=64)
+        config["setup"].update(loader=loader, loader_workers=2, shuffle_buffer=64,
+                               # model soups' crop and flip draw from torch's generator too: replayed
+                               train_crop="random_resized_flip" if loader == "stream" else "center")
         return config
 
     def keep(into):
@@ -146,6 +148,70 @@ def test_a_train_split_streamed_unshuffled_is_refused_before_any_training(prepar
         check_train_order(cfg, preprocess)
     storage.write_json(marker, {**storage.read_json(marker), "order": "shuffled", "shuffle_seed": 0})
     check_train_order(cfg, preprocess)
+
+
+def test_randaugment_magnitudes_are_on_timm_scale():
+    """timm's rand-m{M}: M/10 of each op's largest change, M above 10 counted as 10; torchvision's
+    bin b of 31 is b/30 of the same ranges. The demo's 1.67 and 3.33 are the bins 5 and 10 it
+    always used (torchvision's magnitude 10 was about timm's 3.3)."""
+    from timm.data import auto_augment as timm_aa
+    from torchvision.transforms import v2
+
+    from pipeline.finetune.trainable import build_augment, randaugment_bin
+
+    space = v2.RandAugment._AUGMENTATION_SPACE
+    timm_level = {"Rotate": timm_aa._rotate_level_to_arg, "ShearX": timm_aa._shear_level_to_arg,
+                  "Brightness": timm_aa._enhance_increasing_level_to_arg}
+    for m in (1, 4, 7, 10):
+        b = randaugment_bin(m)
+        for op, level in timm_level.items():
+            ours = float(space[op][0](31, 224, 224)[b])
+            theirs = abs(level(m, {})[0] - (1.0 if op == "Brightness" else 0.0))
+            assert abs(ours - theirs) < 1e-6, (op, m)
+    assert [randaugment_bin(m) for m in (0, 1.67, 3.33, 10, 12, 20)] == [0, 5, 10, 30, 30, 30]
+    demo = build_augment(3.33)
+    assert (demo.num_ops, demo.magnitude, demo.num_magnitude_bins) == (2, 10, 31)  # the demo's RandAugment
+    assert build_augment(0, 2) is None and build_augment(5, 0) is None
+
+
+def test_random_resized_crop_and_flip_keep_the_size_and_replay_from_the_seed():
+    from pipeline.finetune.trainable import build_augment
+
+    image = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 32, 32)
+    augment = build_augment(9, 2, "random_resized_flip", (32, 32))
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return [augment(image) for _ in range(4)]
+
+    first = draw(0)
+    assert all(x.shape == image.shape and x.dtype == torch.uint8 for x in first)
+    assert all(not torch.equal(x, image) for x in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, draw(0)))  # torch's generator: a resume replays it
+    assert not all(torch.equal(a, b) for a, b in zip(first, draw(1)))
+    flip_only = build_augment(0, 0, "random_resized_flip", (32, 32))
+    assert flip_only is not None and flip_only(image).shape == image.shape
+
+
+def test_imagenet_configs_sweep_model_soups_ranges():
+    """hparam_info.json of model soups' 72 models: lr 1e-6..1e-4, weight decay 8e-5..0.53, epochs
+    4..16, label smoothing 0..0.23, mixup 0..0.88, RandAugment m 0..20 and n 0..2."""
+    from pipeline.config import load_config
+    from pipeline.finetune.sweep import trial_hparams
+
+    for path in ("configs/imagenet-vit-b32.yaml", "configs/model-soups-72.yaml"):
+        cfg = load_config(path)
+        space = cfg.finetune.space
+        assert space.lr == (1e-6, 1e-4) and space.weight_decay == (8e-5, 0.53)
+        assert sorted(set(space.epochs)) == list(range(4, 17))
+        assert (min(space.label_smoothing), max(space.label_smoothing)) == (0.0, 0.23)
+        assert (min(space.mix_prob), max(space.mix_prob)) == (0.0, 0.88)
+        assert sorted(set(space.randaugment_magnitude)) == list(range(0, 21))
+        assert sorted(set(space.randaugment_ops)) == [0, 1, 2]
+        assert cfg.finetune.train_crop == "random_resized_flip"
+    hp = [trial_hparams(cfg, t) for t in range(72)]
+    assert all(1e-6 <= h["lr"] <= 1e-4 and 8e-5 <= h["weight_decay"] <= 0.53 for h in hp)
+    assert {h["randaugment_ops"] for h in hp} == {0, 1, 2}
 
 
 def trial_checkpoints(experiment_dir: str, trial_id: str) -> dict[str, dict]:

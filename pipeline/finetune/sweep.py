@@ -37,7 +37,7 @@ def trial_setup(cfg: Config) -> dict:
             "batch_size": ft.batch_size, "warmup_steps": ft.warmup_steps, "grad_clip": ft.grad_clip,
             "threads": ft.threads, "seed": ft.seed, "inject_failure": ft.inject_failure,
             "loader": ft.loader, "memory_limit_gb": ft.memory_limit_gb, "loader_workers": ft.loader_workers,
-            "shuffle_buffer": ft.shuffle_buffer}
+            "shuffle_buffer": ft.shuffle_buffer, "train_crop": ft.train_crop}
 
 
 def check_train_order(cfg: Config, preprocess: dict) -> None:
@@ -71,8 +71,8 @@ def trial_hparams(cfg: Config, trial: int) -> dict:
 
     return {"lr": log_uniform(space.lr), "weight_decay": log_uniform(space.weight_decay),
             "epochs": int(choice(space.epochs)), "label_smoothing": float(choice(space.label_smoothing)),
-            "randaugment_magnitude": int(choice(space.randaugment_magnitude)),
-            "mix_prob": float(choice(space.mix_prob))}
+            "randaugment_magnitude": float(choice(space.randaugment_magnitude)),
+            "mix_prob": float(choice(space.mix_prob)), "randaugment_ops": int(choice(space.randaugment_ops))}
 
 
 def training_settings(cfg: Config) -> dict:
