@@ -307,11 +307,12 @@ def trained_rows(cfg: Config, results, todo: list[dict]) -> list[dict]:
 
 
 def print_summary(rows: list[dict], log=print) -> None:
-    log(f"  {'id':<8} {'val_acc':>7}  {'lr':>8} {'wd':>8} {'ep':>3} {'ls':>4} {'ra':>3} {'mix':>4}")
+    log(f"  {'id':<8} {'val_acc':>7}  {'lr':>8} {'wd':>8} {'ep':>3} {'ls':>4} {'randaug':>9} {'mix':>4}")
     for r in rows:
         h = r["hparams"]
+        randaug = f"m{h['randaugment_magnitude']:g}-n{h.get('randaugment_ops', 2)}"  # timm's rand-m{M}-n{N}
         log(f"  {r['id']:<8} {r['val_acc']:>7.4f}  {h['lr']:>8.2e} {h['weight_decay']:>8.2e} "
-            f"{h['epochs']:>3} {h['label_smoothing']:>4} {h['randaugment_magnitude']:>3} {h['mix_prob']:>4}")
+            f"{h['epochs']:>3} {h['label_smoothing']:>4} {randaug:>9} {h['mix_prob']:>4}")
 
 
 def reusable(cfg: Config, row: dict | None, key: str) -> bool:
