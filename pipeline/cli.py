@@ -77,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "finetuning streams large ones shard by shard)")
     p.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
                    help="send this fraction of the images (drawn with --shuffle-seed) to a val split at "
-                        "--holdout-out, e.g. model soups' 0.02 of ImageNet train")
+                        "--holdout-out; a random draw: not the images model soups held out (--holdout-indices)")
+    p.add_argument("--holdout-indices", metavar="FILE",
+                   help="send the images this file names to a val split at --holdout-out: a 0/1 mask over "
+                        "every image in folder order or a list of indices (.npy, or one per line), e.g. model "
+                        "soups' imagenet_98_idxs.npy, their held-out 2 %% of ImageNet train")
     p.add_argument("--holdout-out", metavar="URI")
     p.add_argument("--objectnet-mappings", metavar="DIR",
                    help="ObjectNet's mappings/ folder: import only the folders it maps to ImageNet classes")
@@ -144,6 +148,7 @@ def _import_images(args) -> int:
     info = import_image_folder(args.src, args.out, name=args.name, role=args.role, class_names=classes,
                                folder_classes=folders, only_listed=only_listed, shuffle_seed=args.shuffle_seed,
                                holdout=args.holdout, holdout_uri=args.holdout_out,
+                               holdout_indices=args.holdout_indices,
                                rows_per_shard=args.rows_per_shard, skip_bad=args.skip_bad,
                                shortest_side=args.shortest_side,
                                parallel=not args.serial, progress=None if args.quiet else ProgressLine())

@@ -149,6 +149,47 @@ class ModelConfig(Strict):
     demo_base: DemoBaseConfig = DemoBaseConfig()
     """How the demo base CLIP is pretrained (pretrained: demo)."""
 
+    @model_validator(mode="after")
+    def _activation_of_the_weights(self):
+        problem = activation_mismatch(self.name, self.pretrained)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def activation_mismatch(name: str, pretrained: str) -> str | None:
+    """Why open_clip tag ``pretrained`` does not fit model ``name``, or None: weights trained
+    with QuickGELU (OpenAI's) on a GELU model, or the reverse, load without error (open_clip only
+    warns) and compute another function. The weights' setting is open_clip's pretrained
+    registry's (no download); a file, a folder or "demo" is not checked here."""
+    if pretrained == "demo" or "/" in pretrained or "\\" in pretrained or pretrained.endswith(WEIGHT_SUFFIXES):
+        return None
+    import open_clip
+
+    model = open_clip.get_model_config(name)
+    if model is None:
+        return None
+    has = bool(model.get("quick_gelu", False))
+    # the tag's own entry, or the one under the other activation's name (open_clip lists
+    # "laion2b_s34b_b79k" under ViT-B-32 only, and "openai" under both)
+    twin = name.removesuffix("-quickgelu") if name.endswith("-quickgelu") else f"{name}-quickgelu"
+    tag = open_clip.get_pretrained_cfg(name, pretrained) or open_clip.get_pretrained_cfg(twin, pretrained)
+    if not tag:
+        return None
+    wants = bool(tag.get("quick_gelu", False))
+    if wants == has:
+        return None
+    base = name.removesuffix("-quickgelu")
+    right = f"{base}-quickgelu" if wants else base
+    if right not in open_clip.list_models() or not open_clip.get_pretrained_cfg(right, pretrained):
+        right = None
+    act = {True: "QuickGELU", False: "GELU"}
+    return (f"model.name {name!r} with pretrained {pretrained!r}: those weights were trained with {act[wants]}, "
+            f"the model uses {act[has]}" + (f"; use model.name {right!r}" if right else ""))
+
 
 class Resources(Strict):
     """What Ray gives each task or actor."""
@@ -159,7 +200,7 @@ class Resources(Strict):
 
 
 class SearchSpace(Strict):
-    """The finetuning sweep's search space, modelled on model soups' sweep (hparam_info.json)."""
+    """The shape of model soups' sweep (hparam_info.json); the ImageNet configs give its ranges."""
     lr: tuple[float, float] = (1e-4, 3e-3)
     """Learning rate range, sampled log-uniform."""
     weight_decay: tuple[float, float] = (1e-4, 0.2)
@@ -168,10 +209,21 @@ class SearchSpace(Strict):
     """Epoch counts to choose from."""
     label_smoothing: list[float] = [0.0, 0.1]
     """Label smoothing values to choose from."""
-    randaugment_magnitude: list[int] = [0, 5, 10]
-    """RandAugment magnitudes to choose from (0 = off)."""
+    randaugment_magnitude: list[float] = Field([0.0, 1.67, 3.33], min_length=1)
+    """RandAugment M on timm's scale (rand-m{M}-n{N}: M/10 of each op's largest change, M above 10 counts as 10
+    as in timm); 0 = off. The demo's 1.67 and 3.33 are torchvision's 5 and 10 of its 31 bins, the magnitudes the
+    demo always used."""
+    randaugment_ops: list[int] = Field([2], min_length=1)
+    """RandAugment N: ops per image to choose from; 0 = off."""
     mix_prob: list[float] = [0.0, 0.3]
     """Mixup/cutmix probabilities to choose from."""
+
+    @field_validator("randaugment_magnitude", "randaugment_ops")
+    @classmethod
+    def _not_negative(cls, v: list) -> list:
+        if any(x < 0 for x in v):
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
 
 
 class FinetuneConfig(Strict):
@@ -196,6 +248,11 @@ class FinetuneConfig(Strict):
     """What each trial gets."""
     space: SearchSpace = SearchSpace()
     """The hyperparameters each trial samples."""
+    train_crop: Literal["center", "random_resized_flip"] = "center"
+    """The training crop: "center", the eval resize and centre crop (the demo: digits must not be flipped);
+    "random_resized_flip", a random resized crop (8-100 % of the area, aspect 3/4-4/3) and a horizontal flip before
+    RandAugment, as timm's transforms_imagenet_train that model soups trained with (taken from the centre crop the
+    images are kept or streamed at)."""
     loader: Literal["auto", "memory", "stream"] = "auto"
     """How a trial reads the train split: "memory" decodes it once and keeps it (uint8 at the model's input
     size); "stream" reads shard by shard each epoch through `loader_workers` processes with a shuffle buffer

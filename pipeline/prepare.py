@@ -22,15 +22,31 @@ def build_zero_shot(cfg: Config, clip, names: list[str]):
     return clf_lib.build_classifier(clip, tokenizer, texts, clf_lib.resolve_templates(cfg.model.templates))
 
 
-def _accuracy(clf, split_uri: str, preprocess: dict) -> float:
+def _accuracy(clf, name: str, split, preprocess: dict, batch_size: int, model_classes: list[str]) -> float:
+    """Top-1 of the zero-shot head on ``split``, read shard by shard and decoded batch by batch
+    (as the evaluate stage streams it, with its scoring rules), so memory holds one shard's
+    encoded bytes and one batch of tensors whatever the split's size."""
     import torch
 
-    from .model.pretrain import zero_shot_accuracy
+    from .evaluate.scoring import predictions, scoring_tensors, split_scoring
 
-    split = shards.read_split(split_uri)
-    images, labels = shards.decode_split(split, factory.image_transform(preprocess, train=False))
+    info = shards.split_info(split.uri)
+    target, mask, class_map = scoring_tensors(
+        split_scoring(name, split, info["class_names"], model_classes), torch.device("cpu"))
+    transform = factory.image_transform(preprocess, train=False)
+    correct = seen = 0
+    clf.eval()
     with torch.inference_mode():
-        return zero_shot_accuracy(clf, images, labels, batch_size=512)
+        for index, shard in enumerate(info["shards"]):
+            table = shards.read_shard(split.uri, index, info)
+            for batch in table.to_batches(max_chunksize=batch_size):
+                images = torch.stack([transform(shards.decode_image(b, source=f"{split.uri}/{shard['file']}"))
+                                      for b in batch.column("image").to_pylist()])
+                labels = torch.as_tensor(batch.column("label").to_numpy().astype("int64"))
+                correct += int((predictions(clf(images), mask, class_map) == target[labels]).sum())
+                seen += len(labels)
+            del table
+    return correct / max(seen, 1)
 
 
 def _build_demo_base(cfg: Config, log=print):
@@ -160,8 +176,9 @@ def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
         zs = build_zero_shot(cfg, clip, names)
         data = weights.save_classifier(layout.zeroshot_uri(cfg), zs, model_name=cfg.model.name, class_names=names,
                                        preprocess=preprocess, extra={"source": "zero-shot"})
-        _, test = layout.split_of_role(cfg, "id_test")
-        record = {"key": zkey, "sha256": storage.sha256(data), "id_test_accuracy": _accuracy(zs, test.uri, preprocess)}
+        test_name, test = layout.split_of_role(cfg, "id_test")
+        accuracy = _accuracy(zs, test_name, test, preprocess, cfg.evaluate.batch_size, names)
+        record = {"key": zkey, "sha256": storage.sha256(data), "id_test_accuracy": accuracy}
         storage.write_json(layout.zeroshot_record_uri(cfg), record)
         made.append(True)
         log("prepare: rows per split")

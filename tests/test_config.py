@@ -94,7 +94,7 @@ def test_shipped_configs_load(path):
 
 def test_imagenet_config_keeps_the_reference_search():
     cfg = load_config("configs/imagenet-vit-b32.yaml")
-    assert cfg.model.name == "ViT-B-32" and cfg.soup.max_func_evals_per_dim == 30
+    assert cfg.model.name == "ViT-B-32-quickgelu" and cfg.soup.max_func_evals_per_dim == 30
     assert cfg.soup.seed == 123456789 and cfg.soup.optimizer == "NGOpt" and cfg.soup.num_workers == 1
     roles = sorted(s.role for s in cfg.data.splits.values())
     assert roles.count("ood") == 5 and "val" in roles and "id_test" in roles
@@ -133,3 +133,30 @@ def test_bad_tracking_values_are_refused_in_one_line(override, field, says):
         load_config(None, [override])
     message = str(e.value)
     assert len(message.splitlines()) == 1 and f"{field}: " in message and says in message
+
+
+@pytest.mark.parametrize("name,pretrained,right", [
+    ("ViT-B-32", "openai", "ViT-B-32-quickgelu"),             # QuickGELU weights on a GELU model
+    ("ViT-B-32-quickgelu", "laion2b_s34b_b79k", "ViT-B-32"),  # and the reverse
+])
+def test_weights_of_another_activation_are_refused_naming_the_right_model(name, pretrained, right):
+    """open_clip builds ViT-B-32 with GELU and only warns when it loads OpenAI's QuickGELU weights:
+    the pair is refused when the config loads, from open_clip's registry (nothing downloaded)."""
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/imagenet-vit-b32.yaml", [f"model.name={name}", f"model.pretrained={pretrained}"])
+    message = str(e.value)
+    assert "\n" not in message and f"model.name {name!r}" in message and repr(pretrained) in message
+    assert f"use model.name {right!r}" in message
+    assert load_config("configs/imagenet-vit-b32.yaml", [f"model.name={right}", f"model.pretrained={pretrained}"])
+
+
+def test_an_output_made_under_the_old_model_name_is_redone():
+    """A prepare made with ViT-B-32 + openai (before the check) is not reused by the config that
+    names ViT-B-32-quickgelu: the base's key, hence the zero-shot head's and every trial's, differ."""
+    from pipeline.prepare import base_key, zero_shot_key
+
+    new = load_config("configs/imagenet-vit-b32.yaml")
+    old = new.model_copy(update={"model": new.model.model_construct(**{**dict(new.model), "name": "ViT-B-32"})})
+    assert new.model.name == "ViT-B-32-quickgelu" and old.model.name == "ViT-B-32"
+    assert base_key(old) != base_key(new)
+    assert zero_shot_key(old, base_key(old), ["a"]) != zero_shot_key(new, base_key(new), ["a"])

@@ -315,3 +315,73 @@ def test_import_holds_out_a_val_split_or_writes_neither(tmp_path, capsys, ray_lo
     with pytest.raises(Exception):
         import_image_folder(src, str(tmp_path / "blocked"), holdout=0.1, holdout_uri=str(tmp_path / "val3"))
     assert not storage.exists(str(tmp_path / "val3" / "dataset.json"))
+
+
+def test_holdout_indices_take_the_images_torchvision_imagefolder_numbers_so(tmp_path):
+    """Model soups' imagenet_98_idxs.npy is a 0/1 mask over ImageNet train in torchvision
+    ImageFolder's order; their utils.py asserts held-out image 1000 is n01675722_4108.JPEG. On a
+    1000-class tree of empty files named as ImageNet's (numbers that sort as strings), the
+    listing's held-out images are ImageFolder's, and the assertion holds where the mask says so."""
+    from torchvision.datasets.folder import make_dataset
+
+    from pipeline.data.imagenet import imagenet_wnids
+    from pipeline.data.images import list_labelled_files, read_holdout_indices
+
+    wnids = list(imagenet_wnids())
+    assert wnids.index("n01675722") == 38  # so held-out index 1000 = 38 * 26 + 12 is its 13th
+    rng = np.random.default_rng(0)
+    root = tmp_path / "train"
+    for w in wnids:
+        (root / w).mkdir(parents=True)
+        numbers = rng.choice(13000, 27, replace=False).tolist()
+        if w == "n01675722":  # 12 names sort before "..._4108.JPEG" as strings, 14 after
+            numbers = [*rng.choice(range(1000, 4000), 12, replace=False).tolist(), 4108,
+                       *rng.choice(range(5000, 9999), 14, replace=False).tolist()]
+        for n in numbers:
+            (root / w / f"{w}_{n}.JPEG").touch()
+    reference = [p for p, _ in make_dataset(str(root), {w: i for i, w in enumerate(wnids)}, extensions=(".jpeg",))]
+    mask = np.zeros(len(reference))  # float, as the reference's file holds
+    for w in wnids:  # 26 of 27 held out per class (the reference's 2 % is 26 a class)
+        rows = [i for i, p in enumerate(reference) if f"/{w}/" in p]
+        mask[rows] = 1
+        mask[rows[-1] if w == "n01675722" else rng.choice(rows)] = 0
+    np.save(tmp_path / "imagenet_98_idxs.npy", mask)
+
+    listing = list_labelled_files(str(root), wnids)
+    picked = read_holdout_indices(str(tmp_path / "imagenet_98_idxs.npy"), len(listing.files))
+    assert [listing.files[i].uri for i in picked] == [reference[i] for i in np.flatnonzero(mask)]
+    assert listing.files[picked[1000]].rel == "n01675722/n01675722_4108.JPEG"  # model soups' assertion
+    # a list of indices works the same; a mask of another length, an index outside, one twice: refused
+    (tmp_path / "idx.txt").write_text("\n".join(map(str, np.flatnonzero(mask))))
+    assert read_holdout_indices(str(tmp_path / "idx.txt"), len(listing.files)) == picked
+    np.save(tmp_path / "short.npy", mask[:-1])
+    with pytest.raises(DataError, match="a mask of 26,999 entries, but the folder lists 27,000 images"):
+        read_holdout_indices(str(tmp_path / "short.npy"), len(listing.files))
+    (tmp_path / "bad.txt").write_text("3\n27000\n")
+    with pytest.raises(DataError, match="index 27000 is outside"):
+        read_holdout_indices(str(tmp_path / "bad.txt"), len(listing.files))
+    (tmp_path / "twice.txt").write_text("3\n3\n")
+    with pytest.raises(DataError, match="listed twice"):
+        read_holdout_indices(str(tmp_path / "twice.txt"), len(listing.files))
+
+
+def test_import_with_holdout_indices_records_how_val_was_drawn_and_the_order(tmp_path, capsys):
+    from pipeline.cli import main
+
+    src = image_folder(tmp_path / "src", {"cat": list(range(0, 10)), "dog": list(range(10, 20))})
+    np.save(tmp_path / "mask.npy", np.array([1, 0] * 10))
+    train, val = str(tmp_path / "train"), str(tmp_path / "val")
+    assert main(["import-images", src, "--out", train, "--role", "train", "--shuffle-seed", "3", "--serial",
+                 "--holdout-indices", str(tmp_path / "mask.npy"), "--holdout-out", val]) == 0
+    assert "wrote 10 held-out images, role val" in capsys.readouterr().out
+    listing = [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(10)]  # folders, then files, sorted
+    pixel = {f: (10 if f.startswith("dog") else 0) + int(f.split("/")[1].split(".")[0]) for f in listing}
+    assert read_split(val).table.column("image").to_pylist() == [png(pixel[f]) for f in listing[0::2]]
+    assert sorted(read_split(train).table.column("image").to_pylist()) == sorted(png(v) for v in range(1, 20, 2))
+    info_train, info_val = split_info(train), split_info(val)
+    assert (info_train["order"], info_train["shuffle_seed"], info_val["order"]) == ("shuffled", 3, "folders")
+    assert info_val["holdout"]["method"] == "indices" and info_val["holdout"]["rows"] == 10
+    assert import_image_folder(src, str(tmp_path / "plain"))["order"] == "folders"  # not shuffled: class by class
+    with pytest.raises(DataError, match="not both"):
+        import_image_folder(src, str(tmp_path / "x"), holdout=0.1, holdout_uri=val + "2",
+                            holdout_indices=str(tmp_path / "mask.npy"))

@@ -37,7 +37,9 @@ def test_a_resumed_trial_replays_the_uninterrupted_one(prepared_demo, tmp_path, 
 
     def trial_config_(cfg):
         config = trial_config(cfg)
-        config["setup"].update(loader=loader, loader_workers=2, shuffle_buffer=64)
+        config["setup"].update(loader=loader, loader_workers=2, shuffle_buffer=64,
+                               # model soups' crop and flip draw from torch's generator too: replayed
+                               train_crop="random_resized_flip" if loader == "stream" else "center")
         return config
 
     def keep(into):
@@ -122,6 +124,94 @@ def test_auto_loader_streams_what_would_not_fit_the_memory_limit(prepared_demo):
     assert setup["loader"] == "auto"
     for limit, kind in [(need_gb * 1.01, MemoryTrain), (need_gb * 0.99, StreamTrain)]:
         assert type(train_images({**setup, "memory_limit_gb": limit}, meta["preprocess"], seed=0)) is kind
+
+
+def test_a_train_split_streamed_unshuffled_is_refused_before_any_training(prepared_demo, tmp_path):
+    """dataset.json records how rows were ordered; a train split the stage would stream shard by
+    shard without that order being shuffled is refused in one line, nothing trained or written.
+    Kept in memory (the memory loader shuffles it all), the same split is fine."""
+    from pipeline.finetune.sweep import FinetuneError, check_train_order, run_finetune
+    from pipeline.inputs import load_zero_shot
+
+    cfg = clone_output(prepared_demo, tmp_path / "out", "finetune.loader=stream")
+    with pytest.raises(FinetuneError) as e:
+        run_finetune(cfg, log=lambda *_: None)
+    message = str(e.value)
+    assert "\n" not in message and "train split 'train'" in message and "--shuffle-seed" in message
+    assert "order: not recorded" in message
+    assert not storage.exists(layout.registry_uri(cfg)) and not storage.exists(storage.join(cfg.output_uri, "finetune"))
+    preprocess = load_zero_shot(cfg)[1]["preprocess"]
+    check_train_order(clone_output(prepared_demo, tmp_path / "mem", "finetune.loader=memory"), preprocess)
+    marker = storage.join(layout.split_of_role(cfg, "train")[1].uri, "dataset.json")
+    storage.write_json(marker, {**storage.read_json(marker), "order": "folders"})
+    with pytest.raises(FinetuneError, match="order: folders"):
+        check_train_order(cfg, preprocess)
+    storage.write_json(marker, {**storage.read_json(marker), "order": "shuffled", "shuffle_seed": 0})
+    check_train_order(cfg, preprocess)
+
+
+def test_randaugment_magnitudes_are_on_timm_scale():
+    """timm's rand-m{M}: M/10 of each op's largest change, M above 10 counted as 10; torchvision's
+    bin b of 31 is b/30 of the same ranges. The demo's 1.67 and 3.33 are the bins 5 and 10 it
+    always used (torchvision's magnitude 10 was about timm's 3.3)."""
+    from timm.data import auto_augment as timm_aa
+    from torchvision.transforms import v2
+
+    from pipeline.finetune.trainable import build_augment, randaugment_bin
+
+    space = v2.RandAugment._AUGMENTATION_SPACE
+    timm_level = {"Rotate": timm_aa._rotate_level_to_arg, "ShearX": timm_aa._shear_level_to_arg,
+                  "Brightness": timm_aa._enhance_increasing_level_to_arg}
+    for m in (1, 4, 7, 10):
+        b = randaugment_bin(m)
+        for op, level in timm_level.items():
+            ours = float(space[op][0](31, 224, 224)[b])
+            theirs = abs(level(m, {})[0] - (1.0 if op == "Brightness" else 0.0))
+            assert abs(ours - theirs) < 1e-6, (op, m)
+    assert [randaugment_bin(m) for m in (0, 1.67, 3.33, 10, 12, 20)] == [0, 5, 10, 30, 30, 30]
+    demo = build_augment(3.33)
+    assert (demo.num_ops, demo.magnitude, demo.num_magnitude_bins) == (2, 10, 31)  # the demo's RandAugment
+    assert build_augment(0, 2) is None and build_augment(5, 0) is None
+
+
+def test_random_resized_crop_and_flip_keep_the_size_and_replay_from_the_seed():
+    from pipeline.finetune.trainable import build_augment
+
+    image = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 32, 32)
+    augment = build_augment(9, 2, "random_resized_flip", (32, 32))
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return [augment(image) for _ in range(4)]
+
+    first = draw(0)
+    assert all(x.shape == image.shape and x.dtype == torch.uint8 for x in first)
+    assert all(not torch.equal(x, image) for x in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, draw(0)))  # torch's generator: a resume replays it
+    assert not all(torch.equal(a, b) for a, b in zip(first, draw(1)))
+    flip_only = build_augment(0, 0, "random_resized_flip", (32, 32))
+    assert flip_only is not None and flip_only(image).shape == image.shape
+
+
+def test_imagenet_configs_sweep_model_soups_ranges():
+    """hparam_info.json of model soups' 72 models: lr 1e-6..1e-4, weight decay 8e-5..0.53, epochs
+    4..16, label smoothing 0..0.23, mixup 0..0.88, RandAugment m 0..20 and n 0..2."""
+    from pipeline.config import load_config
+    from pipeline.finetune.sweep import trial_hparams
+
+    for path in ("configs/imagenet-vit-b32.yaml", "configs/model-soups-72.yaml"):
+        cfg = load_config(path)
+        space = cfg.finetune.space
+        assert space.lr == (1e-6, 1e-4) and space.weight_decay == (8e-5, 0.53)
+        assert sorted(set(space.epochs)) == list(range(4, 17))
+        assert (min(space.label_smoothing), max(space.label_smoothing)) == (0.0, 0.23)
+        assert (min(space.mix_prob), max(space.mix_prob)) == (0.0, 0.88)
+        assert sorted(set(space.randaugment_magnitude)) == list(range(0, 21))
+        assert sorted(set(space.randaugment_ops)) == [0, 1, 2]
+        assert cfg.finetune.train_crop == "random_resized_flip"
+    hp = [trial_hparams(cfg, t) for t in range(72)]
+    assert all(1e-6 <= h["lr"] <= 1e-4 and 8e-5 <= h["weight_decay"] <= 0.53 for h in hp)
+    assert {h["randaugment_ops"] for h in hp} == {0, 1, 2}
 
 
 def trial_checkpoints(experiment_dir: str, trial_id: str) -> dict[str, dict]:
@@ -246,7 +336,9 @@ def test_import_registers_our_own_checkpoints(prepared_demo, tmp_path):
     clf, _ = load_classifier(zeroshot_uri(cfg))
     plain = tmp_path / "plain_state.safetensors"  # a bare state dict, no metadata
     storage.save_tensors(str(plain), clf.state_dict())
-    registry = import_ingredients(cfg, [zeroshot_uri(cfg), str(plain)])
+    lines = []
+    registry = import_ingredients(cfg, [zeroshot_uri(cfg), str(plain)], log=lines.append)
+    assert not any("warning" in line for line in lines)  # the demo's val is no random holdout
 
     rows = registry["ingredients"]
     assert [r["id"] for r in rows] == ["zeroshot", "plain_state"]
@@ -295,16 +387,37 @@ def vit_b32_prepared(tmp_path, class_names):
         write_split(uri, [encode_png(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)],
                     [0, 1, 0, 1], name=role, role=role, class_names=class_names)
         sets += [f"data.splits.{role}.uri={uri}", f"data.splits.{role}.role={role}"]
-    cfg = load_config(None, [f"output_uri={out}", "model.name=ViT-B-32", "model.pretrained=openai",
+    cfg = load_config(None, [f"output_uri={out}", "model.name=ViT-B-32-quickgelu", "model.pretrained=openai",
                              "data.source=shards", *sets])
     preprocess = {"size": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
                   "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
-    save_classifier(zeroshot_uri(cfg), init_classifier("ViT-B-32", len(class_names)), model_name="ViT-B-32",
+    save_classifier(zeroshot_uri(cfg), init_classifier(cfg.model.name, len(class_names)), model_name=cfg.model.name,
                     class_names=class_names, preprocess=preprocess)
     data = storage.read_bytes(zeroshot_uri(cfg))
     storage.write_json(layout.zeroshot_record_uri(cfg), {"key": "test", "sha256": storage.sha256(data),
                                                          "id_test_accuracy": 0.0})
     return cfg
+
+
+def test_import_warns_in_one_line_when_val_is_our_own_random_holdout(prepared_demo, tmp_path):
+    """Ingredients trained elsewhere (model soups' on ImageNet minus their fixed 2 %) most likely
+    trained on a val that import-images drew at random: said in one line; not with the
+    reference's indices (--holdout-indices)."""
+    from pipeline.finetune import import_ingredients
+    from pipeline.layout import zeroshot_uri
+
+    cfg = clone_output(prepared_demo, tmp_path / "out")
+    marker = storage.join(layout.split_of_role(cfg, "val")[1].uri, "dataset.json")
+    info = storage.read_json(marker)
+    said = {}
+    for method, held in [("random", {"method": "random", "fraction": 0.02, "seed": 0}),
+                         ("indices", {"method": "indices", "file": "imagenet_98_idxs.npy"})]:
+        storage.write_json(marker, {**info, "holdout": held})
+        lines = []
+        import_ingredients(cfg, [zeroshot_uri(cfg)], replace=True, log=lines.append)
+        said[method] = [line for line in lines if "warning" in line]
+    assert said["indices"] == [] and len(said["random"]) == 1
+    assert "random 0.02 holdout" in said["random"][0] and "--holdout-indices" in said["random"][0]
 
 
 def test_import_maps_the_model_soups_vit_b32_layout(tmp_path):
@@ -314,7 +427,7 @@ def test_import_maps_the_model_soups_vit_b32_layout(tmp_path):
 
     torch.manual_seed(0)
     cfg = vit_b32_prepared(tmp_path, ["cat", "dog"])
-    clip = open_clip.create_model("ViT-B-32")  # random init, no download
+    clip = open_clip.create_model("ViT-B-32-quickgelu")  # random init, no download
     # model-soups' ModelWrapper: the CLIP as `model` (its text transformer deleted) + the head
     state = {f"model.{k}": v for k, v in clip.state_dict().items() if not k.startswith("transformer.")}
     state["classification_head.weight"] = torch.randn(2, 512)
@@ -325,7 +438,7 @@ def test_import_maps_the_model_soups_vit_b32_layout(tmp_path):
     row = registry["ingredients"][0]
     assert row["id"] == "model_7" and row["source"] == "import" and row["val_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     imported, meta = load_classifier(row["checkpoint_uri"])
-    assert meta["model_name"] == "ViT-B-32" and meta["class_names"] == ["cat", "dog"]
+    assert meta["model_name"] == "ViT-B-32-quickgelu" and meta["class_names"] == ["cat", "dog"]
     for name, value in clip.visual.state_dict().items():
         assert torch.equal(imported.visual.state_dict()[name], value), name
     assert torch.equal(imported.head.weight, state["classification_head.weight"])

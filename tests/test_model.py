@@ -151,6 +151,35 @@ def test_zero_shot_head_is_scaled_text_embeddings(demo_clip, demo_classifier):
     assert torch.allclose(clf(images()), expected, atol=1e-5)
 
 
+def test_zero_shot_head_in_class_batches_matches_one_batch(demo_clip):
+    """Classes go through the text tower a few at a time (ImageNet's 80,000 prompts at once
+    would take ~150 GB): the head is the one a single batch gives."""
+    from pipeline.model.classifier import classes_per_batch
+
+    model, _ = demo_clip
+    names = [f"class {i}" for i in range(7)]
+    whole = build_classifier(model, tokenizer_for(DEMO_MODEL), names, "demo", prompts_per_batch=1000)
+    batched = build_classifier(model, tokenizer_for(DEMO_MODEL), names, "demo", prompts_per_batch=8)
+    assert classes_per_batch(4, 8) == 2 and classes_per_batch(80, 256) == 3 and classes_per_batch(80, 8) == 1
+    assert torch.allclose(whole.head.weight, batched.head.weight, atol=1e-5)
+
+
+def test_head_runs_in_float32_under_autocast_so_near_ties_keep_their_order():
+    """Logits 20.02 and 20.05 are one bfloat16 value (steps of 0.125 between 16 and 32): a
+    bfloat16 head calls it a tie and picks the lower index. The head runs in float32."""
+    head = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[20.02, 0.0], [20.05, 0.0]]))
+    clf = Classifier(nn.Identity(), head).eval()
+    x = torch.tensor([[1.0, 0.0]])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low_precision = head(x)  # what the head gave under autocast before
+        logits = clf(x)
+    assert low_precision.dtype == torch.bfloat16 and low_precision.argmax(1).item() == 0  # the tie
+    assert logits.dtype == torch.float32 and logits.argmax(1).item() == 1
+    assert torch.allclose(logits, torch.tensor([[20.02, 20.05]]))
+
+
 def test_templates_resolve_by_name_or_list():
     assert resolve_templates("demo") == TEMPLATES["demo"]
     assert len(resolve_templates("openai_imagenet")) == 80

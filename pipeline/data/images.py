@@ -124,6 +124,47 @@ def read_class_list(uri: str) -> tuple[list[str], dict[str, str] | None]:
     return list(dict.fromkeys(folders.values())), folders
 
 
+# ---- a held-out split given by index -------------------------------------------------------
+
+def read_holdout_indices(uri: str, n_files: int) -> list[int]:
+    """The held-out rows a file names, ascending: a 0/1 (or bool) mask over every image in
+    listing order (class folders sorted, files sorted in each: torchvision ImageFolder's order,
+    as model soups' ``imagenet_98_idxs.npy``), or a list of row indices. ``.npy`` files are read
+    without pickle; any other file holds one integer per line."""
+    import io
+
+    import numpy as np
+
+    where = f"holdout indices {uri}"
+    try:
+        data = storage.read_bytes(uri)
+    except storage.StorageError as e:
+        raise DataError(f"{where}: {e}") from None
+    try:
+        if uri.lower().endswith(".npy"):
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        else:
+            arr = np.array([int(line) for line in data.decode("utf-8").split() if line.strip()], dtype=np.int64)
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise DataError(f"{where}: not a .npy array nor one integer per line ({e})") from None
+    if arr.ndim != 1 or not (arr.dtype == bool or np.issubdtype(arr.dtype, np.integer)
+                             or (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)))):
+        raise DataError(f"{where}: expected a flat array of integers or a 0/1 mask, got {arr.dtype} {arr.shape}")
+    arr = arr.astype(np.int64) if arr.dtype != bool else arr
+    # 0s and 1s beyond two entries cannot be distinct indices: a mask
+    if arr.dtype == bool or (len(arr) > 2 and set(np.unique(arr).tolist()) <= {0, 1}):
+        if len(arr) != n_files:
+            raise DataError(f"{where}: a mask of {len(arr):,} entries, but the folder lists {n_files:,} images "
+                            "(the mask was made for another copy of the data set)")
+        return np.flatnonzero(arr).tolist()
+    bad = arr[(arr < 0) | (arr >= n_files)]
+    if bad.size:
+        raise DataError(f"{where}: index {int(bad[0])} is outside the folder's {n_files:,} images")
+    if len(np.unique(arr)) != len(arr):
+        raise DataError(f"{where}: an index is listed twice")
+    return sorted(arr.tolist())
+
+
 # ---- the import: one pass, shard by shard --------------------------------------------------
 
 @dataclass(frozen=True)
@@ -258,7 +299,7 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
                         class_names: list[str] | None = None, folder_classes: dict[str, str] | None = None,
                         only_listed: bool = False, shuffle_seed: int | None = None,
                         holdout: float = 0.0, holdout_uri: str | None = None,
-                        rows_per_shard: int = 512, skip_bad: bool = False, shortest_side: int | None = None,
+                        holdout_indices: str | None = None, rows_per_shard: int = 512, skip_bad: bool = False, shortest_side: int | None = None,
                         parallel: bool | None = None, progress: Progress | None = None) -> dict:
     """Turn ``src_dir/<folder>/<image>`` into a shard set at ``out_uri``; returns its
     dataset.json plus ``skipped_folders`` and ``holdout_rows``. A folder's class is its name, or
@@ -269,7 +310,11 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
     folder by folder, or in an order shuffled by ``shuffle_seed``: what a train set streamed
     shard by shard needs (docs/finetune.md). ``holdout``: this fraction of the images, drawn
     with ``shuffle_seed`` (or 0), goes to a ``val`` split at ``holdout_uri`` instead (model
-    soups' 2 % of ImageNet train); both splits are written, or neither.
+    soups' 2 % of ImageNet train); both splits are written, or neither. ``holdout_indices``: a
+    file naming the held-out images by their index in listing order instead (model soups'
+    ``imagenet_98_idxs.npy``, see ``read_holdout_indices``), taken as the reference takes them.
+    dataset.json records the row order (``order``: ``shuffled`` with its seed, or ``folders``)
+    and how a held-out val was drawn (``holdout``).
 
     A file that does not decode is refused, naming the first (in row order), and nothing is
     left at either URI; with ``skip_bad`` it is left out and listed in dataset.json's
@@ -279,7 +324,11 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
     tasks (default: when Ray is initialised) or in this process; the bytes written are the same.
     ``progress(done, total)`` is called as shards finish."""
     check_role(role, f"import {src_dir}")
-    if not 0.0 <= holdout < 1.0 or (holdout > 0) != (holdout_uri is not None):
+    if holdout_indices is not None and holdout > 0:
+        raise DataError(f"import {src_dir}: give a holdout fraction or a holdout indices file, not both")
+    if holdout_indices is not None and holdout_uri is None:
+        raise DataError(f"import {src_dir}: holdout indices {holdout_indices} need a holdout URI")
+    if holdout_indices is None and (not 0.0 <= holdout < 1.0 or (holdout > 0) != (holdout_uri is not None)):
         raise DataError(f"import {src_dir}: holdout must lie in [0, 1) and come with a holdout URI "
                         f"(got {holdout} and {holdout_uri!r})")
     if holdout_uri is not None and storage.resolve(holdout_uri).uri == storage.resolve(out_uri).uri:
@@ -296,17 +345,29 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
     class_names = check_class_names(class_names, f"import {src_dir}")
     listing = list_labelled_files(src_dir, class_names, folder_classes, only_listed)
     files = listing.files
+    held: list[LabelledFile] = []
+    how_held: dict = {}
+    if holdout_indices is not None:
+        # the reference's indices count images in listing order, before any shuffle
+        picked_rows = read_holdout_indices(holdout_indices, len(files))
+        if not picked_rows or len(picked_rows) == len(files):
+            raise DataError(f"import {src_dir}: holdout indices {holdout_indices} leave a split empty")
+        picked = set(picked_rows)
+        held = [files[i] for i in picked_rows]
+        files = [f for i, f in enumerate(files) if i not in picked]
+        how_held = {"method": "indices", "file": posixpath.basename(holdout_indices),
+                    "sha256": storage.sha256(storage.read_bytes(holdout_indices)), "rows": len(held)}
     if shuffle_seed is not None:
         order = random.Random(shuffle_seed).sample(range(len(files)), len(files))
         files = [files[i] for i in order]
     name = name or posixpath.basename(src_dir.rstrip("/").rstrip("\\")) or "images"
-    held: list[LabelledFile] = []
     if holdout > 0:
         picked = set(random.Random(shuffle_seed or 0).sample(range(len(files)), round(holdout * len(files))))
         if not picked or len(picked) == len(files):
             raise DataError(f"import {src_dir}: a holdout of {holdout} of {len(files)} images leaves a split empty")
         held = [f for i, f in enumerate(files) if i in picked]
         files = [f for i, f in enumerate(files) if i not in picked]
+        how_held = {"method": "random", "fraction": holdout, "seed": shuffle_seed or 0, "rows": len(held)}
 
     common = {"class_names": tuple(class_names), "skip_bad": skip_bad, "shortest_side": shortest_side}
     splits = {out_uri: (name, role)}
@@ -346,7 +407,13 @@ def import_image_folder(src_dir: str, out_uri: str, *, name: str | None = None, 
             entries = [r["entry"] for r in mine if r["entry"] is not None]
             if not entries:
                 raise DataError(f"import {src_dir}: no image for {uri} decodes")
-            extra = {"bad_files": [b for r in mine for b in r["bad"]]}
+            extra = {"bad_files": [b for r in mine for b in r["bad"]],
+                     # how the rows were ordered: a train split streamed shard by shard must be shuffled
+                     "order": "folders"}
+            if shuffle_seed is not None and not (uri != out_uri and how_held.get("method") == "indices"):
+                extra.update(order="shuffled", shuffle_seed=shuffle_seed)  # the indices' rows keep listing order
+            if uri != out_uri:
+                extra["holdout"] = {"of": name, **how_held}
             if shortest_side is not None:
                 extra["shortest_side"] = shortest_side  # larger images were scaled down and re-encoded
             if uri == out_uri:

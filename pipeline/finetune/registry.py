@@ -7,6 +7,7 @@ import re
 import time
 
 from .. import layout, storage
+from ..data import shards
 from ..config import Config
 from ..errors import UserError
 from ..ingredients import Ingredient, RegistryError, RunModel, check_content, read_registry, write_registry
@@ -111,6 +112,19 @@ def val_set(cfg: Config, preprocess: dict):
     return (images, labels, *mean_std(preprocess))
 
 
+def val_leak_warning(cfg: Config) -> str | None:
+    """One line when the run's val split is a random holdout drawn by import-images: ingredients
+    trained elsewhere (model soups' were, on ImageNet minus their own fixed 2 %) have most likely
+    trained on its images, so val would rank overfit ingredients first."""
+    name, val = layout.split_of_role(cfg, "val")
+    held = shards.split_info(val.uri).get("holdout") or {}
+    if held.get("method") != "random":
+        return None
+    return (f"import-ingredients: warning: val split {name!r} ({val.uri}) is a random {held.get('fraction')} holdout "
+            f"drawn by import-images, not the split these ingredients held out: they may have trained on its images; "
+            f"import val with --holdout-indices (model soups': imagenet_98_idxs.npy)")
+
+
 def import_ingredients(cfg: Config, files: list[str], layout: str = "auto", replace: bool = False,
                        log=print) -> dict:
     """Add existing checkpoints to the registry (source "import"); with ``replace``, drop every
@@ -129,6 +143,9 @@ def import_ingredients(cfg: Config, files: list[str], layout: str = "auto", repl
         raise RegistryError(f"import-ingredients needs a finished prepare stage under {cfg.output_uri!r} "
                             f"(class names, preprocess and the val split): run `frankensoup prepare` first") from None
     t0 = time.time()
+    leak = val_leak_warning(cfg)
+    if leak:
+        log(leak)
     run = RunModel.of_run(cfg)
     contents = {}
     for uri in files:  # check all before writing any: a bad file leaves the output untouched

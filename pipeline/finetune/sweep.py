@@ -20,7 +20,7 @@ from ..keys import digest, result_settings
 from ..metrics import current_run
 from ..raycluster import PLACEMENT_FIELDS
 from . import registry as registry_lib
-from .trainable import MODEL_FILE, train_ingredient
+from .trainable import MODEL_FILE, resolved_loader, train_ingredient
 
 
 class FinetuneError(UserError, RuntimeError):
@@ -38,7 +38,23 @@ def trial_setup(cfg: Config) -> dict:
             "batch_size": ft.batch_size, "warmup_steps": ft.warmup_steps, "grad_clip": ft.grad_clip,
             "threads": ft.threads, "seed": ft.seed, "inject_failure": ft.inject_failure,
             "loader": ft.loader, "memory_limit_gb": ft.memory_limit_gb, "loader_workers": ft.loader_workers,
-            "shuffle_buffer": ft.shuffle_buffer}
+            "shuffle_buffer": ft.shuffle_buffer, "train_crop": ft.train_crop}
+
+
+def check_train_order(cfg: Config, preprocess: dict) -> None:
+    """A train split streamed shard by shard must have been written in shuffled order: a stream
+    mixes only the shards a worker has open, so a split written class folder by class folder
+    gives batches of a few classes. The memory loader shuffles the whole split itself."""
+    setup = trial_setup(cfg)
+    info = shards.split_info(setup["train_uri"])
+    if info.get("order") == "shuffled":
+        return
+    if resolved_loader(setup, preprocess) != "stream":
+        return
+    name, _ = layout.split_of_role(cfg, "train")
+    raise FinetuneError(f"train split {name!r} ({setup['train_uri']}) would be streamed shard by shard but its rows "
+                        f"were not shuffled (dataset.json order: {info.get('order', 'not recorded')}), so a batch "
+                        f"would hold a few classes: import it with --shuffle-seed N (or finetune.loader: memory)")
 
 
 def trial_hparams(cfg: Config, trial: int) -> dict:
@@ -56,8 +72,8 @@ def trial_hparams(cfg: Config, trial: int) -> dict:
 
     return {"lr": log_uniform(space.lr), "weight_decay": log_uniform(space.weight_decay),
             "epochs": int(choice(space.epochs)), "label_smoothing": float(choice(space.label_smoothing)),
-            "randaugment_magnitude": int(choice(space.randaugment_magnitude)),
-            "mix_prob": float(choice(space.mix_prob))}
+            "randaugment_magnitude": float(choice(space.randaugment_magnitude)),
+            "mix_prob": float(choice(space.mix_prob)), "randaugment_ops": int(choice(space.randaugment_ops))}
 
 
 def training_settings(cfg: Config) -> dict:
@@ -292,11 +308,12 @@ def trained_rows(cfg: Config, results, todo: list[dict]) -> list[dict]:
 
 
 def print_summary(rows: list[dict], log=print) -> None:
-    log(f"  {'id':<8} {'val_acc':>7}  {'lr':>8} {'wd':>8} {'ep':>3} {'ls':>4} {'ra':>3} {'mix':>4}")
+    log(f"  {'id':<8} {'val_acc':>7}  {'lr':>8} {'wd':>8} {'ep':>3} {'ls':>4} {'randaug':>9} {'mix':>4}")
     for r in rows:
         h = r["hparams"]
+        randaug = f"m{h['randaugment_magnitude']:g}-n{h.get('randaugment_ops', 2)}"  # timm's rand-m{M}-n{N}
         log(f"  {r['id']:<8} {r['val_acc']:>7.4f}  {h['lr']:>8.2e} {h['weight_decay']:>8.2e} "
-            f"{h['epochs']:>3} {h['label_smoothing']:>4} {h['randaugment_magnitude']:>3} {h['mix_prob']:>4}")
+            f"{h['epochs']:>3} {h['label_smoothing']:>4} {randaug:>9} {h['mix_prob']:>4}")
 
 
 def reusable(cfg: Config, row: dict | None, key: str) -> bool:
@@ -321,6 +338,7 @@ def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
     if todo:
         from ..raycluster import init_ray
 
+        check_train_order(cfg, run.preprocess)
         init_ray(cfg)
         log(f"finetune: training {len(todo)} of {len(plan)} trials "
             f"({', '.join(t['id'] for t in todo[:8])}{' ...' if len(todo) > 8 else ''})")

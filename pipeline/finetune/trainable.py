@@ -31,7 +31,8 @@ from .stream import MemoryTrain, StreamTrain, memory_bytes
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
-HPARAM_KEYS = ("lr", "weight_decay", "epochs", "label_smoothing", "randaugment_magnitude", "mix_prob")
+HPARAM_KEYS = ("lr", "weight_decay", "epochs", "label_smoothing", "randaugment_magnitude", "mix_prob",
+               "randaugment_ops")
 EVAL_BATCH = 512
 
 
@@ -81,14 +82,20 @@ def image_shape(preprocess: dict) -> tuple[int, int, int]:
     return 3, height, width
 
 
-def train_images(setup: dict, preprocess: dict, seed: int) -> MemoryTrain | StreamTrain:
-    """The train split kept in memory or streamed, as ``setup["loader"]`` says ("auto": stream
-    when keeping it would take more than ``memory_limit_gb``)."""
+def resolved_loader(setup: dict, preprocess: dict) -> str:
+    """"memory" or "stream": ``setup["loader"]``, "auto" streaming when keeping the split would
+    take more than ``memory_limit_gb``."""
     loader = setup.get("loader", "memory")
     if loader == "auto":
         rows = shards.split_info(setup["train_uri"])["num_rows"]
         loader = "stream" if memory_bytes(rows, image_shape(preprocess)) > setup["memory_limit_gb"] * 2**30 else "memory"
-    if loader == "stream":
+    return loader
+
+
+def train_images(setup: dict, preprocess: dict, seed: int) -> MemoryTrain | StreamTrain:
+    """The train split kept in memory or streamed, as ``setup["loader"]`` says ("auto": stream
+    when keeping it would take more than ``memory_limit_gb``)."""
+    if resolved_loader(setup, preprocess) == "stream":
         transform, _, _ = uint8_transform(preprocess)
         return StreamTrain(setup["train_uri"], transform, seed=seed, workers=setup["loader_workers"],
                            buffer=setup["shuffle_buffer"])
@@ -115,7 +122,7 @@ def trial_seed(base_seed: int, trial: int) -> int:
 
 
 def hparams_of(config: dict) -> dict:
-    return {k: config[k] for k in HPARAM_KEYS}
+    return {k: config[k] for k in HPARAM_KEYS if k in config}
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -138,9 +145,33 @@ def build_optimizer(clf: torch.nn.Module, config: dict, total_steps: int):
     return opt, sched
 
 
-def build_augment(magnitude: int):
-    """RandAugment on one uint8 image; None when the magnitude is 0 (off)."""
-    return v2.RandAugment(magnitude=int(magnitude)) if magnitude > 0 else None
+# torchvision's RandAugment levels: bin b of 31 is b/30 of an op's largest change; timm's M is
+# M/10 of the same ranges (rotate 30 degrees, shear 0.3, translate 0.45, enhance 0.9), capped at 10
+TV_BINS = 31
+TIMM_MAX = 10
+
+
+def randaugment_bin(magnitude: float) -> int:
+    """timm's RandAugment magnitude M as torchvision's bin of 31 (M=10: the largest change)."""
+    return round(min(float(magnitude), TIMM_MAX) * (TV_BINS - 1) / TIMM_MAX)
+
+
+def build_augment(magnitude: float, ops: int = 2, crop: str = "center", size: tuple[int, int] | None = None):
+    """The train-time augmentation of one uint8 image, or None: with ``crop``
+    "random_resized_flip" timm's random resized crop and horizontal flip, then RandAugment
+    ``rand-m{magnitude}-n{ops}`` on timm's scale (off when either is 0). torchvision's ops,
+    drawn from torch's generator, so a resumed trial draws what the uninterrupted one drew."""
+    steps = []
+    if crop == "random_resized_flip":
+        steps += [v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                       interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                  v2.RandomHorizontalFlip()]
+    bin_ = randaugment_bin(magnitude)
+    if bin_ > 0 and ops > 0:
+        steps.append(v2.RandAugment(num_ops=int(ops), magnitude=bin_, num_magnitude_bins=TV_BINS))
+    if not steps:
+        return None
+    return steps[0] if len(steps) == 1 else v2.Compose(steps)
 
 
 def build_mix(n_classes: int):
@@ -286,7 +317,8 @@ def run_trial(config: dict, report: Report, *, resume_dir: str | None = None) ->
     data = load_trial_data(setup, meta["preprocess"], trial_seed(setup["seed"], config["trial"]))
     epochs = int(config["epochs"])
     opt, sched = build_optimizer(clf, config, epochs * steps_per_epoch(len(data.train), setup["batch_size"]))
-    augment = build_augment(config["randaugment_magnitude"])
+    augment = build_augment(config["randaugment_magnitude"], config.get("randaugment_ops", 2),
+                            setup.get("train_crop", "center"), image_shape(meta["preprocess"])[1:])
     mix = build_mix(len(meta["class_names"])) if config["mix_prob"] > 0 else None
     failure = parse_failure(setup.get("inject_failure"))
 

@@ -24,6 +24,9 @@ TEMPLATES: dict[str, list] = {
     "openai_imagenet": list(open_clip.OPENAI_IMAGENET_TEMPLATES),
 }
 
+# prompts embedded per text-tower pass: ViT-B-32's text tower needs ~2 GB per 1000 on CPU
+PROMPTS_PER_BATCH = 256
+
 
 class Classifier(nn.Module):
     """logits = head(normalize(visual(images))); head.weight rows are scaled class embeddings."""
@@ -34,7 +37,12 @@ class Classifier(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(F.normalize(self.visual(images), dim=-1))
+        features = self.visual(images)
+        # the head in float32 outside autocast: bfloat16 logits of 16-32 step by 0.125, so
+        # near-ties would collapse to the lower class index and flip per-image outcomes
+        with torch.autocast(features.device.type, enabled=False):
+            x = F.normalize(features.float(), dim=-1)
+            return F.linear(x, self.head.weight.float(), None if self.head.bias is None else self.head.bias.float())
 
 
 def resolve_templates(name_or_list: str | Sequence) -> list:
@@ -52,16 +60,25 @@ def resolve_templates(name_or_list: str | Sequence) -> list:
     return templates
 
 
+def classes_per_batch(n_templates: int, prompts_per_batch: int = PROMPTS_PER_BATCH) -> int:
+    """How many classes' prompts go through the text tower together: all of a class's templates
+    at once, at most ``prompts_per_batch`` prompts (at least one class)."""
+    return max(1, prompts_per_batch // max(1, n_templates))
+
+
 def build_classifier(clip_model: nn.Module, tokenizer: Callable, class_names: Sequence[str],
-                     templates: Sequence) -> Classifier:
+                     templates: Sequence, prompts_per_batch: int = PROMPTS_PER_BATCH) -> Classifier:
     """Zero-shot classifier: head = logit_scale.exp() * class text embeddings, bias 0.
-    The classifier shares ``clip_model.visual`` (no copy)."""
+    The classifier shares ``clip_model.visual`` (no copy). Prompts are embedded a few classes at
+    a time, so memory does not grow with classes x templates (1000 x 80 for ImageNet)."""
     class_names = list(class_names)
     if not class_names:
         raise ValueError("class_names is empty")
+    templates = resolve_templates(templates)
     text_emb = open_clip.build_zero_shot_classifier(
-        clip_model, tokenizer, class_names, resolve_templates(templates),
-        num_classes_per_batch=None, device=clip_model.logit_scale.device)  # (embed_dim, n_classes)
+        clip_model, tokenizer, class_names, templates,
+        num_classes_per_batch=classes_per_batch(len(templates), prompts_per_batch),
+        device=clip_model.logit_scale.device)  # (embed_dim, n_classes)
     head = nn.Linear(text_emb.shape[0], len(class_names))
     with torch.no_grad():
         head.weight.copy_(clip_model.logit_scale.exp() * text_emb.T)
