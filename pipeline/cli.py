@@ -234,6 +234,9 @@ def _dispatch(args) -> int:
     from . import layout, storage
 
     storage.check_reachable(layout.storage_uris(cfg))  # seconds, not minutes of retries, when it is down
+    from .raycluster import check_reachable as check_ray_reachable
+
+    check_ray_reachable(cfg.ray.address)  # before the lease: a head nobody answers for leaves nothing behind
     log = _say(args)
     if cmd == "run" and args.dry_run:
         from .dryrun import dry_run
