@@ -277,8 +277,15 @@ def test_ingredient_changed_after_registration_is_refused(evaluated_demo, tmp_pa
     save_classifier(row["checkpoint_uri"], clf, model_name=meta["model_name"], class_names=meta["class_names"],
                     preprocess=meta["preprocess"])
     write_registry(cfg, registry)
+    # rows load when a mixture first uses them (the working set): the changed bytes are refused then
+    evaluator = build_mixture_evaluator(cfg, "val", device="cpu")
+    one_hot = np.zeros(evaluator.beta_shape)
+    one_hot[0] = 1.0
+    evaluator.evaluate([one_hot])  # row 0 is what was registered
+    one_hot = np.zeros(evaluator.beta_shape)
+    one_hot[1] = 1.0
     with pytest.raises(CheckpointError, match="changed.safetensors'.*sha256"):
-        build_mixture_evaluator(cfg, "val", device="cpu")
+        evaluator.evaluate([one_hot])
 
 
 def test_streams_shards_and_checkpoints_from_s3(evaluated_demo, s3_bucket, ray_local):
