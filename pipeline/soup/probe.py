@@ -22,12 +22,18 @@ class EvaluatorsDisagree(UserError, RuntimeError):
 
 
 def probe_mixtures(n_ingredients: int, n_components: int) -> list[np.ndarray]:
-    """A one-hot mixture (the first ingredient) and a mixed one (unequal weights, different per
-    component, so every component's fusion arithmetic takes part)."""
+    """A one-hot mixture (the first ingredient) and a mixed one of the first two (unequal weights,
+    different per component, so every component's fusion arithmetic takes part). Only the first
+    two rows (in id order) take part, so adding ingredients (more trials, an import) leaves the
+    probe, its fingerprint and so the memo's context as they were."""
     one_hot = np.zeros((n_ingredients, n_components))
     one_hot[0] = 1.0
-    weights = np.arange(1, n_ingredients + 1, dtype=np.float64)[:, None] + np.arange(n_components)[None, :]
-    return [one_hot, weights / weights.sum(axis=0, keepdims=True)]
+    if n_ingredients == 1:
+        return [one_hot, one_hot.copy()]
+    mixed = np.zeros((n_ingredients, n_components))
+    mixed[0] = (np.arange(n_components) + 1.0) / (n_components + 1.0)
+    mixed[1] = 1.0 - mixed[0]
+    return [one_hot, mixed]
 
 
 def probe_predictions(evaluator, betas, n_images: int = PROBE_IMAGES) -> bytes:
