@@ -21,7 +21,7 @@ def test_the_default_start_is_zero_shot_and_probe_settings_key_nothing(prepared_
 
 
 def test_linear_probe_is_trained_once_started_from_reused_and_redone_on_change(ray_local, prepared_demo, tmp_path):
-    from pipeline.finetune.probe import ensure_probe
+    from pipeline.finetune.linear_probe import ensure_probe
     from pipeline.finetune.sweep import run_finetune, trial_plan
 
     cfg = clone_output(prepared_demo, tmp_path / "out", *FROZEN_TRIAL)

@@ -37,7 +37,7 @@ def start_uri(cfg: Config) -> str:
 def start_sha256(cfg: Config) -> str | None:
     """The start classifier's sha256 (None: a linear probe not trained yet for the current inputs)."""
     from ..inputs import zero_shot_record
-    from .probe import current_record
+    from .linear_probe import current_record
 
     zero_shot = zero_shot_record(cfg)["sha256"]  # fails, naming prepare, when there is no zero-shot head
     if cfg.finetune.init == "zero_shot":
@@ -342,8 +342,8 @@ def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
     rest and every imported ingredient, write the registry; returns it."""
     t0 = time.time()
     probe = None
-    if cfg.finetune.init == "linear_probe":
-        from .probe import ensure_probe
+    if cfg.finetune.init == "linear_probe" and cfg.finetune.num_trials > 0:
+        from .linear_probe import ensure_probe
 
         probe = ensure_probe(cfg, log=log)  # once, before any trial: every trial starts from it
     plan = trial_plan(cfg)  # fails, naming prepare, when there is no zero-shot head
