@@ -60,7 +60,7 @@ def train_features(clf, setup: dict, preprocess: dict, seed: int) -> tuple[torch
 
 def accuracy(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> float:
     with torch.no_grad():
-        return float((head(features).argmax(-1) == labels).float().mean())
+        return int((head(features).argmax(-1) == labels).sum()) / len(labels)
 
 
 def fit_probe(setup: dict, settings: dict) -> dict:
