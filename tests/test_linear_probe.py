@@ -21,6 +21,7 @@ def test_the_default_start_is_zero_shot_and_probe_settings_key_nothing(prepared_
 
 
 def test_linear_probe_is_trained_once_started_from_reused_and_redone_on_change(ray_local, prepared_demo, tmp_path):
+    from pipeline.dryrun import _trials_to_train
     from pipeline.finetune.linear_probe import ensure_probe
     from pipeline.finetune.sweep import run_finetune, trial_plan
 
@@ -54,6 +55,17 @@ def test_linear_probe_is_trained_once_started_from_reused_and_redone_on_change(r
     # a changed probe setting redoes the probe, and with it every trial's key
     changed = clone_output(cfg, tmp_path / "changed", *FROZEN_TRIAL, "finetune.linear_probe.epochs=3")
     assert trial_plan(changed)[0]["key"] != trial_plan(cfg)[0]["key"]  # the old probe is not current
+    assert _trials_to_train(changed) == "; 1 to train, 0 reused; the linear probe trained first"  # the dry run
     new = ensure_probe(changed, log=lines.append)
     assert new["reused"] is False and new["key"] != record["key"] and new["sha256"] != record["sha256"]
     assert trial_plan(changed)[0]["key"] not in {t["key"] for t in trial_plan(cfg)}
+
+
+def test_the_probe_is_the_same_bits_when_trained_again(prepared_demo):
+    from pipeline.finetune.linear_probe import fit_probe, probe_settings
+    from pipeline.finetune.sweep import trial_setup
+
+    setup = {**trial_setup(prepared_demo), "start_uri": layout.zeroshot_uri(prepared_demo)}
+    first, again = (fit_probe(setup, probe_settings(prepared_demo)) for _ in range(2))
+    assert first["weight"].equal(again["weight"]) and first["bias"].equal(again["bias"])
+    assert first["train_acc"] == again["train_acc"]

@@ -5,6 +5,8 @@ Ray task with a trial's resources, stored at finetune/linear_probe.safetensors, 
 every trial and every rerun until an input changes."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +69,7 @@ def fit_probe(setup: dict, settings: dict) -> dict:
     """Train the head on cached features with AdamW from the zero-shot head; returns the head's
     tensors and the train accuracy before and after. Deterministic from ``settings["seed"]``."""
     torch.set_num_threads(settings["threads"])
+    torch.manual_seed(settings["seed"])  # the memory loader's order comes from torch's global RNG
     clf, meta = load_classifier(setup["start_uri"])
     clf = clf.to(device_of())
     features, labels = train_features(clf, setup, meta["preprocess"], settings["seed"])
@@ -77,6 +80,8 @@ def fit_probe(setup: dict, settings: dict) -> dict:
         head.bias.copy_(clf.head.bias.float().cpu())
     zero_shot_acc = accuracy(head, features, labels)
     opt = torch.optim.AdamW(head.parameters(), lr=probe["lr"], weight_decay=probe["weight_decay"])
+    steps = probe["epochs"] * -(-len(labels) // probe["batch_size"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
     gen = torch.Generator().manual_seed(settings["seed"])
     for _ in range(probe["epochs"]):
         order = torch.randperm(len(labels), generator=gen)
@@ -86,6 +91,7 @@ def fit_probe(setup: dict, settings: dict) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()  # cosine to 0: the last steps settle instead of jumping around the optimum
     return {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(), "images": len(labels),
             "train_acc": accuracy(head, features, labels), "zero_shot_train_acc": zero_shot_acc}
 
