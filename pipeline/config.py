@@ -226,6 +226,19 @@ class SearchSpace(Strict):
         return v
 
 
+class LinearProbeConfig(Strict):
+    """The linear probe every trial starts from with finetune.init: linear_probe: a linear head trained on the
+    base's frozen image features of the train split, from the zero-shot head, computed once."""
+    epochs: int = Field(10, gt=0)
+    """Passes over the cached train features."""
+    lr: float = Field(0.01, gt=0)
+    """AdamW learning rate of the head (its rows start at the zero-shot head's, scaled by CLIP's logit scale)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay of the head."""
+    batch_size: int = Field(256, gt=0)
+    """Cached features per probe step."""
+
+
 class FinetuneConfig(Strict):
     """The Ray Tune sweep that trains the ingredients."""
     num_trials: int = Field(8, ge=0)
@@ -263,6 +276,12 @@ class FinetuneConfig(Strict):
     """Decoding processes per trial when streaming."""
     shuffle_buffer: int = Field(4096, gt=0)
     """Encoded images per loader worker's shuffle buffer when streaming."""
+    init: Literal["zero_shot", "linear_probe"] = "zero_shot"
+    """Where every trial starts: "zero_shot", prepare's zero-shot classifier; "linear_probe", that classifier with
+    its head replaced by a linear probe trained on the base's frozen train features (`linear_probe`), as model
+    soups' ingredients started (docs/finetune.md)."""
+    linear_probe: LinearProbeConfig = LinearProbeConfig()
+    """The linear probe's settings (used with init: linear_probe)."""
     inject_failure: str | None = neutral(None)
     """Test hook: fail trial N once at epoch E ("N:E"); never set in a real config."""
 

@@ -180,7 +180,12 @@ def _trials_to_train(cfg: Config) -> str:
 
         rows = {r["id"]: r for r in read_registry(cfg)["ingredients"]}
         todo = [t for t in trial_plan(cfg) if not reusable(cfg, rows.get(t["id"]), t["key"])]
-        return f"; {len(todo)} to train, {cfg.finetune.num_trials - len(todo)} reused"
+        probe = ""
+        if cfg.finetune.init == "linear_probe" and todo:
+            from .finetune.linear_probe import current_record
+
+            probe = "; the linear probe reused" if current_record(cfg) else "; the linear probe trained first"
+        return f"; {len(todo)} to train, {cfg.finetune.num_trials - len(todo)} reused{probe}"
     except Exception:  # nothing prepared or trained yet: every trial will train
         return ""
 

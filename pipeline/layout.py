@@ -69,6 +69,16 @@ def ingredient_uri(cfg: Config, ingredient_id: str) -> str:
     return storage.join(cfg.output_uri, "finetune", "ingredients", f"{ingredient_id}.safetensors")
 
 
+def probe_uri(cfg: Config) -> str:
+    """finetune/linear_probe.safetensors: the classifier every trial starts from with finetune.init: linear_probe."""
+    return storage.join(cfg.output_uri, "finetune", "linear_probe.safetensors")
+
+
+def probe_record_uri(cfg: Config) -> str:
+    """finetune/linear_probe.json: the probe's key, sha256 and train accuracies, written after the checkpoint."""
+    return storage.join(cfg.output_uri, "finetune", "linear_probe.json")
+
+
 def evaluations_uri(cfg: Config, ext: str = "parquet") -> str:
     return storage.join(cfg.output_uri, "evaluate", f"results.{ext}")
 

@@ -29,12 +29,29 @@ class FinetuneError(UserError, RuntimeError):
 
 # ---- what every trial gets ---------------------------------------------------------------
 
+def start_uri(cfg: Config) -> str:
+    """The classifier every trial starts from: prepare's zero-shot one, or the linear probe (probe.py)."""
+    return layout.probe_uri(cfg) if cfg.finetune.init == "linear_probe" else layout.zeroshot_uri(cfg)
+
+
+def start_sha256(cfg: Config) -> str | None:
+    """The start classifier's sha256 (None: a linear probe not trained yet for the current inputs)."""
+    from ..inputs import zero_shot_record
+    from .linear_probe import current_record
+
+    zero_shot = zero_shot_record(cfg)["sha256"]  # fails, naming prepare, when there is no zero-shot head
+    if cfg.finetune.init == "zero_shot":
+        return zero_shot
+    record = current_record(cfg)
+    return None if record is None else record["sha256"]
+
+
 def trial_setup(cfg: Config) -> dict:
     """The fixed part of a trial's config: inputs by URI, optimiser settings, the test hook."""
     ft = cfg.finetune
     _, train = layout.split_of_role(cfg, "train")
     _, val = layout.split_of_role(cfg, "val")
-    return {"zeroshot_uri": layout.zeroshot_uri(cfg), "train_uri": train.uri, "val_uri": val.uri,
+    return {"start_uri": start_uri(cfg), "train_uri": train.uri, "val_uri": val.uri,
             "batch_size": ft.batch_size, "warmup_steps": ft.warmup_steps, "grad_clip": ft.grad_clip,
             "threads": ft.threads, "seed": ft.seed, "inject_failure": ft.inject_failure,
             "loader": ft.loader, "memory_limit_gb": ft.memory_limit_gb, "loader_workers": ft.loader_workers,
@@ -78,9 +95,9 @@ def trial_hparams(cfg: Config, trial: int) -> dict:
 
 def training_settings(cfg: Config) -> dict:
     """The finetune settings that change what a trial learns (not how many trials, not the space:
-    a trial's hyperparameters stand for their draw)."""
+    a trial's hyperparameters stand for their draw; not the start, whose sha256 the key holds)."""
     settings = result_settings(cfg.finetune)
-    for name in ("num_trials", "space"):
+    for name in ("num_trials", "space", "init", "linear_probe"):
         settings.pop(name)
     return settings
 
@@ -91,10 +108,9 @@ def trial_key(train_content: str, base_sha256: str, trial: int, hparams: dict, s
 
 
 def trial_plan(cfg: Config) -> list[dict]:
-    """Every trial of the sweep: its index, ingredient id, hyperparameters and key."""
-    from ..inputs import zero_shot_record
-
-    base = zero_shot_record(cfg)["sha256"]
+    """Every trial of the sweep: its index, ingredient id, hyperparameters and key (keyed by the
+    start classifier's sha256: a linear probe not trained yet keys every trial as new)."""
+    base = start_sha256(cfg)
     _, train = layout.split_of_role(cfg, "train")
     content = shards.split_content(train.uri)
     settings = training_settings(cfg)
@@ -325,6 +341,11 @@ def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
     """Train the trials whose key is not in the registry (all of them with ``force``), keep the
     rest and every imported ingredient, write the registry; returns it."""
     t0 = time.time()
+    probe = None
+    if cfg.finetune.init == "linear_probe" and cfg.finetune.num_trials > 0:
+        from .linear_probe import ensure_probe
+
+        probe = ensure_probe(cfg, log=log)  # once, before any trial: every trial starts from it
     plan = trial_plan(cfg)  # fails, naming prepare, when there is no zero-shot head
     run = RunModel.of_run(cfg)
     old = read_registry(cfg) if storage.exists(layout.registry_uri(cfg)) else None
@@ -359,5 +380,7 @@ def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
     best = max(usable(registry), key=lambda i: i.val_acc)
     layout.mark_done(cfg, "finetune", registry_key(registry),
                      {"ingredients": len(rows), "best": {"id": best.id, "val_acc": best.val_acc},
-                      "reused": len(kept), "computed": len(trained), "unit": "trials", "seconds": seconds})
+                      "reused": len(kept), "computed": len(trained), "unit": "trials", "seconds": seconds,
+                      **({"linear_probe": {k: probe[k] for k in ("sha256", "train_acc", "zero_shot_train_acc", "reused")}}
+                         if probe else {})})
     return registry

@@ -306,13 +306,13 @@ Report = Callable[[dict, "str | None"], None]
 
 
 def run_trial(config: dict, report: Report, *, resume_dir: str | None = None) -> dict:
-    """Finetune the zero-shot classifier with ``config`` (sampled hparams + ``setup``); after
+    """Finetune the start classifier (zero-shot or linear probe, ``setup["start_uri"]``) with ``config`` (sampled hparams + ``setup``); after
     every epoch call ``report(metrics, checkpoint_dir)`` (the directory lives only during the
     call). ``resume_dir``: a checkpoint to continue from. Returns the last metrics."""
     setup = config["setup"]
     torch.set_num_threads(setup["threads"])
     torch.manual_seed(trial_seed(setup["seed"], config["trial"]))
-    clf, meta = load_classifier(setup["zeroshot_uri"])
+    clf, meta = load_classifier(setup["start_uri"])
     clf = clf.to(device_of())
     data = load_trial_data(setup, meta["preprocess"], trial_seed(setup["seed"], config["trial"]))
     epochs = int(config["epochs"])
