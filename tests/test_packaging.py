@@ -97,7 +97,7 @@ def test_a_shipped_config_is_found_by_name(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # no configs/ here: what an installed frankensoup sees
     cfg = _config(build_parser().parse_args(["prepare", "--config", "imagenet-vit-b32"]))
-    assert cfg.model.name == "ViT-B-32"
+    assert cfg.model.name == "ViT-B-32-quickgelu"
     with pytest.raises(Exception, match="nothing.yaml"):
         _config(build_parser().parse_args(["prepare", "--config", "nothing.yaml"]))
 
