@@ -142,9 +142,9 @@ def run(cfg, cluster, lose: bool) -> dict:
                 self._maybe_lose()
                 return call(betas)
 
-            def submit(self, beta, threshold=None):
+            def submit(self, beta, threshold=None, priority=0):
                 self._maybe_lose()
-                return submit(beta, threshold)
+                return submit(beta, threshold, priority)
 
         pool.__class__ = Losing
         return pool

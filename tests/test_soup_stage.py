@@ -193,11 +193,11 @@ class CrashAfter(pool_lib.EvaluatorPool):
             raise RuntimeError("injected crash")
         return super().__call__(betas)
 
-    def submit(self, beta, threshold=None):  # the speculative phase 1's way in
+    def submit(self, beta, threshold=None, priority=0):  # the speculative phase 1's way in
         self.seen.append(np.array(beta))
         if self.limit is not None and self.evaluations + len(self._running) + len(self._queue) + 1 > self.limit:
             raise RuntimeError("injected crash")
-        return super().submit(beta, threshold)
+        return super().submit(beta, threshold, priority)
 
 
 def patched_pool(monkeypatch, limit, seen):
