@@ -58,7 +58,7 @@ def test_schema_is_the_models_json_schema(capsys):
 def test_show_prints_the_resolved_config_after_set(capsys):
     assert main(["config", "show", "--config", "imagenet-vit-b32", "--set", "soup.num_evaluators=8"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert shown["soup"]["num_evaluators"] == 8 and shown["model"]["name"] == "ViT-B-32"
+    assert shown["soup"]["num_evaluators"] == 8 and shown["model"]["name"] == "ViT-B-32-quickgelu"
     # every default filled in, and it loads back to the same config
     assert Config.model_validate(shown) == load_config("configs/imagenet-vit-b32.yaml", ["soup.num_evaluators=8"])
 

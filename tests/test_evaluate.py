@@ -4,6 +4,8 @@ the stage to the last image. The finished stage is the shared ``evaluated_demo``
 finetuned ingredients), read-only."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -277,6 +279,11 @@ def test_ingredient_changed_after_registration_is_refused(evaluated_demo, tmp_pa
     save_classifier(row["checkpoint_uri"], clf, model_name=meta["model_name"], class_names=meta["class_names"],
                     preprocess=meta["preprocess"])
     write_registry(cfg, registry)
+    # a node that has not cached the registered bytes reads storage (the node cache is keyed by the
+    # registered hash: a node already holding them never reads the changed file, and stays exact)
+    from pipeline.evaluate import actor
+
+    Path(actor.NODE_CACHE, f"{row['sha256']}.safetensors").unlink(missing_ok=True)
     # rows load when a mixture first uses them (the working set): the changed bytes are refused then
     evaluator = build_mixture_evaluator(cfg, "val", device="cpu")
     one_hot = np.zeros(evaluator.beta_shape)

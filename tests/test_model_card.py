@@ -50,7 +50,7 @@ def test_card_front_matter_is_hub_metadata(tmp_path):
     """The card opens with the Hub's YAML metadata, parsed by huggingface_hub itself."""
     from huggingface_hub import ModelCard
 
-    cfg = tiny_config(str(tmp_path / "out"), "model.name=ViT-B-32", "model.pretrained=openai",
+    cfg = tiny_config(str(tmp_path / "out"), "model.name=ViT-B-32-quickgelu", "model.pretrained=openai",
                       "card.datasets=[ILSVRC/imagenet-1k]", "card.tags=[my-tag]", "card.license=mit")
     dest = publish.publish_run(cfg, "run-1", fused_dir_files(), report=fake_report(cfg, "run-1"))
     path = tmp_path / "README.md"
