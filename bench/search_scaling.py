@@ -73,7 +73,7 @@ def measured_fixed_fraction(n_images: int = 26_000) -> float:
 
     import torch
 
-    from pipeline.evaluate.mixture import MixtureEvaluator
+    from pipeline.evaluate.evaluator import MixtureEvaluator
     from pipeline.model import components, init_classifier
 
     torch.manual_seed(0)

@@ -193,7 +193,8 @@ def _trials_to_train(cfg: Config) -> str:
 def plan(cfg: Config, rows: dict[str, int], log) -> bool:
     import torch
 
-    from .evaluate.mixture import EvaluatorMemoryError, required_bytes, row_bytes, shard_bounds, working_set_rows
+    from .evaluate.evaluator import EvaluatorMemoryError, required_bytes, row_bytes, working_set_rows
+    from .mixture import shard_bounds
     from .soup.mmms import expected_evaluations
     from .ingredients import read_registry, usable
     from .model.classifier import init_classifier

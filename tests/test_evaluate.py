@@ -17,7 +17,7 @@ from pipeline.data.shards import DataError, decode_split, read_split, shard_uris
 from pipeline.evaluate.stage import read_results
 from pipeline.model import image_transform, load_classifier, save_classifier
 from pipeline.layout import zeroshot_uri
-from pipeline.soup.mixture import one_hot, uniform
+from pipeline.soup.mixing import one_hot, uniform
 
 torch.set_num_threads(1)
 ONE_ACTOR = dict(batch_size=128, num_actors=1, resources=Resources(cpu=1))

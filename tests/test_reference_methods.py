@@ -86,7 +86,7 @@ def test_lines_ends_are_the_zero_shot_model_and_the_best_individual_bit_for_bit(
     from conftest import perturbed
     from pipeline.inputs import load_zero_shot
     from pipeline.model.components import components
-    from pipeline.soup.mixture import fuse
+    from pipeline.soup.mixing import fuse
 
     reference, _ = load_zero_shot(prepared_demo)
     theta0 = reference.state_dict()

@@ -18,7 +18,8 @@ from pipeline.soup import pool as pool_lib, publish, stage
 from pipeline.soup.inputs import SoupInputError, load_inputs, memo_context, split_names
 from pipeline.soup.methods import run_methods
 from pipeline.soup.memo import Memo, MemoEvaluator
-from pipeline.soup.mixture import fuse, mixture_key
+from pipeline.mixture import mixture_key
+from pipeline.soup.mixing import fuse
 
 QUIET = {"log": lambda *_: None}
 # 4 candidates per batch, so up to 4 evaluators share each batch

@@ -19,7 +19,8 @@ from ..data.shards import decode_image, read_split
 from ..ingredients import Ingredient, RunModel, read_registry, usable, verify
 from ..raycluster import placement
 from ..model import components, image_transform, load_classifier
-from .mixture import MixtureEvaluator, Score, ShardCount, Threshold, ValImages
+from ..mixture import Score, ShardCount, Threshold
+from .evaluator import MixtureEvaluator, ValImages
 from .scoring import scoring_tensors, split_scoring
 
 

@@ -16,12 +16,12 @@ import random
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Union
 
 import numpy as np
 
-from ..evaluate.mixture import Score, Threshold
-from . import mixture
+from .. import mixture
+from ..mixture import AsyncEvaluator, Evaluate, Score, Threshold
 
 
 @dataclass
@@ -37,26 +37,6 @@ Coroutine = Generator[Request, list[Score], object]
 
 
 # ---- evaluators ----------------------------------------------------------------------------
-
-class Evaluate(Protocol):
-    """The plain evaluator: the val accuracy of each mixture, in order, in one call (a batch)."""
-
-    def __call__(self, betas: Sequence[np.ndarray]) -> list[float]: ...
-
-
-class AsyncEvaluator(Protocol):
-    """An evaluator of E workers: ``submit`` a mixture (maybe with the threshold it must pass) for
-    a ticket, ``wait`` for some answers. The Ray pool (pool.py) and the simulator below are two."""
-
-    parallel: bool
-    size: int
-
-    def free(self) -> int: ...
-
-    def submit(self, beta: np.ndarray, threshold: Threshold | None = None) -> int: ...
-
-    def wait(self) -> list[tuple[int, Score]]: ...
-
 
 # what every search accepts: dispatcher_of() makes a Dispatcher of any of them
 Evaluator = Union[Evaluate, AsyncEvaluator, "Dispatcher"]

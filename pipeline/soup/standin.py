@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..evaluate.mixture import Score, ShardCount, Threshold
+from ..mixture import Score, ShardCount, Threshold
 from .dispatch import simulated_score
 
 # fractions of candidates per kind (the reference: ~60 % short-circuited, ~8 % joining)
