@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from .. import layout, storage
-from ..evaluate.scores import ScoreMemo, score_with_memo
+from ..evaluate.stream import score_with_memo
 from ..config import Config
+from ..scores import ScoreMemo
 from ..model import classifier as clf_lib
 from ..model import weights
 from . import mixing
