@@ -6,18 +6,21 @@ from __future__ import annotations
 import collections
 import copy
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.config import SoupConfig, load_config
-from pipeline import mixture
 from pipeline.evaluate.evaluator import MixtureEvaluator
 from pipeline.mixture import Score, Threshold
 from pipeline.soup import baselines, mixing, mmms
-from pipeline.soup.dispatch import Dispatcher, SimulatedEvaluator, simulated_score
-from pipeline.soup.standin import ReferenceLike, StandInHost
+from pipeline.soup.dispatch import Dispatcher
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from standin import ReferenceLike, SimulatedEvaluator, StandInHost, simulated_score  # noqa: E402  (test scaffolding)
 
 pytestmark = pytest.mark.filterwarnings("ignore:COBYLA")
 
