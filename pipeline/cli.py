@@ -263,7 +263,7 @@ def _run_command(cmd: str, cfg, args, log) -> int:
 
         run_finetune(cfg, force=args.force, log=log)
     elif cmd == "import-ingredients":
-        from .finetune.registry import import_ingredients
+        from .finetune.import_ingredients import import_ingredients
 
         import_ingredients(cfg, args.files, layout=args.layout, replace=args.replace)
     elif cmd == "evaluate":
@@ -323,7 +323,7 @@ def _final_table(args, report: dict) -> None:
     """The report's table, last: on a terminal as tables that fit its width (rich); with -q,
     or into a pipe or a file, the markdown table of report.md (what logs have always got)."""
     if args.quiet or not console.isatty(sys.stdout):
-        from .soup.report import markdown_table
+        from .report.results import markdown_table
 
         print(markdown_table(report))
     else:

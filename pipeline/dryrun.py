@@ -203,7 +203,7 @@ def plan(cfg: Config, rows: dict[str, int], log) -> bool:
 
     n_classes = 10
     try:
-        from .inputs import class_names
+        from .prepared import class_names
 
         n_classes = len(class_names(cfg))
     except Exception:

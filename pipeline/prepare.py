@@ -9,7 +9,7 @@ from .config import Config, ConfigError
 from .data import shards
 from .keys import digest, result_settings
 from .data.imagenet import prompt_names
-from .inputs import class_names, load_base_clip, zero_shot_record
+from .prepared import class_names, load_base_clip, zero_shot_record
 from .model import classifier as clf_lib
 from .model import factory, weights
 

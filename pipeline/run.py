@@ -66,7 +66,7 @@ def run_all(cfg: Config, force: bool = False, log: Log = print, show_table: bool
         "stages": stages, "run": current_run(), "run_id": report.get("run_id"), "config": redacted(cfg),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - started, 1)})
     if show_table:
-        from .soup.report import markdown_table
+        from .report.results import markdown_table
 
         log(markdown_table(report))
     return report

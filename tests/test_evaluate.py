@@ -74,7 +74,7 @@ def test_stage_scores_like_a_plain_loop(evaluated_demo):
 def test_prepare_streams_id_test_to_the_score_evaluate_gives(evaluated_demo):
     """prepare scores the zero-shot head on id_test shard by shard and batch by batch (ImageNet's
     50,000 images decoded at once took ~30 GB): the same number the evaluate stage streams."""
-    from pipeline.inputs import zero_shot_record
+    from pipeline.prepared import zero_shot_record
 
     row = next(r for r in read_results(evaluated_demo) if r["model"] == "zero_shot" and r["split"] == "id_test")
     assert zero_shot_record(evaluated_demo)["id_test_accuracy"] == row["accuracy"]

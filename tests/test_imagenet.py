@@ -214,7 +214,7 @@ def test_dry_run_checks_classes_against_subsets_maps_and_prompt_names(tmp_path):
 def test_prompt_names_are_what_the_zero_shot_head_embeds(prepared_demo):
     import torch
 
-    from pipeline.inputs import class_names, load_base_clip
+    from pipeline.prepared import class_names, load_base_clip
     from pipeline.prepare import build_zero_shot
 
     clip, _ = load_base_clip(prepared_demo)

@@ -15,7 +15,7 @@ from ..console import Progress
 from ..config import Config
 from ..errors import UserError
 from ..ingredients import Ingredient, IngredientError, RunModel, read_registry, usable, verify
-from ..inputs import ZERO_SHOT, zero_shot_record
+from ..prepared import ZERO_SHOT, zero_shot_record
 from ..keys import digest
 from ..raycluster import init_ray
 from ..scores import ScoreMemo, score_keys, splits_to_score

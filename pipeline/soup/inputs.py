@@ -11,7 +11,7 @@ import torch
 
 from .. import layout, storage
 from ..data.shards import split_content
-from ..inputs import ZERO_SHOT, load_zero_shot, zero_shot_record
+from ..prepared import ZERO_SHOT, load_zero_shot, zero_shot_record
 from ..config import Config
 from ..errors import UserError
 from ..ingredients import Ingredient, IngredientError, RunModel, read_registry, usable, verify
