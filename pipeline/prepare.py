@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from . import layout, storage
-from .config import Config, ConfigError
+from .config import DEMO_SPLITS, Config, ConfigError
 from .data import shards
 from .keys import digest, result_settings
 from .data.imagenet import prompt_names
@@ -93,7 +93,7 @@ def _demo_data(cfg: Config, force: bool, log) -> bool:
 
     key = demo_data_key(cfg)
     recipe = layout.demo_recipe_uri(cfg)
-    names = [*layout.DEMO_ROLES, *cfg.data.demo.shifts]
+    names = [*DEMO_SPLITS, *cfg.data.demo.shifts]
     complete = all(storage.exists(storage.join(layout.data_uri(cfg, name), shards.MARKER)) for name in names)
     if not force and complete and storage.exists(recipe) and storage.read_json(recipe).get("key") == key:
         changed = {name: shards.changed_shards(layout.data_uri(cfg, name)) for name in names}
