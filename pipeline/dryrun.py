@@ -60,7 +60,7 @@ def check_classes(cfg: Config, infos: dict[str, dict], c: Checks) -> None:
     """The model's classes (the train split's) have prompt names, and every readable split can be
     scored against them: its classes, class_subset, class_map or ObjectNet mappings."""
     from .data.imagenet import prompt_names
-    from .evaluate.stream import split_scoring
+    from .scoring import split_scoring
 
     train = next((n for n, s in layout.splits(cfg).items() if s.role == "train"), None)
     if train not in infos:

@@ -28,7 +28,7 @@ def _accuracy(clf, name: str, split, preprocess: dict, batch_size: int, model_cl
     encoded bytes and one batch of tensors whatever the split's size."""
     import torch
 
-    from .evaluate.scoring import predictions, scoring_tensors, split_scoring
+    from .scoring import predictions, scoring_tensors, split_scoring
 
     info = shards.split_info(split.uri)
     target, mask, class_map = scoring_tensors(

@@ -154,7 +154,7 @@ def test_class_subset_and_class_map(prepared_demo, tmp_path, ray_local):
 
 
 def test_class_names_that_do_not_fit_are_named():
-    from pipeline.evaluate.scoring import split_scoring
+    from pipeline.scoring import split_scoring
 
     names = ["zero", "one", "two"]
     split = SplitConfig(uri="mem://x", role="ood", class_subset=["zero", "eleven"])

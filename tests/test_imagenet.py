@@ -14,7 +14,7 @@ from pipeline.data.images import import_image_folder, read_class_list
 from pipeline.data.imagenet import (imagenet_prompt_names, imagenet_wnids, objectnet_class_map, prompt_names,
                                     subset_wnids)
 from pipeline.data.shards import DataError, read_split
-from pipeline.evaluate.scoring import split_scoring
+from pipeline.scoring import split_scoring
 from test_data import image_folder
 
 REAL_CONFIGS = ["configs/imagenet-vit-b32.yaml", "configs/model-soups-72.yaml"]

@@ -28,7 +28,7 @@ import torch
 from ..errors import UserError
 from ..mixture import (EvaluatorInputError, Score, ShardCount, Threshold, component_tensors, misses_allowed,
                        shard_bounds, tensor_owners, validate)
-from .scoring import predictions, scoring_mask
+from ..scoring import predictions, scoring_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # elements of the float32 scratch block fusion multiplies into (16 MiB): preallocated once,

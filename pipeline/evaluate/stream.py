@@ -18,7 +18,7 @@ from ..data.shards import DataError, split_info
 from ..errors import UserError
 from ..model.weights import CheckpointError, decode_metadata
 from ..scores import ScoreMemo, ensemble_sha, score_keys
-from .scoring import Scoring, predictions, scoring_tensors, split_scoring
+from ..scoring import Scoring, predictions, scoring_tensors, split_scoring
 
 # the few metadata keys every scored model must agree on
 SHARED_METADATA = ("preprocess", "class_names")
