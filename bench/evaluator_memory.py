@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import SoupConfig  # noqa: E402
-from pipeline.evaluate.mixture import MixtureEvaluator, row_bytes  # noqa: E402
+from pipeline.evaluate.evaluator import MixtureEvaluator, row_bytes  # noqa: E402
 from pipeline.model.classifier import Classifier  # noqa: E402
 from pipeline.model.components import components  # noqa: E402
-from pipeline.soup import mixture, mmms  # noqa: E402
+from pipeline.soup import mixing, mmms  # noqa: E402
 
 warnings.filterwarnings("ignore", message="COBYLA")
 
@@ -63,7 +63,7 @@ def search(K: int, rows: int | None, args) -> dict:
     ev = MixtureEvaluator(base, ingredients, comps, images, labels, device="cpu", batch_size=32, threads=1,
                           working_set_gb=budget)
     C = len(comps)
-    val_accs = [ev.evaluate([mixture.one_hot(K, C, j)])[0] for j in range(K)]
+    val_accs = [ev.evaluate([mixing.one_hot(K, C, j)])[0] for j in range(K)]
     ev.working_set.peak_rows = len(ev.working_set.rows)  # the ingredients' own scores are not the search
     cfg = SoupConfig(optimizer="NGOpt", num_workers=1, max_func_evals_per_dim=args.evals_per_dim)
     result = mmms.phase1(val_accs, C, ev, cfg)

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.evaluate.mixture import MixtureEvaluator, ShardCount  # noqa: E402
+from pipeline.evaluate.evaluator import MixtureEvaluator  # noqa: E402
+from pipeline.mixture import ShardCount  # noqa: E402
 from pipeline.model import components, init_classifier  # noqa: E402
 from pipeline.model.factory import DEMO_MODEL  # noqa: E402
 

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # only modules that need torch, open_clip, pyarrow, pillow, safetensors (not pipeline.data's or
 # pipeline.soup's package imports, which pull in pydantic and nevergrad)
-from pipeline.evaluate.mixture import MixtureEvaluator  # noqa: E402
+from pipeline.evaluate.evaluator import MixtureEvaluator  # noqa: E402
 from pipeline.model import components, image_transform, init_classifier, model_config  # noqa: E402
 from pipeline.model.components import component_index  # noqa: E402
 from pipeline.model.factory import DEMO_MODEL  # noqa: E402

@@ -1,7 +1,7 @@
 """Phase 1's wall time against the number of evaluators E, through the real Ray evaluator pool,
 with a stand-in for the val forward pass (no GPU needed).
 
-Each evaluator actor answers with a fixed function of beta (pipeline/soup/standin.py: K = 72
+Each evaluator actor answers with a fixed function of beta (bench/standin.py: K = 72
 ingredients whose decisions look like the reference's log: most short-circuited, a few joining)
 and sleeps as a val pass would take: a shard task of m images takes ``fixed + m * per_image``.
 The split of one evaluation's ``--latency`` between the two is measured on a real
@@ -40,7 +40,7 @@ import ray
 from pipeline.config import SoupConfig
 from pipeline.soup import mmms
 from pipeline.soup.pool import EvaluatorPool
-from pipeline.soup.standin import ReferenceLike, StandInHost
+from standin import ReferenceLike, StandInHost
 
 warnings.filterwarnings("ignore", message="COBYLA")
 
@@ -73,7 +73,7 @@ def measured_fixed_fraction(n_images: int = 26_000) -> float:
 
     import torch
 
-    from pipeline.evaluate.mixture import MixtureEvaluator
+    from pipeline.evaluate.evaluator import MixtureEvaluator
     from pipeline.model import components, init_classifier
 
     torch.manual_seed(0)

@@ -5,6 +5,8 @@ import argparse
 import sys
 
 from . import console
+from .config import ROLES
+from .stages import STAGES, runner
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -55,11 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo all work even where its inputs are unchanged")
     _no_wait_arg(p)
 
-    for name, text in [("prepare", "build the demo shards and the demo base model"),
-                       ("finetune", "run the Ray Tune sweep and write the ingredient registry"),
-                       ("evaluate", "score every ingredient on val, id_test and ood sets (Ray Data)"),
-                       ("soup", "baselines + manifold mixing soup; publish the fused model")]:
-        p = add(name, help=text)
+    for name, stage in STAGES.items():
+        p = add(name, help=stage.help)
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="redo the stage even if finished")
         _no_wait_arg(p)
@@ -68,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="DIR")
     p.add_argument("--out", required=True, metavar="URI")
     p.add_argument("--name")
-    p.add_argument("--role", default="ood", choices=["pretrain", "train", "val", "id_test", "ood"])
+    p.add_argument("--role", default="ood", choices=ROLES)
     p.add_argument("--classes", metavar="FILE",
                    help="class names in label order, one per line, or 'FOLDER<TAB>CLASS' lines when folder "
                         "names are not class names (default: the sorted folder names)")
@@ -250,30 +249,18 @@ def _dispatch(args) -> int:
 
 
 def _run_command(cmd: str, cfg, args, log) -> int:
-    if cmd in ("finetune", "evaluate", "soup", "import-ingredients"):
+    if cmd in (*STAGES, "import-ingredients") and cmd != "prepare":
         from .prepare import check_splits_unchanged
 
         check_splits_unchanged(cfg)  # `run` and `prepare` check in prepare, after remaking demo shards
-    if cmd == "prepare":
-        from .prepare import run_prepare
-
-        run_prepare(cfg, force=args.force, log=log)
-    elif cmd == "finetune":
-        from .finetune.sweep import run_finetune
-
-        run_finetune(cfg, force=args.force, log=log)
-    elif cmd == "import-ingredients":
-        from .finetune.registry import import_ingredients
+    if cmd == "import-ingredients":
+        from .finetune.import_ingredients import import_ingredients
 
         import_ingredients(cfg, args.files, layout=args.layout, replace=args.replace)
-    elif cmd == "evaluate":
-        from .evaluate.stage import run_evaluate
-
-        run_evaluate(cfg, force=args.force, log=log)
     elif cmd == "soup":
-        from .soup.stage import run_soup
-
-        _final_table(args, run_soup(cfg, force=args.force, log=log, show_table=False))
+        _final_table(args, runner("soup")(cfg, force=args.force, log=log, show_table=False))
+    elif cmd in STAGES:
+        runner(cmd)(cfg, force=args.force, log=log)
     elif cmd == "run":
         from .run import run_all
 
@@ -323,7 +310,7 @@ def _final_table(args, report: dict) -> None:
     """The report's table, last: on a terminal as tables that fit its width (rich); with -q,
     or into a pipe or a file, the markdown table of report.md (what logs have always got)."""
     if args.quiet or not console.isatty(sys.stdout):
-        from .soup.report import markdown_table
+        from .report.results import markdown_table
 
         print(markdown_table(report))
     else:

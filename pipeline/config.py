@@ -65,7 +65,10 @@ SEQUENTIAL_OPTIMIZERS = ("Cobyla", "NGOpt")  # one ask at a time: num_workers mu
 NGOPT_MAX_EVALS_PER_DIM = 50
 
 
-Role = Literal["pretrain", "train", "val", "id_test", "ood"]
+# What a shard set is for: the one list (data/shards.py checks dataset.json against it, the CLI's
+# --role offers it, SplitConfig.role is its Literal).
+ROLES = ("pretrain", "train", "val", "id_test", "ood")
+Role = Literal[ROLES]
 
 
 class SplitConfig(Strict):
@@ -90,6 +93,14 @@ class SplitConfig(Strict):
         return self
 
 
+# The demo's in-distribution splits, by name, with their roles (each is named after its role); its
+# ood sets are DemoDataConfig.shifts. data/demo.py writes them, layout.py finds them.
+DEMO_SPLITS = {"pretrain": "pretrain", "train": "train", "val": "val", "id_test": "id_test"}
+# The shifts data/demo.py knows, in a fixed order: a shift's random stream depends on its place here,
+# not on which shifts a run asks for.
+DEMO_SHIFTS = ("noise", "blur", "rotate", "invert", "sketch")
+
+
 class DemoDataConfig(Strict):
     """The offline demo's data: sklearn's 1,797 8x8 digits, split by fraction, plus shifted copies as ood sets."""
     seed: int = 0
@@ -100,7 +111,7 @@ class DemoDataConfig(Strict):
     """Fraction of the digits for finetuning the ingredients."""
     val: float = Field(0.18, gt=0, lt=1)
     """Fraction of the digits for val, the split the soup search maximises."""
-    shifts: list[Literal["noise", "blur", "rotate", "invert", "sketch"]] = ["noise", "blur", "rotate", "invert", "sketch"]
+    shifts: list[Literal[DEMO_SHIFTS]] = list(DEMO_SHIFTS)
     """The ood sets: id_test with each of these distribution shifts applied."""
     upsample: int = Field(2, ge=1)
     """Scale factor of the stored images: 8x8 digits are stored at 16x16."""
@@ -473,8 +484,10 @@ class TrackingConfig(Strict):
     @field_validator("tensorboard_uri")
     @classmethod
     def _storage_uri(cls, v: str | None) -> str | None:
-        if v is not None and (not v.strip() or ("://" in v and v.split("://", 1)[0] not in ("file", "s3"))):
-            raise ValueError(f"must be a local path, file:// or s3:// URI; got {v!r}")
+        from .storage import SCHEMES, scheme_names
+
+        if v is not None and (not v.strip() or ("://" in v and v.split("://", 1)[0] not in SCHEMES)):
+            raise ValueError(f"must be a local path, {scheme_names()} URI; got {v!r}")
         return v
 
     @field_validator("mlflow_uri")

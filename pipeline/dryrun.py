@@ -60,7 +60,7 @@ def check_classes(cfg: Config, infos: dict[str, dict], c: Checks) -> None:
     """The model's classes (the train split's) have prompt names, and every readable split can be
     scored against them: its classes, class_subset, class_map or ObjectNet mappings."""
     from .data.imagenet import prompt_names
-    from .evaluate.stream import split_scoring
+    from .scoring import split_scoring
 
     train = next((n for n, s in layout.splits(cfg).items() if s.role == "train"), None)
     if train not in infos:
@@ -193,7 +193,8 @@ def _trials_to_train(cfg: Config) -> str:
 def plan(cfg: Config, rows: dict[str, int], log) -> bool:
     import torch
 
-    from .evaluate.mixture import EvaluatorMemoryError, required_bytes, row_bytes, shard_bounds, working_set_rows
+    from .evaluate.evaluator import EvaluatorMemoryError, required_bytes, row_bytes, working_set_rows
+    from .mixture import shard_bounds
     from .soup.mmms import expected_evaluations
     from .ingredients import read_registry, usable
     from .model.classifier import init_classifier
@@ -202,7 +203,7 @@ def plan(cfg: Config, rows: dict[str, int], log) -> bool:
 
     n_classes = 10
     try:
-        from .inputs import class_names
+        from .prepared import class_names
 
         n_classes = len(class_names(cfg))
     except Exception:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 from . import storage
-from .config import Config, ConfigError, SplitConfig
-
-DEMO_ROLES = {"pretrain": "pretrain", "train": "train", "val": "val", "id_test": "id_test"}
+from . import stages as stage_table
+from .config import DEMO_SPLITS, Config, ConfigError, SplitConfig
 
 
 def data_root(cfg: Config) -> str:
@@ -23,7 +22,7 @@ def splits(cfg: Config) -> dict[str, SplitConfig]:
     """Every shard set of the run, by name. The demo's live under output_uri/data/."""
     if cfg.data.source == "shards":
         return dict(cfg.data.splits)
-    out = {name: SplitConfig(uri=data_uri(cfg, name), role=role) for name, role in DEMO_ROLES.items()}
+    out = {name: SplitConfig(uri=data_uri(cfg, name), role=role) for name, role in DEMO_SPLITS.items()}
     for shift in cfg.data.demo.shifts:
         out[shift] = SplitConfig(uri=data_uri(cfg, shift), role="ood")
     out.update(cfg.data.splits)  # a demo run may add the user's own ood sets
@@ -141,7 +140,7 @@ def absolute(cfg: Config, path: str) -> str:
 
 # ---- stage markers -------------------------------------------------------------------------
 
-STAGES = ("prepare", "finetune", "evaluate", "soup")
+STAGES = tuple(stage_table.STAGES)  # the names, in order (pipeline/stages.py owns the table)
 
 
 def _marker(cfg: Config, stage: str) -> str:

@@ -39,6 +39,8 @@ class MethodSpec:
     version: int                      # bump when the method's code changes its result
     needs: tuple[str, ...] = ()       # methods whose results it reads
     one_model: bool = True            # False: not one set of weights (the output ensemble), never published
+    summary: str = ""                 # what it is, one line (report.md, the model card)
+    marker: tuple[str, str] = ("o", "tab:purple")  # plot marker and colour (report/plots.py)
 
     @property
     def enabled_by_default(self) -> bool:

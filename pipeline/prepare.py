@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 from . import layout, storage
-from .config import Config, ConfigError
+from .config import DEMO_SPLITS, Config, ConfigError
 from .data import shards
 from .keys import digest, result_settings
 from .data.imagenet import prompt_names
-from .inputs import class_names, load_base_clip, zero_shot_record
+from .prepared import class_names, load_base_clip, zero_shot_record
 from .model import classifier as clf_lib
 from .model import factory, weights
 
@@ -28,7 +28,7 @@ def _accuracy(clf, name: str, split, preprocess: dict, batch_size: int, model_cl
     encoded bytes and one batch of tensors whatever the split's size."""
     import torch
 
-    from .evaluate.scoring import predictions, scoring_tensors, split_scoring
+    from .scoring import predictions, scoring_tensors, split_scoring
 
     info = shards.split_info(split.uri)
     target, mask, class_map = scoring_tensors(
@@ -93,7 +93,7 @@ def _demo_data(cfg: Config, force: bool, log) -> bool:
 
     key = demo_data_key(cfg)
     recipe = layout.demo_recipe_uri(cfg)
-    names = [*layout.DEMO_ROLES, *cfg.data.demo.shifts]
+    names = [*DEMO_SPLITS, *cfg.data.demo.shifts]
     complete = all(storage.exists(storage.join(layout.data_uri(cfg, name), shards.MARKER)) for name in names)
     if not force and complete and storage.exists(recipe) and storage.read_json(recipe).get("key") == key:
         changed = {name: shards.changed_shards(layout.data_uri(cfg, name)) for name in names}

@@ -98,8 +98,9 @@ def storage_problem(cfg: Config, n_nodes: int) -> str | None:
         return None
     if n_nodes > 1 or cfg.ray.autoscaling:
         where = f"{n_nodes} nodes" if n_nodes > 1 else "nodes the autoscaler adds"
+        shared = " or ".join(f"{s}://" for s, remote in storage.SCHEMES.items() if remote)
         return (f"output_uri {cfg.output_uri!r} is a local path, which the cluster's other nodes ({where}) "
-                "cannot see: use an s3:// URI, or set storage.shared=true if every node mounts it at the "
+                f"cannot see: use an {shared} URI, or set storage.shared=true if every node mounts it at the "
                 "same path (NFS, EFS, FSx)")
     return None
 

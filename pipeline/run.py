@@ -10,23 +10,9 @@ from collections.abc import Callable
 from . import layout, storage
 from .config import Config, redacted
 from .metrics import current_run
+from .stages import STAGES, runner
 
 Log = Callable[[str], None]
-
-
-def _stage_runner(stage: str):
-    """The function that runs a stage: (cfg, force=..., log=...) -> its result."""
-    if stage == "prepare":
-        from .prepare import run_prepare
-        return run_prepare
-    if stage == "finetune":
-        from .finetune.sweep import run_finetune
-        return run_finetune
-    if stage == "evaluate":
-        from .evaluate.stage import run_evaluate
-        return run_evaluate
-    from .soup.stage import run_soup
-    return run_soup
 
 
 def stage_record(cfg: Config, stage: str, seconds: float) -> dict:
@@ -53,10 +39,10 @@ def run_all(cfg: Config, force: bool = False, log: Log = print, show_table: bool
     stages: dict[str, dict] = {}
     report: dict = {}
     started = time.time()
-    for stage in layout.STAGES:
+    for stage in STAGES:
         t0 = time.time()
         options = {"show_table": False} if stage == "soup" else {}  # the table comes last, below
-        result = _stage_runner(stage)(cfg, force=force, log=log, **options)
+        result = runner(stage)(cfg, force=force, log=log, **options)
         stages[stage] = stage_record(cfg, stage, time.time() - t0)
         r = stages[stage]
         log(f"== {stage}: {r['status']} ({r['reused']} {r['unit']} reused, {r['computed']} computed, {r['seconds']}s)")
@@ -66,7 +52,7 @@ def run_all(cfg: Config, force: bool = False, log: Log = print, show_table: bool
         "stages": stages, "run": current_run(), "run_id": report.get("run_id"), "config": redacted(cfg),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - started, 1)})
     if show_table:
-        from .soup.report import markdown_table
+        from .report.results import markdown_table
 
         log(markdown_table(report))
     return report

@@ -1,6 +1,6 @@
 """Everything a run writes goes through here: URIs -> pyarrow.fs, safetensors IO, atomic publish.
 
-A URI is a local path, a ``file://`` URI or an ``s3://`` URI. ``s3://`` honours
+A URI is a local path or a URI of one of ``SCHEMES`` (``file://``, ``s3://``). ``s3://`` honours
 ``AWS_ENDPOINT_URL`` (and the usual AWS_* credentials), so the same code talks to AWS or to
 an S3-compatible server.
 """
@@ -30,15 +30,31 @@ class Location:
     uri: str
 
 
+# The URI schemes a run can use, one line each (pyarrow.fs opens them): scheme -> whether it is
+# object storage, reached over the network and seen alike by every node (False: this machine's
+# files). A path without a scheme is local. Config checks and messages read this table.
+SCHEMES: dict[str, bool] = {
+    "file": False,
+    "s3": True,
+}
+
+
+def scheme_names() -> str:
+    """The schemes for a message: ``file:// or s3://``."""
+    names = [f"{s}://" for s in SCHEMES]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+    """Object storage (``SCHEMES``), not a path on this machine."""
+    return "://" in uri and SCHEMES.get(uri.split("://", 1)[0], True)
 
 
 def _normalise(uri: str) -> str:
     if "://" in uri:
         scheme = uri.split("://", 1)[0]
-        if scheme not in ("file", "s3"):
-            raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://")
+        if scheme not in SCHEMES:
+            raise StorageError(f"unsupported storage URI {uri!r}: use a local path, {scheme_names()}")
         return uri.rstrip("/") if not uri.endswith("://") else uri
     return os.path.abspath(os.path.expanduser(uri))
 

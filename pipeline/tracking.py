@@ -1,7 +1,7 @@
 """Experiment tracking (the ``tracking:`` section, docs/tracking.md): each soup run's search
 trace and method scores, for TensorBoard (event files under ``<output_uri>/tracking/tensorboard``
 by default) and MLflow (``tracking.mlflow_uri``); the finetune trials' metrics go to the same
-places through Ray Tune's logger callbacks (finetune/tracking.py). Tracking records results; it
+places through Ray Tune's logger callbacks (finetune/callbacks.py). Tracking records results; it
 never changes one."""
 from __future__ import annotations
 

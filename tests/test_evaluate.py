@@ -17,7 +17,7 @@ from pipeline.data.shards import DataError, decode_split, read_split, shard_uris
 from pipeline.evaluate.stage import read_results
 from pipeline.model import image_transform, load_classifier, save_classifier
 from pipeline.layout import zeroshot_uri
-from pipeline.soup.mixture import one_hot, uniform
+from pipeline.soup.mixing import one_hot, uniform
 
 torch.set_num_threads(1)
 ONE_ACTOR = dict(batch_size=128, num_actors=1, resources=Resources(cpu=1))
@@ -74,7 +74,7 @@ def test_stage_scores_like_a_plain_loop(evaluated_demo):
 def test_prepare_streams_id_test_to_the_score_evaluate_gives(evaluated_demo):
     """prepare scores the zero-shot head on id_test shard by shard and batch by batch (ImageNet's
     50,000 images decoded at once took ~30 GB): the same number the evaluate stage streams."""
-    from pipeline.inputs import zero_shot_record
+    from pipeline.prepared import zero_shot_record
 
     row = next(r for r in read_results(evaluated_demo) if r["model"] == "zero_shot" and r["split"] == "id_test")
     assert zero_shot_record(evaluated_demo)["id_test_accuracy"] == row["accuracy"]
@@ -154,7 +154,7 @@ def test_class_subset_and_class_map(prepared_demo, tmp_path, ray_local):
 
 
 def test_class_names_that_do_not_fit_are_named():
-    from pipeline.evaluate.scoring import split_scoring
+    from pipeline.scoring import split_scoring
 
     names = ["zero", "one", "two"]
     split = SplitConfig(uri="mem://x", role="ood", class_subset=["zero", "eleven"])

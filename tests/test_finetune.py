@@ -76,9 +76,9 @@ def test_streamed_train_images_are_every_row_once_shuffled_across_shards(prepare
     yet each epoch gives every image once, batches mixing classes, in an order fixed by
     (seed, epoch): the memory path's pixels, only the order differs."""
     from pipeline.data.shards import read_split, write_split
-    from pipeline.finetune.stream import StreamTrain
+    from pipeline.finetune.train_set import StreamTrain
     from pipeline.finetune.trainable import decode_uint8, uint8_transform
-    from pipeline.inputs import load_zero_shot
+    from pipeline.prepared import load_zero_shot
 
     _, train = layout.split_of_role(prepared_demo, "train")
     split = read_split(train.uri)
@@ -112,10 +112,10 @@ def test_streamed_train_images_are_every_row_once_shuffled_across_shards(prepare
 
 
 def test_auto_loader_streams_what_would_not_fit_the_memory_limit(prepared_demo):
-    from pipeline.finetune.stream import MemoryTrain, StreamTrain
+    from pipeline.finetune.train_set import MemoryTrain, StreamTrain
     from pipeline.finetune.sweep import trial_setup
     from pipeline.finetune.trainable import image_shape, train_images
-    from pipeline.inputs import load_zero_shot
+    from pipeline.prepared import load_zero_shot
 
     _, meta = load_zero_shot(prepared_demo)
     setup = trial_setup(prepared_demo)
@@ -131,7 +131,7 @@ def test_a_train_split_streamed_unshuffled_is_refused_before_any_training(prepar
     shard without that order being shuffled is refused in one line, nothing trained or written.
     Kept in memory (the memory loader shuffles it all), the same split is fine."""
     from pipeline.finetune.sweep import FinetuneError, check_train_order, run_finetune
-    from pipeline.inputs import load_zero_shot
+    from pipeline.prepared import load_zero_shot
 
     cfg = clone_output(prepared_demo, tmp_path / "out", "finetune.loader=stream")
     with pytest.raises(FinetuneError) as e:

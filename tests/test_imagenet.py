@@ -14,7 +14,7 @@ from pipeline.data.images import import_image_folder, read_class_list
 from pipeline.data.imagenet import (imagenet_prompt_names, imagenet_wnids, objectnet_class_map, prompt_names,
                                     subset_wnids)
 from pipeline.data.shards import DataError, read_split
-from pipeline.evaluate.scoring import split_scoring
+from pipeline.scoring import split_scoring
 from test_data import image_folder
 
 REAL_CONFIGS = ["configs/imagenet-vit-b32.yaml", "configs/model-soups-72.yaml"]
@@ -214,7 +214,7 @@ def test_dry_run_checks_classes_against_subsets_maps_and_prompt_names(tmp_path):
 def test_prompt_names_are_what_the_zero_shot_head_embeds(prepared_demo):
     import torch
 
-    from pipeline.inputs import class_names, load_base_clip
+    from pipeline.prepared import class_names, load_base_clip
     from pipeline.prepare import build_zero_shot
 
     clip, _ = load_base_clip(prepared_demo)

@@ -1,4 +1,4 @@
-"""The fast mixture evaluator against plain fusion (pipeline.soup.mixture.fuse, then
+"""The fast mixture evaluator against plain fusion (pipeline.soup.mixing.fuse, then
 load_state_dict into a fresh model and run it).
 
 Tiny open_clip classifiers (random init, no download): a ViT, and a ModifiedResNet whose
@@ -16,17 +16,16 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 from conftest import perturbed  # noqa: E402
-from pipeline.evaluate.mixture import (  # noqa: E402
-    EvaluatorInputError,
+from pipeline.evaluate.evaluator import (  # noqa: E402
     EvaluatorMemoryError,
     MixtureEvaluator,
     check_fits,
     required_bytes,
 )
-from pipeline.beta import COLUMN_SUM_TOLERANCE, MixtureError, validate  # noqa: E402
+from pipeline.mixture import COLUMN_SUM_TOLERANCE, EvaluatorInputError, MixtureError, validate  # noqa: E402
 from pipeline.model.classifier import Classifier  # noqa: E402
 from pipeline.model.components import Component, components  # noqa: E402
-from pipeline.soup.mixture import fuse, one_hot, uniform  # noqa: E402
+from pipeline.soup.mixing import fuse, one_hot, uniform  # noqa: E402
 
 torch.set_num_threads(1)
 N_CLASSES = 10
@@ -375,7 +374,7 @@ def test_shards_are_whole_batches_and_predictions_do_not_depend_on_them(world):
     """Per-image outcomes on a real evaluator are the same for S = 1, 2, 3 (uneven) shards, the
     shards' integer counts sum to the unsharded count, and a threshold's per-shard early stop
     decides exactly as the unsharded test does."""
-    from pipeline.evaluate.mixture import Threshold, combine, misses_allowed, shard_bounds
+    from pipeline.mixture import Threshold, combine, misses_allowed, shard_bounds
 
     assert shard_bounds(100, 32, 3) == [(0, 32), (32, 64), (64, 100)]  # 4 batches: 1, 1, 2
     assert shard_bounds(100, 32, 9) == [(0, 32), (32, 64), (64, 96), (96, 100)]  # at most one per batch

@@ -8,7 +8,7 @@ from conftest import tiny_config
 
 from pipeline import storage
 from pipeline.soup import publish
-from pipeline.soup.report import method_entry
+from pipeline.report.results import method_entry
 
 MEAN, STD = [0.5, 0.25, 0.125], [0.3, 0.2, 0.1]
 

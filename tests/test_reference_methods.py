@@ -84,9 +84,9 @@ def test_lines_lambdas_grow_with_depth_from_the_stem_to_the_head():
 
 def test_lines_ends_are_the_zero_shot_model_and_the_best_individual_bit_for_bit(prepared_demo):
     from conftest import perturbed
-    from pipeline.inputs import load_zero_shot
+    from pipeline.prepared import load_zero_shot
     from pipeline.model.components import components
-    from pipeline.soup.mixture import fuse
+    from pipeline.soup.mixing import fuse
 
     reference, _ = load_zero_shot(prepared_demo)
     theta0 = reference.state_dict()
@@ -139,7 +139,7 @@ def test_a_disabled_method_cannot_be_published():
 
 
 def test_the_soup_key_holds_each_enabled_method_with_its_version_and_settings(monkeypatch):
-    from pipeline.soup.methods import REGISTRY
+    from pipeline.soup.methods import SOUP_METHODS
 
     base = load_config(None, ["soup.methods.lines.enabled=false"])
     keys = method_keys(base.soup)
@@ -152,7 +152,7 @@ def test_the_soup_key_holds_each_enabled_method_with_its_version_and_settings(mo
     assert on["lines"]["settings"]["grid"] == [list(p) for p in DEFAULT_GRID]
     assert {k: v for k, v in on.items() if k != "lines"} == keys
     # a new version of a method's code changes its part of the key
-    monkeypatch.setattr(type(REGISTRY["model_stock"]), "version", 2)
+    monkeypatch.setattr(type(SOUP_METHODS["model_stock"]), "version", 2)
     assert method_keys(base.soup)["model_stock"]["version"] == 2
 
 

@@ -53,7 +53,7 @@ def test_prepare_runs_the_imagenet_config_from_local_weights(imported):
     assert result["peak_gib"] > 0
     record = storage.read_json(str(work / "out" / "prepare" / "zeroshot.json"))
     assert 0.0 <= record["id_test_accuracy"] <= 1.0
-    from pipeline.inputs import load_zero_shot
+    from pipeline.prepared import load_zero_shot
 
     clf, meta = load_zero_shot(cfg)
     assert meta["class_names"] == tree["classes"] and clf.head.weight.shape == (50, 512)

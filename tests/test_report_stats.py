@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pipeline.soup import report as rep
+from pipeline.report import results as rep
 
 Z_95 = 1.959963984540054
 

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from pipeline import storage
 from pipeline.config import Phase2Config, SoupConfig
 from pipeline.model.components import Component
-from pipeline.soup import baselines, mixture, mmms
+from pipeline import mixture
+from pipeline.soup import baselines, mixing, mmms
 from pipeline.soup.memo import Memo, MemoEvaluator
 
 torch.set_num_threads(1)
@@ -60,48 +61,48 @@ def test_validate_names_what_is_wrong(bad, why):
 
 
 def test_simple_mixtures_are_valid():
-    for beta in (mixture.one_hot(4, 3, 2), mixture.uniform(4, 3), mixture.subset(4, 3, [0, 3])):
+    for beta in (mixing.one_hot(4, 3, 2), mixing.uniform(4, 3), mixing.subset(4, 3, [0, 3])):
         assert mixture.validate(beta).shape == (4, 3)
-    assert mixture.one_hot(4, 3, 2)[2].tolist() == [1.0, 1.0, 1.0]
-    assert mixture.subset(4, 3, [0, 3])[:, 1].tolist() == [0.5, 0.0, 0.0, 0.5]
+    assert mixing.one_hot(4, 3, 2)[2].tolist() == [1.0, 1.0, 1.0]
+    assert mixing.subset(4, 3, [0, 3])[:, 1].tolist() == [0.5, 0.0, 0.0, 0.5]
     with pytest.raises(mixture.MixtureError, match="0..3"):
-        mixture.subset(4, 3, [4])
+        mixing.subset(4, 3, [4])
 
 
 def test_lambdas_to_beta_is_the_formula_and_equals_folding_pairwise():
     rng = np.random.default_rng(0)
     chosen, K, C = [2, 0, 4, 1], 5, 3
     lambdas = [rng.uniform(0.3, 1.0, C) for _ in chosen[1:]]
-    beta = mixture.lambdas_to_beta(lambdas, chosen, K)
+    beta = mixing.lambdas_to_beta(lambdas, chosen, K)
     L = lambdas
     np.testing.assert_allclose(beta[2], L[0] * L[1] * L[2])
     np.testing.assert_allclose(beta[0], (1 - L[0]) * L[1] * L[2])
     np.testing.assert_allclose(beta[4], (1 - L[1]) * L[2])
     np.testing.assert_allclose(beta[1], 1 - L[2])
     assert not beta[3].any()
-    folded = mixture.one_hot(K, C, chosen[0])
+    folded = mixing.one_hot(K, C, chosen[0])
     for lam, j in zip(lambdas, chosen[1:]):
-        folded = mixture.pairwise(folded, lam, j)
+        folded = mixing.pairwise(folded, lam, j)
     assert np.array_equal(beta, folded)  # bit-identical: the memo key of phase 1's A
     mixture.validate(beta)
-    assert np.array_equal(mixture.lambdas_to_beta([], [3], 5, n_components=2), mixture.one_hot(5, 2, 3))
+    assert np.array_equal(mixing.lambdas_to_beta([], [3], 5, n_components=2), mixing.one_hot(5, 2, 3))
 
 
 def test_mu_to_beta_keeps_columns_convex_and_mu_one_is_identity():
-    beta = mixture.lambdas_to_beta([np.array([0.6, 0.8])], [1, 0], 3)
-    np.testing.assert_allclose(mixture.mu_to_beta(beta, np.ones((3, 2))), beta)
+    beta = mixing.lambdas_to_beta([np.array([0.6, 0.8])], [1, 0], 3)
+    np.testing.assert_allclose(mixing.mu_to_beta(beta, np.ones((3, 2))), beta)
     mu = np.array([[1.4, 0.7], [0.7, 1.4], [1.0, 1.0]])
-    moved = mixture.validate(mixture.mu_to_beta(beta, mu))
+    moved = mixture.validate(mixing.mu_to_beta(beta, mu))
     assert moved[0, 0] > beta[0, 0] and moved[0, 1] < beta[0, 1] and not moved[2].any()
     np.testing.assert_allclose(moved[1, 0], 0.6 * 0.7 / (0.6 * 0.7 + 0.4 * 1.4))
 
 
 def test_mixture_key_is_stable_and_shape_aware():
-    beta = mixture.uniform(2, 3)
+    beta = mixing.uniform(2, 3)
     assert mixture.mixture_key(beta) == mixture.mixture_key(beta.copy())
-    assert mixture.mixture_key(beta) != mixture.mixture_key(mixture.uniform(3, 2))
+    assert mixture.mixture_key(beta) != mixture.mixture_key(mixing.uniform(3, 2))
     assert mixture.mixture_key(np.array([[-0.0, 1.0], [1.0, 0.0]])) == mixture.mixture_key(np.array([[0.0, 1.0], [1.0, 0.0]]))
-    assert mixture.mixture_key(beta) != mixture.mixture_key(mixture.subset(2, 3, [0]))
+    assert mixture.mixture_key(beta) != mixture.mixture_key(mixing.subset(2, 3, [0]))
 
 
 # ---- a tiny real model ----------------------------------------------------------------------
@@ -143,7 +144,7 @@ class TinyModel:
         out = []
         with torch.no_grad():
             for beta in betas:
-                self.net.load_state_dict(mixture.fuse(self.ingredients, beta, self.components))
+                self.net.load_state_dict(mixing.fuse(self.ingredients, beta, self.components))
                 out.append((self.net(self.val[0]).argmax(1) == self.val[1]).float().mean().item())
         return out
 
@@ -155,16 +156,16 @@ def tiny():
 
 def test_fuse_one_hot_is_the_ingredient_and_lambdas_match_stepwise_mixing(tiny):
     sds, comps = tiny.ingredients, tiny.components
-    fused = mixture.fuse(sds, mixture.one_hot(3, 2, 1), comps)
+    fused = mixing.fuse(sds, mixing.one_hot(3, 2, 1), comps)
     assert all(torch.equal(fused[k], sds[1][k]) for k in sds[1])
     lam1, lam2 = np.array([0.5, 0.7]), np.array([0.6, 0.9])
-    beta = mixture.lambdas_to_beta([lam1, lam2], [0, 2, 1], 3)
+    beta = mixing.lambdas_to_beta([lam1, lam2], [0, 2, 1], 3)
     stepwise = {}
     for k in sds[0]:
         c = 0 if k.startswith("0.") else 1
         a = sds[0][k].float() * lam1[c] + sds[2][k].float() * (1 - lam1[c])
         stepwise[k] = a * lam2[c] + sds[1][k].float() * (1 - lam2[c])
-    fused = mixture.fuse(sds, beta, comps)
+    fused = mixing.fuse(sds, beta, comps)
     for k in ("0.weight", "0.bias", "2.weight", "2.bias"):
         torch.testing.assert_close(fused[k], stepwise[k])
     assert fused["steps"].item() == 7 and fused["steps"].dtype == sds[0]["steps"].dtype
@@ -173,11 +174,11 @@ def test_fuse_one_hot_is_the_ingredient_and_lambdas_match_stepwise_mixing(tiny):
 def test_fuse_refuses_bad_components(tiny):
     sds = tiny.ingredients
     with pytest.raises(mixture.MixtureError, match="'nope'"):
-        mixture.fuse(sds, mixture.uniform(3, 1), [Component("all", ("0.weight", "nope"))])
+        mixing.fuse(sds, mixing.uniform(3, 1), [Component("all", ("0.weight", "nope"))])
     with pytest.raises(mixture.MixtureError, match="'0.bias' is in no component but differs"):
-        mixture.fuse(sds, mixture.uniform(3, 1), [Component("w", ("0.weight", "2.weight", "2.bias"))])
+        mixing.fuse(sds, mixing.uniform(3, 1), [Component("w", ("0.weight", "2.weight", "2.bias"))])
     with pytest.raises(mixture.MixtureError, match="3x2 but there are 2 ingredients"):
-        mixture.fuse(sds[:2], mixture.uniform(3, 2), tiny.components)
+        mixing.fuse(sds[:2], mixing.uniform(3, 2), tiny.components)
 
 
 def test_fuse_many_holds_one_ingredient_at_a_time_and_equals_fuse(tiny):
@@ -185,8 +186,8 @@ def test_fuse_many_holds_one_ingredient_at_a_time_and_equals_fuse(tiny):
     import weakref
 
     sds, comps = tiny.ingredients, tiny.components
-    betas = {"uniform": mixture.uniform(3, 2), "one": mixture.one_hot(3, 2, 2),
-             "pair": mixture.lambdas_to_beta([np.array([0.3, 0.8])], [0, 2], 3)}
+    betas = {"uniform": mixing.uniform(3, 2), "one": mixing.one_hot(3, 2, 2),
+             "pair": mixing.lambdas_to_beta([np.array([0.3, 0.8])], [0, 2], 3)}
     loaded, alive = [], []
 
     def lazily():
@@ -199,22 +200,22 @@ def test_fuse_many_holds_one_ingredient_at_a_time_and_equals_fuse(tiny):
             yield j, copy
 
     refs: list = []
-    fused = mixture.fuse_many(lazily(), betas, comps)
+    fused = mixing.fuse_many(lazily(), betas, comps)
     assert loaded == [0, 1, 2] and alive == [0, 0, 0]
     for name, beta in betas.items():
-        plain = mixture.fuse(sds, beta, comps)
+        plain = mixing.fuse(sds, beta, comps)
         assert all(torch.equal(fused[name][k], plain[k]) for k in plain), name
     # only the rows a mixture weights need to come by; a weighted one missing is named
-    only_two = mixture.fuse_many([(2, sds[2])], {"one": betas["one"]}, comps)["one"]
+    only_two = mixing.fuse_many([(2, sds[2])], {"one": betas["one"]}, comps)["one"]
     assert all(torch.equal(only_two[k], sds[2][k]) for k in sds[2])
     with pytest.raises(mixture.MixtureError, match=r"ingredients \[1\] are weighted but were not given"):
-        mixture.fuse_many([(0, sds[0]), (2, sds[2])], {"u": betas["uniform"]}, comps)
+        mixing.fuse_many([(0, sds[0]), (2, sds[2])], {"u": betas["uniform"]}, comps)
     with pytest.raises(mixture.MixtureError, match="rows must increase"):
-        mixture.fuse_many([(1, sds[1]), (0, sds[0])], {"u": betas["uniform"]}, comps)
+        mixing.fuse_many([(1, sds[1]), (0, sds[0])], {"u": betas["uniform"]}, comps)
 
 
 def test_phase1_on_a_real_model_is_at_least_the_best_ingredient(tiny):
-    individual = tiny([mixture.one_hot(3, 2, j) for j in range(3)])
+    individual = tiny([mixing.one_hot(3, 2, j) for j in range(3)])
     result = mmms.phase1(individual, 2, tiny, small_cfg())
     assert result.val_acc >= max(individual)
     assert result.chosen[0] == int(np.argmax(individual))
@@ -285,11 +286,11 @@ def test_phase1_finds_a_better_soup_and_reports_every_batch():
     val = [0.8, 0.7, 0.75, 0.6]
     seen = []
     result = mmms.phase1(val, 3, evaluate, small_cfg(), progress=seen.append)
-    accs_one_hot = [evaluate.acc(mixture.one_hot(4, 3, j)) for j in range(4)]
+    accs_one_hot = [evaluate.acc(mixing.one_hot(4, 3, j)) for j in range(4)]
     assert result.val_acc > max(accs_one_hot)
     assert result.chosen[0] == 0 and set(result.chosen) <= {0, 1, 2, 3}
     assert len(result.lambdas) == len(result.chosen) - 1
-    assert np.array_equal(result.beta, mixture.lambdas_to_beta(result.lambdas, result.chosen, 4))
+    assert np.array_equal(result.beta, mixing.lambdas_to_beta(result.lambdas, result.chosen, 4))
     assert evaluate.acc(result.beta) == result.val_acc  # the reported beta is the evaluated one
     assert result.n_evals == evaluate.n_evaluated == result.trace[-1][0]
     assert len(seen) == len(evaluate.calls) == len(result.trace)
@@ -307,7 +308,7 @@ def test_phase1_short_circuits_a_bad_candidate_with_one_evaluation():
     seen = []
     result = mmms.phase1([0.9, 0.5, 0.4], 2, evaluate, small_cfg(tau=0.999), progress=seen.append)
     assert result.chosen == [0] and result.lambdas == []
-    assert np.array_equal(result.beta, mixture.one_hot(3, 2, 0))
+    assert np.array_equal(result.beta, mixing.one_hot(3, 2, 0))
     assert result.n_evals == 3  # A, then one short-circuit evaluation per candidate
     assert [s["step"] for s in seen] == ["start", "short-circuit", "short-circuit"]
 
@@ -334,21 +335,21 @@ def test_third_pass_runs_only_when_the_second_gained_enough():
 
 def test_phase2_refines_over_chosen_ingredients_within_bounds():
     evaluate = Quadratic(TARGET)
-    start = mixture.lambdas_to_beta([np.array([0.5, 0.5, 0.5]), np.array([0.6, 0.6, 0.6])], [0, 1, 2], 4)
+    start = mixing.lambdas_to_beta([np.array([0.5, 0.5, 0.5]), np.array([0.6, 0.6, 0.6])], [0, 1, 2], 4)
     cfg = small_cfg(phase2=Phase2Config(bounds=(0.7, 1.4), evals_per_dim=5))
     result = mmms.phase2(start, evaluate, cfg)
     assert result.val_acc >= evaluate.acc(start) and result.val_acc == evaluate.acc(result.beta)
     assert not result.beta[3].any() and (result.mu[3] == 1.0).all()
     assert ((0.7 <= result.mu) & (result.mu <= 1.4)).all()
-    np.testing.assert_allclose(result.beta, mixture.mu_to_beta(start, result.mu))
+    np.testing.assert_allclose(result.beta, mixing.mu_to_beta(start, result.mu))
     assert result.n_evals == evaluate.n_evaluated <= 3 * 3 * 5
-    assert np.array_equal(evaluate.calls[0][0], mixture.mu_to_beta(start, np.ones((4, 3))))  # mu = 1 first
+    assert np.array_equal(evaluate.calls[0][0], mixing.mu_to_beta(start, np.ones((4, 3))))  # mu = 1 first
 
 
 def test_phase2_with_one_ingredient_spends_one_evaluation():
     evaluate = Quadratic(TARGET)
-    result = mmms.phase2(mixture.one_hot(4, 3, 2), evaluate, small_cfg())
-    assert result.n_evals == 1 and np.array_equal(result.beta, mixture.one_hot(4, 3, 2))
+    result = mmms.phase2(mixing.one_hot(4, 3, 2), evaluate, small_cfg())
+    assert result.n_evals == 1 and np.array_equal(result.beta, mixing.one_hot(4, 3, 2))
 
 
 def test_search_settings_are_refused_by_name_when_the_config_is_made():
@@ -368,7 +369,7 @@ def test_a_broken_evaluator_is_named():
 # ---- baselines ------------------------------------------------------------------------------
 
 def test_best_individual_and_uniform_are_mixtures():
-    assert np.array_equal(baselines.best_individual([0.5, 0.9, 0.9], 2), mixture.one_hot(3, 2, 1))
+    assert np.array_equal(baselines.best_individual([0.5, 0.9, 0.9], 2), mixing.one_hot(3, 2, 1))
     assert np.array_equal(baselines.uniform_soup(3, 2), np.full((3, 2), 1 / 3))
 
 
@@ -382,7 +383,7 @@ def test_greedy_soup_adds_only_on_strict_improvement():
         asked.extend(members)
         return [table[m] for m in members]
     beta, trace = baselines.greedy_soup([0.8, 0.7, 0.6, 0.5], 2, evaluate)
-    assert np.array_equal(beta, mixture.subset(4, 2, [0, 1, 3]))
+    assert np.array_equal(beta, mixing.subset(4, 2, [0, 1, 3]))
     assert asked == [(0,), (0, 1), (0, 1, 2), (0, 1, 3)]
     assert trace == [(1, 0.80), (2, 0.82), (3, 0.82), (4, 0.83)]
 
@@ -397,7 +398,7 @@ def test_memo_answers_repeats_and_writes_one_part_per_batch(tmp_path):
     evaluate = Quadratic(TARGET)
     memo = Memo.open(str(tmp_path), CONTEXT)
     ev = MemoEvaluator(evaluate, memo, SHAS)
-    a, b = mixture.uniform(4, 3), mixture.one_hot(4, 3, 1)
+    a, b = mixing.uniform(4, 3), mixing.one_hot(4, 3, 1)
     assert ev([a, b, a]) == [evaluate.acc(a), evaluate.acc(b), evaluate.acc(a)]
     assert ev([b]) == [evaluate.acc(b)]
     assert (ev.hits, ev.misses) == (2, 2) and evaluate.n_evaluated == 2
@@ -409,7 +410,7 @@ def test_memo_answers_repeats_and_writes_one_part_per_batch(tmp_path):
     assert again.get(ev.key(b)) == evaluate.acc(b)
     other = Memo.open(str(tmp_path), {**CONTEXT, "val": {"content": "abd"}})
     assert other.uri != memo.uri and len(other) == 0
-    MemoEvaluator(evaluate, again, SHAS)([mixture.one_hot(4, 3, 2)])
+    MemoEvaluator(evaluate, again, SHAS)([mixing.one_hot(4, 3, 2)])
     assert storage.listdir(memo.uri)[-1] == "part-000002.jsonl"
 
 
@@ -431,7 +432,7 @@ def test_memo_keys_a_mixture_by_the_ingredients_it_uses():
 
 def test_a_damaged_memo_part_is_named(tmp_path):
     memo = Memo.open(str(tmp_path), CONTEXT)
-    MemoEvaluator(Quadratic(TARGET), memo, SHAS)([mixture.uniform(4, 3)])
+    MemoEvaluator(Quadratic(TARGET), memo, SHAS)([mixing.uniform(4, 3)])
     part = os.path.join(memo.uri, "part-000001.jsonl")
     record = json.loads(open(part).read())
     record["mixture"][0][1][0] += 0.5
@@ -444,8 +445,8 @@ def test_memo_on_s3(s3_bucket):
     evaluate = Quadratic(TARGET)
     root = f"{s3_bucket}/memo-test"
     ev = MemoEvaluator(evaluate, Memo.open(root, CONTEXT), SHAS)
-    ev([mixture.uniform(4, 3)])
-    ev([mixture.one_hot(4, 3, 0)])
+    ev([mixing.uniform(4, 3)])
+    ev([mixing.one_hot(4, 3, 0)])
     reopened = Memo.open(root, CONTEXT)
     assert len(reopened) == 2
     assert storage.listdir(reopened.uri) == ["context.json", "part-000001.jsonl", "part-000002.jsonl"]

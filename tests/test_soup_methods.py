@@ -1,17 +1,21 @@
-"""The soup-method registry (a new method is one module), the report's paired test (exact
+"""The soup methods (a new method is one module), the report's paired test (exact
 McNemar) on constructed cases with known answers. Ray-free."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.soup import report as rep
-from pipeline.soup.methods import REGISTRY, MethodError, MethodResult, methods, run_methods, unregister
-from pipeline.soup.standin import ReferenceLike
+from pipeline.report import results as rep
+from pipeline.soup.methods import SOUP_METHODS, MethodError, MethodResult, methods, run_methods, unregister
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from standin import ReferenceLike  # noqa: E402  (test scaffolding)
 
 K, C = 6, 3
 FUNCTION = ReferenceLike(K, C, seed=3, n_images=500)
@@ -88,7 +92,7 @@ def test_the_registry_refuses_a_second_method_of_a_name_and_a_result_that_is_no_
 
     with pytest.raises(MethodError, match="registered twice"):
         register(Impostor)
-    assert type(REGISTRY["top2_average"]).__name__ == "TopTwo"
+    assert type(SOUP_METHODS["top2_average"]).__name__ == "TopTwo"
     with pytest.raises(MethodError, match="one model"):
         MethodResult()
     with pytest.raises(MethodError, match="one model"):
@@ -104,7 +108,7 @@ def test_a_method_needing_an_unregistered_one_is_refused():
 
     with pytest.raises(MethodError, match="not_a_method"):
         register(Later)
-    assert "later" not in REGISTRY
+    assert "later" not in SOUP_METHODS
 
 
 # ---- the exact McNemar test -------------------------------------------------------------------

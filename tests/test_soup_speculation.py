@@ -6,16 +6,21 @@ from __future__ import annotations
 import collections
 import copy
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.config import SoupConfig, load_config
-from pipeline.evaluate.mixture import MixtureEvaluator, Score, Threshold
-from pipeline.soup import baselines, mixture, mmms
-from pipeline.soup.dispatch import Dispatcher, SimulatedEvaluator, simulated_score
-from pipeline.soup.standin import ReferenceLike, StandInHost
+from pipeline.evaluate.evaluator import MixtureEvaluator
+from pipeline.mixture import Score, Threshold
+from pipeline.soup import baselines, mixing, mmms
+from pipeline.soup.dispatch import Dispatcher
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from standin import ReferenceLike, SimulatedEvaluator, StandInHost, simulated_score  # noqa: E402  (test scaffolding)
 
 pytestmark = pytest.mark.filterwarnings("ignore:COBYLA")
 
@@ -133,7 +138,7 @@ def test_the_mixture_evaluator_stops_early_exactly():
     n = ev.images.shape[0]
     rng = np.random.default_rng(0)
     betas = [rng.dirichlet(np.ones(ev.n_ingredients), size=ev.beta_shape[1]).T for _ in range(2)]
-    betas += [mixture.one_hot(*ev.beta_shape, j) for j in range(2)]
+    betas += [mixing.one_hot(*ev.beta_shape, j) for j in range(2)]
     full = ev.evaluate(betas)
     stopped_early = 0
     for beta, acc in zip(betas, full):
@@ -240,16 +245,16 @@ def test_sharded_phase1_on_real_evaluators_is_bit_identical_for_any_S_and_E(sear
     cfg = SoupConfig(max_func_evals_per_dim=2, **SEARCHES[search])
     evaluators = [MixtureEvaluator(copy.deepcopy(w.base), w.ingredients, w.components, w.images, w.labels,
                                    device="cpu", batch_size=BATCH) for _ in range(4)]
-    val_accs = evaluators[0].evaluate([mixture.one_hot(4, 3, j) for j in range(4)])
+    val_accs = evaluators[0].evaluate([mixing.one_hot(4, 3, j) for j in range(4)])
     reference = mmms.phase1(val_accs, 3, evaluators[0], cfg)
-    fused = tensor_hash(mixture.fuse(w.ingredients, reference.beta, w.components))
+    fused = tensor_hash(mixing.fuse(w.ingredients, reference.beta, w.components))
     runs = [(S, E, None) for S in (1, 2, 3) for E in (1, 2, 4)] + [(3, 4, 5)]
     for seed, (S, E, lose) in enumerate(runs):
         pool = InProcessPool(evaluators[:E], n_shards=S, seed=seed, lose_after=lose)
         assert len(pool.bounds()) == S
         result = mmms.phase1(val_accs, 3, pool, cfg)
         assert_identical(result, reference)
-        assert tensor_hash(mixture.fuse(w.ingredients, result.beta, w.components)) == fused, (S, E)
+        assert tensor_hash(mixing.fuse(w.ingredients, result.beta, w.components)) == fused, (S, E)
         if lose is not None:
             assert len(pool.lost) == 1 and pool.in_service == E - 1  # its shard ran elsewhere
     assert len(reference.chosen) > 1, "the test means something only if a candidate joins"

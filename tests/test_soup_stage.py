@@ -18,7 +18,8 @@ from pipeline.soup import pool as pool_lib, publish, stage
 from pipeline.soup.inputs import SoupInputError, load_inputs, memo_context, split_names
 from pipeline.soup.methods import run_methods
 from pipeline.soup.memo import Memo, MemoEvaluator
-from pipeline.soup.mixture import fuse, mixture_key
+from pipeline.mixture import mixture_key
+from pipeline.soup.mixing import fuse
 
 QUIET = {"log": lambda *_: None}
 # 4 candidates per batch, so up to 4 evaluators share each batch
@@ -541,7 +542,7 @@ def test_wise_ft_ends_are_the_zero_shot_model_and_the_best_individual_bit_for_bi
 
 def test_the_output_ensemble_is_the_argmax_of_the_mean_logits(souped):
     from pipeline.data.shards import decode_split, read_split
-    from pipeline.evaluate.scoring import split_scoring
+    from pipeline.scoring import split_scoring
     from pipeline.model import image_transform, load_classifier
 
     cfg, report = souped["cfg"], souped["report"]

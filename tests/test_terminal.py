@@ -97,7 +97,7 @@ def tables_on_screen(screen: list[str], methods: list[str]) -> list[tuple[list[s
 def assert_table_fits(screen: list[str], report: dict, columns: int) -> int:
     """Every method's row and every split's accuracy (and ≈ mark) are on the screen, each row on
     one line; returns the number of tables."""
-    from pipeline.soup.report import table_cells
+    from pipeline.report.results import table_cells
 
     names, rows = table_cells(report)
     methods = [name for name, _ in rows]
@@ -191,7 +191,7 @@ def test_a_pipe_or_quiet_gets_the_markdown_table(capsys, monkeypatch):
     from types import SimpleNamespace
 
     from pipeline.cli import _final_table
-    from pipeline.soup.report import markdown_table
+    from pipeline.report.results import markdown_table
 
     report = synthetic_report(["zero_shot", "best_individual", "mmms_phase1", "mmms"], ["noise", "blur"])
     _final_table(SimpleNamespace(quiet=False), report)  # captured stdout: not a terminal

@@ -125,7 +125,7 @@ def test_an_unreachable_tracking_store_is_a_warning_after_publishing(tmp_path, c
 
 
 def test_tune_callbacks_follow_the_tracking_section(tmp_path):
-    from pipeline.finetune.tracking import TrialMLflow, TrialTensorBoard, tune_callbacks
+    from pipeline.finetune.callbacks import TrialMLflow, TrialTensorBoard, tune_callbacks
 
     todo = [{"trial": 0, "id": "ft-000", "key": "a" * 32, "hparams": {"lr": 0.1}}]
     cfg = load_config(None, [f"output_uri={tmp_path / 'out'}"])
@@ -147,7 +147,7 @@ def test_a_tune_run_reports_each_trial_to_tensorboard_and_mlflow(tmp_path, ray_l
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from pipeline.finetune.tracking import tune_callbacks
+    from pipeline.finetune.callbacks import tune_callbacks
 
     store = (tmp_path / "mlruns").as_uri()
     cfg = load_config(None, [f"output_uri={tmp_path / 'out'}", f"tracking.mlflow_uri={store}"])

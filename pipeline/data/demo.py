@@ -9,13 +9,10 @@ from typing import Callable
 import numpy as np
 
 from .. import storage
-from ..config import ConfigError, DemoDataConfig
+from ..config import DEMO_SHIFTS, DEMO_SPLITS, ConfigError, DemoDataConfig
 from .shards import encode_png, write_split
 
 DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-IN_DISTRIBUTION = {"pretrain": "pretrain", "train": "train", "val": "val", "id_test": "id_test"}
-# fixed order: a shift's random stream depends on its name, not on which shifts are asked for
-ALL_SHIFTS = ["noise", "blur", "rotate", "invert", "sketch"]
 
 
 @dataclass
@@ -120,8 +117,8 @@ SHIFTS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarray]] 
 
 def apply_shift(name: str, images: np.ndarray, upsample: int, seed: int) -> np.ndarray:
     if name not in SHIFTS:
-        raise ConfigError(f"data.demo.shifts: unknown shift {name!r}; known: {ALL_SHIFTS}")
-    rng = np.random.default_rng([seed, ALL_SHIFTS.index(name)])
+        raise ConfigError(f"data.demo.shifts: unknown shift {name!r}; known: {list(DEMO_SHIFTS)}")
+    rng = np.random.default_rng([seed, DEMO_SHIFTS.index(name)])
     return np.clip(SHIFTS[name](images, upsample, rng), 0.0, 1.0)
 
 
@@ -139,7 +136,7 @@ def build_demo_splits(cfg: DemoDataConfig) -> dict[str, DemoSplit]:
     sizes = split_sizes(cfg, len(labels), len(DIGIT_CLASSES))
     rows = stratified_split(labels, sizes, cfg.seed)
     out = {name: DemoSplit(name, role, to_png(images[rows[name]]), labels[rows[name]].tolist())
-           for name, role in IN_DISTRIBUTION.items()}
+           for name, role in DEMO_SPLITS.items()}
     test_images, test_labels = images[rows["id_test"]], labels[rows["id_test"]].tolist()
     for shift in cfg.shifts:
         shifted = apply_shift(shift, test_images, cfg.upsample, cfg.seed)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..config import ROLES
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 FORMAT = "frankensoup-shards-v1"
 MARKER = "dataset.json"
 METADATA_KEY = b"frankensoup"
-ROLES = ("pretrain", "train", "val", "id_test", "ood")
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32())])
 
 

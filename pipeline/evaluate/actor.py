@@ -19,8 +19,9 @@ from ..data.shards import decode_image, read_split
 from ..ingredients import Ingredient, RunModel, read_registry, usable, verify
 from ..raycluster import placement
 from ..model import components, image_transform, load_classifier
-from .mixture import MixtureEvaluator, Score, ShardCount, Threshold, ValImages
-from .scoring import scoring_tensors, split_scoring
+from ..mixture import Score, ShardCount, Threshold
+from .evaluator import MixtureEvaluator, ValImages
+from ..scoring import scoring_tensors, split_scoring
 
 
 def chosen_ingredients(cfg: Config, ingredient_ids: Sequence[str] | None) -> list[Ingredient]:
@@ -179,6 +180,21 @@ def _evaluator_metrics():
         return None
 
 
+# the probe images: the first val images, whole batches (pipeline/soup/probe.py compares the
+# evaluators' predictions on them)
+PROBE_IMAGES = 512
+
+
+def probe_predictions(evaluator, betas, n_images: int = PROBE_IMAGES) -> bytes:
+    """A MixtureEvaluator's predicted class per probe image (the first ``n_images`` val images,
+    whole batches, as scoring runs them) for each mixture, as int64 bytes: what the evaluator's
+    accuracy counts, before comparing with labels."""
+    n = min(n_images, evaluator.n_images)
+    out = [evaluator.predictions(evaluator._checked(np.asarray(beta, dtype=np.float64), index), 0, n)
+           for index, beta in enumerate(betas)]
+    return torch.cat(out).to(torch.int64).numpy().tobytes()
+
+
 class EvaluatorHost:
     """What a MixtureEvaluatorActor holds: one MixtureEvaluator, built once from URIs."""
 
@@ -203,8 +219,6 @@ class EvaluatorHost:
 
     def probe(self, betas: Sequence) -> bytes:
         """Predictions on the probe images for the probe mixtures (pipeline/soup/probe.py)."""
-        from ..soup.probe import probe_predictions
-
         return probe_predictions(self.evaluator, list(betas))
 
     def score_shard(self, beta, start: int, stop: int, allowed: int | None = None) -> ShardCount:

@@ -15,10 +15,11 @@ from ..console import Progress
 from ..config import Config
 from ..errors import UserError
 from ..ingredients import Ingredient, IngredientError, RunModel, read_registry, usable, verify
-from ..inputs import ZERO_SHOT, zero_shot_record
+from ..prepared import ZERO_SHOT, zero_shot_record
 from ..keys import digest
 from ..raycluster import init_ray
-from .scores import ScoreMemo, score_keys, score_with_memo
+from ..scores import ScoreMemo, score_keys, splits_to_score
+from .stream import score_with_memo
 
 Log = Callable[[str], None]
 
@@ -50,13 +51,6 @@ def verify_checkpoints(cfg: Config, models: dict[str, Ingredient], names) -> Non
             verify(models[name], storage.read_bytes(models[name].checkpoint_uri), run)
         except IngredientError as e:
             raise EvaluateInputError(str(e)) from None
-
-
-def splits_to_score(cfg: Config) -> dict:
-    """val, id_test, then the ood splits in config order."""
-    val = layout.split_of_role(cfg, "val")
-    id_test = layout.split_of_role(cfg, "id_test")
-    return dict([val, id_test, *layout.ood_splits(cfg).items()])
 
 
 def result_rows(scores: dict[str, dict[str, dict]], splits: dict) -> list[dict]:

@@ -13,11 +13,12 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .. import storage
-from ..config import Resources, SplitConfig
+from ..config import Config, Resources, SplitConfig
 from ..data.shards import DataError, split_info
 from ..errors import UserError
 from ..model.weights import CheckpointError, decode_metadata
-from .scoring import Scoring, predictions, scoring_tensors, split_scoring
+from ..scores import ScoreMemo, ensemble_sha, score_keys
+from ..scoring import Scoring, predictions, scoring_tensors, split_scoring
 
 # the few metadata keys every scored model must agree on
 SHARED_METADATA = ("preprocess", "class_names")
@@ -342,3 +343,54 @@ def score_models(checkpoint_uris: Mapping[str, str], split: SplitConfig, *, batc
     return score_splits(checkpoint_uris, {name: split}, batch_size=batch_size, num_actors=num_actors,
                         resources=resources, class_names=class_names, threads=threads,
                         autocast_bf16=autocast_bf16, progress=progress)[name]
+
+
+# ---- scoring what the score memo lacks ----------------------------------------------------
+
+def score_with_memo(cfg: Config, memo: ScoreMemo, models: Mapping[str, tuple[str, str]],
+                    splits: Mapping[str, SplitConfig], class_names: list[str],
+                    progress: Callable[[int, int], None] | None = None,
+                    key: Mapping[tuple[str, str], str] | None = None,
+                    ensembles: Mapping[str, list[str]] | None = None,
+                    per_image: bool = False) -> tuple[dict, int, int]:
+    """({split: {model: entry}}, reused, computed) for every model (name -> (uri, sha256)) and
+    output ensemble (name -> member names in ``models``) on every split. A model's uri may be a
+    callable that writes its checkpoint and returns the uri: it is called only if the model has
+    something left to score. Only (model, split)
+    pairs not in the memo are scored, in one streaming pass per group of splits that miss the
+    same models (a new ood set: every model on that set; a new ingredient: that model on every
+    set). ``key``: their score keys, if the caller has them. ``per_image``: entries carry
+    per-image outcomes (``correct_bits``); a memo entry without them is scored again."""
+    ev = cfg.evaluate
+    ensembles = dict(ensembles or {})
+    shas = {m: sha for m, (_, sha) in models.items()}
+    shas.update({e: ensemble_sha([models[m][1] for m in ms]) for e, ms in ensembles.items()})
+    key = key or score_keys(cfg, shas, splits)
+
+    def known(k: str) -> bool:
+        return k in memo and (not per_image or "correct_bits" in memo[k])
+
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for s in splits:
+        # one model per checkpoint content: two names for the same weights are scored once
+        missing: dict[str, str] = {}
+        for m in shas:
+            if not known(key[m, s]):
+                missing.setdefault(key[m, s], m)
+        missing = tuple(missing.values())
+        if missing:
+            groups.setdefault(missing, []).append(s)
+    computed = sum(len(ms) * len(ss) for ms, ss in groups.items())
+    for names, split_names in groups.items():
+        wanted = [n for n in names if n not in ensembles]
+        wanted += [m for e in names if e in ensembles for m in ensembles[e] if m not in wanted]
+        uris = {m: models[m][0]() if callable(models[m][0]) else models[m][0] for m in wanted}
+        scores = score_splits(uris, {s: splits[s] for s in split_names},
+                              batch_size=ev.batch_size, num_actors=ev.num_actors, resources=ev.resources,
+                              class_names=class_names, threads=ev.threads,
+                              # the mixture evaluator's precision, so one-hot scores in the soup equal these
+                              autocast_bf16=ev.ingredient_dtype == "bfloat16", progress=progress,
+                              ensembles={e: ensembles[e] for e in names if e in ensembles}, per_image=per_image)
+        memo.update({key[m, s]: scores[s][m] for m in scores[split_names[0]] for s in split_names})
+    out = {s: {m: memo[key[m, s]] for m in shas} for s in splits}
+    return out, len(set(key.values())) - computed, computed

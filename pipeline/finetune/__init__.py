@@ -2,7 +2,7 @@
 the ingredient registry (`pipeline.ingredients`), or imported checkpoints
 (`registry.import_ingredients`). `trainable.run_trial` is the plain training loop."""
 from ..ingredients import RegistryError, read_registry, usable, write_registry
-from .registry import import_ingredients
+from .import_ingredients import import_ingredients
 
 __all__ = ["RegistryError", "import_ingredients", "read_registry", "usable", "write_registry",
            "run_finetune"]

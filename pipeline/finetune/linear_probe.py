@@ -29,7 +29,7 @@ def probe_settings(cfg: Config) -> dict:
 def probe_key(cfg: Config) -> str:
     """The probe's content key: the train split's content, the zero-shot classifier it starts
     from (base image tower, classes, zero-shot head) and the settings that change it."""
-    from ..inputs import zero_shot_record
+    from ..prepared import zero_shot_record
 
     _, train = layout.split_of_role(cfg, "train")
     return digest({"train": shards.split_content(train.uri), "start": zero_shot_record(cfg)["sha256"],

@@ -19,7 +19,7 @@ from ..ingredients import RunModel, read_registry, registry_key, usable
 from ..keys import digest, result_settings
 from ..metrics import current_run
 from ..raycluster import PLACEMENT_FIELDS
-from . import registry as registry_lib
+from .import_ingredients import begin_publish, finish_publish
 from .trainable import MODEL_FILE, resolved_loader, train_ingredient
 
 
@@ -36,7 +36,7 @@ def start_uri(cfg: Config) -> str:
 
 def start_sha256(cfg: Config) -> str | None:
     """The start classifier's sha256 (None: a linear probe not trained yet for the current inputs)."""
-    from ..inputs import zero_shot_record
+    from ..prepared import zero_shot_record
     from .linear_probe import current_record
 
     zero_shot = zero_shot_record(cfg)["sha256"]  # fails, naming prepare, when there is no zero-shot head
@@ -234,7 +234,7 @@ def build_tuner(cfg: Config, todo: list[dict], force: bool = False, log=print):
     the trial index, so Tune's tables show one column."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from .tracking import tune_callbacks
+    from .callbacks import tune_callbacks
 
     ft = cfg.finetune
     hparams = {t["trial"]: t["hparams"] for t in todo}
@@ -363,7 +363,7 @@ def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
         init_ray(cfg)
         log(f"finetune: training {len(todo)} of {len(plan)} trials "
             f"({', '.join(t['id'] for t in todo[:8])}{' ...' if len(todo) > 8 else ''})")
-        registry_lib.begin_publish(cfg)
+        begin_publish(cfg)
         results = build_tuner(cfg, todo, force=force, log=log).fit()
         check_complete(results)
         trained = trained_rows(cfg, results, todo)
@@ -371,7 +371,7 @@ def run_finetune(cfg: Config, force: bool = False, log=print) -> dict:
     if not rows:
         raise FinetuneError("no ingredients: finetune.num_trials is 0 and none were imported "
                             "(`frankensoup import-ingredients`)")
-    registry = registry_lib.finish_publish(cfg, rows, run.model_name, run.class_names)
+    registry = finish_publish(cfg, rows, run.model_name, run.class_names)
     seconds = round(time.time() - t0, 1)
     log(f"finetune: {len(kept)} reused, {len(trained)} trained"
         + (f", {len(imported)} imported kept" if imported else "") + f" ({seconds}s)")

@@ -26,7 +26,7 @@ from ..raycluster import placement
 from ..data import shards
 from ..model import image_transform, load_classifier, save_classifier
 from ..model.weights import load_state_strict
-from .stream import MemoryTrain, StreamTrain, memory_bytes
+from .train_set import MemoryTrain, StreamTrain, memory_bytes
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"

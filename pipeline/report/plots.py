@@ -10,16 +10,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..soup.methods import REGISTRY  # noqa: E402
+from .. import methodspec  # noqa: E402
 
 ZERO_SHOT_STYLE = ("s", "tab:gray")
 
 
 def method_style(name: str) -> tuple[str, str]:
-    """(marker, colour) of a report row: each soup method says its own (soup/methods)."""
+    """(marker, colour) of a report row: each soup method says its own (declared in methodspec)."""
     if name == "zero_shot":
         return ZERO_SHOT_STYLE
-    return REGISTRY[name].marker if name in REGISTRY else ("o", "black")
+    spec = methodspec.load().get(name)
+    return spec.marker if spec is not None else ("o", "black")
 
 
 def _png(fig) -> bytes:

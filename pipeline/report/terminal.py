@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TextIO
 
-from ..soup.report import table_cells
+from .results import table_cells
 
 MARK = " ≈"
 NO_MARK = "  "  # keeps the numbers of a column aligned whether or not a row is marked

@@ -6,18 +6,18 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..evaluate.mixture import Threshold
-from . import mixture
+from ..mixture import Threshold, check_accuracies
+from . import mixing
 from .mmms import sorted_best_first
 
 
 def best_individual(val_accs: Sequence[float], C: int) -> np.ndarray:
     """The ingredient with the best val accuracy (ties: the lower index), alone."""
-    return mixture.one_hot(len(val_accs), C, sorted_best_first(val_accs)[0])
+    return mixing.one_hot(len(val_accs), C, sorted_best_first(val_accs)[0])
 
 
 def uniform_soup(K: int, C: int) -> np.ndarray:
-    return mixture.uniform(K, C)
+    return mixing.uniform(K, C)
 
 
 def greedy_soup(val_accs: Sequence[float], C: int,
@@ -30,19 +30,19 @@ def greedy_soup(val_accs: Sequence[float], C: int,
     order = sorted_best_first(val_accs)
     K = len(order)
     chosen = [order[0]]
-    best = mixture.check_accuracies(evaluate([mixture.one_hot(K, C, order[0])]), 1)[0]
+    best = check_accuracies(evaluate([mixing.one_hot(K, C, order[0])]), 1)[0]
     trace = [(1, best)]
     score = getattr(evaluate, "score", None)
     for n, j in enumerate(order[1:], start=2):
-        beta = mixture.subset(K, C, chosen + [j])
+        beta = mixing.subset(K, C, chosen + [j])
         test = Threshold(best, strict=True)
         if score is not None:
             (result,) = score([beta], [test])
             acc = result.accuracy
         else:
-            acc = mixture.check_accuracies(evaluate([beta]), 1)[0]
+            acc = check_accuracies(evaluate([beta]), 1)[0]
         if acc is not None and test.passes(acc):
             chosen.append(j)
             best = acc
         trace.append((n, best))
-    return mixture.subset(K, C, chosen), trace
+    return mixing.subset(K, C, chosen), trace

@@ -12,16 +12,15 @@ docs/algorithm.md, "Speculative phase 1"."""
 from __future__ import annotations
 
 import itertools
-import random
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Union
 
 import numpy as np
 
-from ..evaluate.mixture import Score, Threshold
-from . import mixture
+from .. import mixture
+from ..mixture import AsyncEvaluator, Evaluate, Score, Threshold
 
 
 @dataclass
@@ -37,26 +36,6 @@ Coroutine = Generator[Request, list[Score], object]
 
 
 # ---- evaluators ----------------------------------------------------------------------------
-
-class Evaluate(Protocol):
-    """The plain evaluator: the val accuracy of each mixture, in order, in one call (a batch)."""
-
-    def __call__(self, betas: Sequence[np.ndarray]) -> list[float]: ...
-
-
-class AsyncEvaluator(Protocol):
-    """An evaluator of E workers: ``submit`` a mixture (maybe with the threshold it must pass) for
-    a ticket, ``wait`` for some answers. The Ray pool (pool.py) and the simulator below are two."""
-
-    parallel: bool
-    size: int
-
-    def free(self) -> int: ...
-
-    def submit(self, beta: np.ndarray, threshold: Threshold | None = None) -> int: ...
-
-    def wait(self) -> list[tuple[int, Score]]: ...
-
 
 # what every search accepts: dispatcher_of() makes a Dispatcher of any of them
 Evaluator = Union[Evaluate, AsyncEvaluator, "Dispatcher"]
@@ -100,75 +79,6 @@ class SyncEvaluator:
             each = (time.perf_counter() - t0) / len(betas)
             scores = [Score(a, None, each) for a in accs]
         return [(ticket, s) for (ticket, _, _), s in zip(queued, scores)]
-
-
-class SimulatedEvaluator:
-    """A deterministic stand-in for a pool of E evaluators (tests): accuracy = ``accuracy(beta)``
-    read as correct / ``n_images``; answers come back in a seeded random order, a few at a time;
-    ``lose_after`` evaluations in, one evaluator is lost and its evaluation re-queued, as the
-    Ray pool does. Threshold tests stop early as the real evaluator would (misses spread evenly)."""
-
-    parallel = True
-
-    def __init__(self, accuracy: Callable[[np.ndarray], float], n_evaluators: int, *, seed: int = 0,
-                 n_images: int = 1000, lose_after: int | None = None):
-        self.accuracy, self.size, self.n_images = accuracy, n_evaluators, n_images
-        self.rng = random.Random(seed)
-        self.lose_after = lose_after
-        self.alive = n_evaluators
-        self._queue: list[tuple[int, np.ndarray, Threshold | None]] = []
-        self._running: list[tuple[int, np.ndarray, Threshold | None]] = []
-        self._tickets = itertools.count()
-        self.completed = 0
-        self.max_running = 0
-
-    def free(self) -> int:
-        return self.alive - len(self._running) - len(self._queue)
-
-    def submit(self, beta, threshold=None, priority: int = 0) -> int:
-        ticket = next(self._tickets)
-        self._queue.append((ticket, np.array(beta), threshold))
-        self._start()
-        return ticket
-
-    def _start(self) -> None:
-        while self._queue and len(self._running) < self.alive:
-            self._running.append(self._queue.pop(0))
-        self.max_running = max(self.max_running, len(self._running))
-
-    def score(self, beta, threshold) -> Score:
-        return simulated_score(self.accuracy(beta), self.n_images, threshold)
-
-    def wait(self) -> list[tuple[int, Score]]:
-        if not self._running:
-            raise RuntimeError("wait() with nothing submitted")
-        if self.lose_after is not None and self.completed >= self.lose_after and self.alive > 1:
-            self.lose_after = None
-            self.alive -= 1
-            lost = self._running.pop(self.rng.randrange(len(self._running)))
-            self._queue.insert(0, lost)  # its evaluation goes to another evaluator
-            self._start()
-        self.rng.shuffle(self._running)
-        n = self.rng.randint(1, len(self._running))
-        done, self._running = self._running[:n], self._running[n:]
-        self.completed += len(done)
-        self._start()
-        return [(ticket, self.score(beta, threshold)) for ticket, beta, threshold in done]
-
-
-def simulated_score(accuracy: float, n_images: int, threshold: Threshold | None) -> Score:
-    """The Score a chunked evaluator gives for an accuracy of correct / n_images (misses spread
-    evenly over the images): below the threshold after the images that make it unreachable."""
-    correct = round(accuracy * n_images)
-    if threshold is None:
-        return Score(correct / n_images, n_images)
-    needed = threshold.needed(n_images)
-    if correct >= needed:
-        return Score(correct / n_images, n_images)
-    misses_allowed = n_images - needed  # stop at the first miss beyond these
-    misses = n_images - correct
-    images = n_images if misses == 0 else min(n_images, int(np.ceil((misses_allowed + 1) * n_images / misses)))
-    return Score(None, images)
 
 
 # ---- tasks and the dispatcher ---------------------------------------------------------------

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from .. import layout, storage
-from ..evaluate.scores import ScoreMemo, score_with_memo
+from ..evaluate.stream import score_with_memo
 from ..config import Config
+from ..scores import ScoreMemo
 from ..model import classifier as clf_lib
 from ..model import weights
-from . import mixture
+from . import mixing
 from .inputs import Ingredient, SoupInputs, load_state
 
 
@@ -21,7 +22,7 @@ def fuse_methods(betas: dict[str, np.ndarray], ingredients: Sequence[Ingredient]
     """Each method's fused classifier state dict, with the core's reference fusion, in one pass
     that loads each ingredient a method uses once and holds one at a time."""
     used = sorted({int(j) for b in betas.values() for j in np.flatnonzero(b.any(axis=1))})
-    return mixture.fuse_many(((j, load_state(ingredients[j].uri)) for j in used), betas, components)
+    return mixing.fuse_many(((j, load_state(ingredients[j].uri)) for j in used), betas, components)
 
 
 def score_fused(cfg: Config, inputs: SoupInputs, states: Mapping[str, dict], scratch_uri: str,
@@ -105,7 +106,7 @@ class ModelServices:
              components=None) -> dict[str, torch.Tensor]:
         """``sum_j beta[j, c] * states[j]`` per component (the soup's, or ``components``): the
         reference fusion of any models."""
-        return mixture.fuse(states, beta, self.inputs.components if components is None else components)
+        return mixing.fuse(states, beta, self.inputs.components if components is None else components)
 
     @property
     def n_components(self) -> int:

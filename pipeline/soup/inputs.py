@@ -11,13 +11,12 @@ import torch
 
 from .. import layout, storage
 from ..data.shards import split_content
-from ..evaluate.scores import ScoreMemo, score_keys
-from ..evaluate.stage import splits_to_score
-from ..inputs import ZERO_SHOT, load_zero_shot, zero_shot_record
+from ..prepared import ZERO_SHOT, load_zero_shot, zero_shot_record
 from ..config import Config
 from ..errors import UserError
 from ..ingredients import Ingredient, IngredientError, RunModel, read_registry, usable, verify
 from ..keys import digest, result_settings
+from ..scores import ScoreMemo, score_keys, splits_to_score
 from ..model import weights
 from ..model.components import components as model_components
 from .methods import method_keys
@@ -102,9 +101,9 @@ def load_inputs(cfg: Config) -> SoupInputs:
 # ---- keys: the search memo's context and the soup's own key ---------------------------------
 
 def split_names(cfg: Config) -> tuple[str, str, list[str]]:
-    val, _ = layout.split_of_role(cfg, "val")
-    id_test, _ = layout.split_of_role(cfg, "id_test")
-    return val, id_test, list(layout.ood_splits(cfg))
+    """(val, id_test, [ood, ...]): the names of ``scores.splits_to_score``, in its order."""
+    val, id_test, *ood = splits_to_score(cfg)
+    return val, id_test, ood
 
 
 def memo_context(cfg: Config, components, val_name: str, probe: str | None = None) -> dict:

@@ -18,9 +18,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import storage
-from ..evaluate.mixture import Threshold
 from ..keys import digest
-from .mixture import check_accuracies, validate
+from ..mixture import Threshold, check_accuracies, validate
 
 PART = re.compile(r"^part-(\d{6})\.jsonl$")
 

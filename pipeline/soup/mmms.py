@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import OPTIMIZERS, SoupConfig
-from ..evaluate.mixture import Threshold
-from . import mixture
+from ..mixture import Threshold, validate
+from . import mixing
 from .dispatch import Dispatcher, Evaluator, Request, Task, dispatcher_of
 
 # nevergrad tells CMA the bounded point, not its raw sample, and pycma then reports every bounced
@@ -235,7 +235,7 @@ class Soup:
     lambdas: tuple[np.ndarray, ...] = ()
 
     def joined(self, j: int, lam: np.ndarray, acc: float) -> "Soup":
-        return Soup(mixture.pairwise(self.A, lam, j), acc, self.chosen + (j,), self.lambdas + (lam,))
+        return Soup(mixing.pairwise(self.A, lam, j), acc, self.chosen + (j,), self.lambdas + (lam,))
 
 
 def mix_in(soup: Soup, j: int, cfg: SoupConfig):
@@ -249,7 +249,7 @@ def mix_in(soup: Soup, j: int, cfg: SoupConfig):
     x0, lower, upper = first_pass_bounds(len(soup.chosen), C, cfg.bounds_delta)
 
     def beta_of(lam):
-        return mixture.pairwise(A, lam, j)
+        return mixing.pairwise(A, lam, j)
 
     # the sequential test is `acc0 < tau * accA: skip`; the evaluator may stop early on it
     threshold = Threshold(cfg.tau * accA)
@@ -371,7 +371,7 @@ def phase1(val_accs: Sequence[float], n_components: int, evaluate: Evaluator, cf
     dispatcher = dispatcher_of(evaluate)
     cost0, t0 = dispatcher.cost.copy(), time.perf_counter()
     report = _Reporter(1, phase1_budget(K, C, cfg), progress, dispatcher)
-    A = mixture.one_hot(K, C, order[0])
+    A = mixing.one_hot(K, C, order[0])
     first = Task(_evaluate_one(A, "start"), order[0])
     report.expected = 1 + expected_evaluations([], K - 1, C, cfg)
     dispatcher.run(first, on_batch=lambda t: report.flush(t, order[0]))
@@ -418,7 +418,7 @@ def phase1(val_accs: Sequence[float], n_components: int, evaluate: Evaluator, cf
     for p in plan:
         dispatcher.drop(p.task)
     dispatcher.drain()  # dropped speculation still running: its evaluations are memoised
-    beta = mixture.lambdas_to_beta(list(soup.lambdas), list(soup.chosen), K, n_components=C)
+    beta = mixing.lambdas_to_beta(list(soup.lambdas), list(soup.chosen), K, n_components=C)
     cost = dispatcher.cost.since(cost0).report(time.perf_counter() - t0, dispatcher.size)
     return Phase1Result(beta, soup.accA, list(soup.chosen), list(soup.lambdas), report.n_evals, report.trace,
                         decisions, cost)
@@ -441,7 +441,7 @@ def phase2(beta: np.ndarray, evaluate: Evaluator, cfg: SoupConfig, progress: Pro
     beta'[j, c] = mu[j, c] beta[j, c] / P_c, mu in cfg.phase2.bounds, start 1. The caller keeps
     the result only if it beats phase 1 on val (and runs it only if cfg.phase2.enabled).
     One search: its W asks per round are spread over the evaluators, nothing is speculated."""
-    beta = mixture.validate(beta)
+    beta = validate(beta)
     rows = np.flatnonzero(beta.any(axis=1))  # the chosen ingredients; other rows stay 0
     K, C = beta.shape
     budget = len(rows) * C * cfg.phase2.evals_per_dim
@@ -455,7 +455,7 @@ def phase2(beta: np.ndarray, evaluate: Evaluator, cfg: SoupConfig, progress: Pro
         return mu
 
     def beta_of(mu_rows):
-        return mixture.mu_to_beta(beta, full_mu(mu_rows))
+        return mixing.mu_to_beta(beta, full_mu(mu_rows))
 
     def cost() -> dict:
         return dispatcher.cost.since(cost0).report(time.perf_counter() - t0, dispatcher.size)

@@ -7,7 +7,7 @@ E and the order in which actors finish never change a result: every actor mixes 
 ingredients with a pinned torch thread count, and answers are placed by their index in the
 list. On the asynchronous side one evaluation is cut into S shard tasks of whole val batches
 (``soup.val_shards``), each run by whichever actor is idle; their integer counts are summed
-(``evaluate.mixture.combine``), so S and E never change a prediction either. Queued shard
+(``mixture.combine``), so S and E never change a prediction either. Queued shard
 tasks run in priority order (the dispatcher gives the sequential search's next evaluation the
 lowest number), a shard of a lost actor reruns on another, and once one shard settles a
 threshold test below, the evaluation's other shards are dropped. The number of candidates
@@ -27,7 +27,7 @@ import numpy as np
 from ..config import Config
 from ..metrics import RUN_ENV, current_run
 from ..errors import UserError
-from ..evaluate.mixture import ShardCount, Threshold, combine, misses_allowed, shard_bounds
+from ..mixture import ShardCount, Threshold, combine, misses_allowed, shard_bounds
 
 # how long to wait for the first evaluator to start (an autoscaling cluster adds a node first)
 START_TIMEOUT_S = 900.0

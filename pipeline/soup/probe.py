@@ -2,7 +2,7 @@
 for a mixture; on mixed hardware (two GPU models, a CPU beside GPUs, another dtype) that can
 fail silently, and the memo would keep whichever answer came first. So each evaluator, as it
 joins the pool, scores the same probe mixtures (a one-hot and a mixed one) on the same probe
-images (the first PROBE_IMAGES val images), and its per-image predictions must equal the first
+images (evaluate/actor.PROBE_IMAGES val images), and its per-image predictions must equal the first
 evaluator's bit for bit; otherwise the soup stops in one line naming the nodes and devices.
 The predictions' fingerprint goes into the search memo's context, so a memo made on hardware
 that predicts differently is not reused."""
@@ -13,8 +13,6 @@ import hashlib
 import numpy as np
 
 from ..errors import UserError
-
-PROBE_IMAGES = 512
 
 
 class EvaluatorsDisagree(UserError, RuntimeError):
@@ -34,18 +32,6 @@ def probe_mixtures(n_ingredients: int, n_components: int) -> list[np.ndarray]:
     mixed[0] = (np.arange(n_components) + 1.0) / (n_components + 1.0)
     mixed[1] = 1.0 - mixed[0]
     return [one_hot, mixed]
-
-
-def probe_predictions(evaluator, betas, n_images: int = PROBE_IMAGES) -> bytes:
-    """A MixtureEvaluator's predicted class per probe image (the first ``n_images`` val images,
-    whole batches, as scoring runs them) for each mixture, as int64 bytes: what the evaluator's
-    accuracy counts, before comparing with labels."""
-    import torch
-
-    n = min(n_images, evaluator.n_images)
-    out = [evaluator.predictions(evaluator._checked(np.asarray(beta, dtype=np.float64), index), 0, n)
-           for index, beta in enumerate(betas)]
-    return torch.cat(out).to(torch.int64).numpy().tobytes()
 
 
 def _where(info: dict) -> str:

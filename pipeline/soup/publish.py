@@ -102,7 +102,7 @@ def front_matter(report: Mapping) -> str:
 
 def model_card(report: Mapping, preprocess: Mapping, class_names: list[str]) -> str:
     """``fused/README.md``: what the model is, how it was made, its results, how to load it."""
-    from .report import markdown_table
+    from ..report.results import markdown_table
 
     cfg, soup = report["config"], report["config"]["soup"]
     name = report.get("published", "mmms")
@@ -190,9 +190,9 @@ def model_card(report: Mapping, preprocess: Mapping, class_names: list[str]) -> 
 
 
 def method_summary(name: str) -> str:
-    from .methods import REGISTRY
+    from .methods import SOUP_METHODS
 
-    return REGISTRY[name].summary if name in REGISTRY else "a soup method"
+    return SOUP_METHODS[name].summary if name in SOUP_METHODS else "a soup method"
 
 
 def how_it_was_made(report: Mapping, name: str, published: Mapping, soup: Mapping, components: list) -> list[str]:

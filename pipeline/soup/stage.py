@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable, Sequence
 
 from .. import layout, storage, tracking
-from ..inputs import ZERO_SHOT, load_base_clip
+from ..prepared import ZERO_SHOT, load_base_clip
 from ..metrics import current_run
 from ..raycluster import PLACEMENT_FIELDS, init_ray
 from ..config import Config, redacted
 from . import publish as pub
-from . import report as rep
+from ..report import results as rep
 from .dispatch import Dispatcher
 from .fusing import ModelServices, fuse_methods, score_fused
 from .inputs import SoupInputs, load_inputs, memo_context, soup_key, split_names

@@ -1,5 +1,5 @@
-"""The soup-method interface and its registry. Every way of making one classifier from the
-ingredients is a ``SoupMethod``: a name, the settings it reads, an upper bound on its val
+"""The soup-method interface and SOUP_METHODS (every registered method by name). Every way of
+making one classifier from the ingredients is a ``SoupMethod``: a name, the settings it reads, an upper bound on its val
 evaluations, and ``run(context) -> MethodResult``. Registering it is all it takes: the soup
 stage runs every registered method in registration order, and the report, the plots and the
 dry run list them from here. A method's model is a mixture (``beta``, ingredients x components)
@@ -114,32 +114,33 @@ class SoupMethod:
         raise NotImplementedError
 
 
-REGISTRY: dict[str, SoupMethod] = {}
+SOUP_METHODS: dict[str, SoupMethod] = {}
 
 
 def register(cls: type[SoupMethod]) -> type[SoupMethod]:
-    """Add a method to the registry (class decorator)."""
+    """Add a method to SOUP_METHODS (class decorator)."""
     name = getattr(cls, "name", None)
     if not name or name == "zero_shot":
         raise MethodError(f"{cls.__name__} needs a name other than 'zero_shot'")
-    if name in REGISTRY and type(REGISTRY[name]) is not cls:
-        raise MethodError(f"soup method {name!r} is registered twice ({type(REGISTRY[name]).__name__}, {cls.__name__})")
-    missing = [n for n in cls.needs if n not in REGISTRY]
+    if name in SOUP_METHODS and type(SOUP_METHODS[name]) is not cls:
+        raise MethodError(f"soup method {name!r} is registered twice ({type(SOUP_METHODS[name]).__name__}, {cls.__name__})")
+    missing = [n for n in cls.needs if n not in SOUP_METHODS]
     if missing:
         raise MethodError(f"soup method {name!r} needs {missing}, which are not registered before it")
-    later = [n for n in cls.needs if REGISTRY[n].needs_models and not cls.needs_models]
+    later = [n for n in cls.needs if SOUP_METHODS[n].needs_models and not cls.needs_models]
     if later:
         raise MethodError(f"soup method {name!r} searches with the mixture evaluator, which is done before "
                           f"{later} run: it cannot need them")
     if "enabled" not in cls.Settings.model_fields or not issubclass(cls.Settings, MethodSettings):
         raise MethodError(f"soup method {name!r}: its Settings must subclass pipeline.methodspec.MethodSettings")
-    methodspec.declare(MethodSpec(name, cls.Settings, int(cls.version), tuple(cls.needs), bool(cls.one_model)))
-    REGISTRY[name] = cls()
+    methodspec.declare(MethodSpec(name, cls.Settings, int(cls.version), tuple(cls.needs), bool(cls.one_model),
+                                  str(cls.summary), tuple(cls.marker)))
+    SOUP_METHODS[name] = cls()
     return cls
 
 
 def unregister(name: str) -> None:
-    REGISTRY.pop(name, None)
+    SOUP_METHODS.pop(name, None)
     methodspec.withdraw(name)
 
 
@@ -147,7 +148,7 @@ def methods() -> list[SoupMethod]:
     """Every registered method, built-in and installed plugins, in registration order (the
     report's row order)."""
     methodspec.load()
-    return list(REGISTRY.values())
+    return list(SOUP_METHODS.values())
 
 
 def enabled_methods(soup: SoupConfig) -> list[SoupMethod]:

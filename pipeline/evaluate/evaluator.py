@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import beta as beta_lib
 from ..errors import UserError
-from .scoring import EvaluatorInputError, predictions, scoring_mask
+from ..mixture import (EvaluatorInputError, Score, ShardCount, Threshold, component_tensors, misses_allowed,
+                       shard_bounds, tensor_owners, validate)
+from ..scoring import predictions, scoring_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # elements of the float32 scratch block fusion multiplies into (16 MiB): preallocated once,
@@ -60,11 +61,6 @@ def mixable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _component_tensors(comp) -> tuple[str, ...]:
-    # components.Component may list floating buffers to mix alongside its parameters
-    return tuple(comp.params) + tuple(getattr(comp, "buffers", ()))
-
-
 def flat_layout(model: torch.nn.Module, components: Sequence) -> FlatLayout:
     """Lay the mixed tensors out by component: every parameter in exactly one component, floating
     buffers where a component lists them (the others stay the model's own)."""
@@ -72,18 +68,13 @@ def flat_layout(model: torch.nn.Module, components: Sequence) -> FlatLayout:
     params = {n for n, _ in model.named_parameters()}
     if not params:
         raise EvaluatorInputError("the model has no parameters to mix")
-    owner: dict[str, str] = {}
+    owner = tensor_owners(components, tensors, unknown="which is not a parameter or floating buffer of the model",
+                          error=EvaluatorInputError)
     names, shapes, offsets, slices = [], [], [], []
     offset = 0
     for comp in components:
         start = offset
-        for name in _component_tensors(comp):
-            if name not in tensors:
-                raise EvaluatorInputError(f"component {comp.name!r} names {name!r}, which is not a parameter "
-                                          "or floating buffer of the model")
-            if name in owner:
-                raise EvaluatorInputError(f"tensor {name!r} is in components {owner[name]!r} and {comp.name!r}")
-            owner[name] = comp.name
+        for name in component_tensors(comp):
             names.append(name)
             shapes.append(tensors[name].shape)
             offsets.append(offset)
@@ -317,7 +308,7 @@ def fuse_into(flat: Views, row: Callable[[int], Views], beta: np.ndarray, scratc
     """Write the mixture ``beta`` ([K, C]) into the flat buffer:
     flat[slice_c] = sum over j with beta[j, c] != 0, in row order, of beta[j, c] * W[j, slice_c],
     each term and the running sum in float32 (the very arithmetic of
-    ``pipeline.soup.mixture.fuse_many``). Rows are visited one at a time (``row(j)`` may load
+    ``pipeline.soup.mixing.fuse_many``). Rows are visited one at a time (``row(j)`` may load
     it), each used for every component it weights, so a component's terms still come in row
     order; rows a mixture does not use are never read, so the fused weights depend only on the
     rows it mixes. A one-hot mixture gives its row bit for bit. Terms past a component's first
@@ -350,31 +341,6 @@ def fuse_into(flat: Views, row: Callable[[int], Views], beta: np.ndarray, scratc
                         tmp.copy_(w)
                         tmp.mul_(coef)
                     out.add_(tmp)
-
-
-# ---- val shards -----------------------------------------------------------------------------
-
-def shard_bounds(n_images: int, batch_size: int, n_shards: int) -> list[tuple[int, int]]:
-    """Val cut into ``n_shards`` contiguous shards of whole batches (fewer when there are fewer
-    batches): [start, stop) image ranges. Batch b is always images [b * batch_size, ...), so
-    the batches, and so every per-image prediction, are the same for any number of shards."""
-    if n_images < 1 or batch_size < 1 or n_shards < 1:
-        raise EvaluatorInputError(f"shards need n_images, batch_size and n_shards >= 1, "
-                                  f"got {n_images}, {batch_size}, {n_shards}")
-    n_batches = -(-n_images // batch_size)
-    s = min(n_shards, n_batches)
-    cuts = [i * n_batches // s * batch_size for i in range(s)] + [n_images]
-    return [(min(a, n_images), min(b, n_images)) for a, b in zip(cuts, cuts[1:])]
-
-
-@dataclass(frozen=True)
-class ShardCount:
-    """One shard of one evaluation: ``correct`` of ``images`` scored; ``stopped`` when its misses
-    alone exceeded the misses the threshold allows (the whole evaluation then fails it)."""
-    correct: int
-    images: int
-    stopped: bool = False
-    seconds: float = 0.0
 
 
 # ---- scoring --------------------------------------------------------------------------------
@@ -416,68 +382,6 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-# ---- threshold tests ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Threshold:
-    """A search's accept test on a mixture's val accuracy: ``acc >= value`` (``acc > value`` when
-    ``strict``). Phase 1's short-circuit is ``Threshold(tau * accA)``, greedy soup's
-    ``Threshold(best, strict=True)``: the very float comparisons of the sequential code."""
-    value: float
-    strict: bool = False
-
-    def passes(self, accuracy: float) -> bool:
-        return accuracy > self.value if self.strict else accuracy >= self.value
-
-    def needed(self, n: int) -> int:
-        """The fewest correct images out of n that pass, judged on ``correct / n`` exactly as
-        the accuracy is computed (n + 1 when none pass): c / n is monotone in c, so this is
-        the boundary of the float comparison itself, not an approximation of it."""
-        c = min(max(int(self.value * n), 0), n)
-        while c > 0 and self.passes((c - 1) / n):
-            c -= 1
-        while c <= n and not self.passes(c / n):
-            c += 1
-        return c
-
-
-@dataclass(frozen=True)
-class Score:
-    """One evaluation: the val accuracy, or None when a threshold test stopped early because
-    the threshold could no longer be reached; ``images`` = images actually scored."""
-    accuracy: float | None
-    images: int
-    seconds: float = 0.0
-
-    @property
-    def below(self) -> bool:
-        return self.accuracy is None
-
-
-def misses_allowed(threshold: Threshold | None, n: int) -> int | None:
-    """The most images of n a mixture may miss and still pass ``threshold`` (negative: none can
-    pass; None: no threshold). A shard whose own misses exceed it settles the evaluation."""
-    return None if threshold is None else n - threshold.needed(n)
-
-
-def combine(counts: Sequence[ShardCount], n: int, threshold: Threshold | None) -> Score:
-    """One evaluation's Score from its shards' counts: below the threshold when a shard stopped
-    (its misses alone exceed what the threshold allows, so no other shard is needed) or when
-    the summed misses do; else the summed correct / n. ``images`` counts the images the given
-    shards scored, so after an early stop it depends on how val was sharded."""
-    images = sum(c.images for c in counts)
-    seconds = sum(c.seconds for c in counts)
-    allowed = misses_allowed(threshold, n)
-    if any(c.stopped for c in counts):
-        return Score(None, images, seconds)
-    if sum(c.images for c in counts) != n:
-        raise ValueError(f"the shards scored {images} of {n} images and none stopped")
-    correct = sum(c.correct for c in counts)
-    if allowed is not None and n - correct > allowed:
-        return Score(None, images, seconds)
-    return Score(correct / n, images, seconds)
 
 
 # ---- the evaluator --------------------------------------------------------------------------
@@ -673,7 +577,7 @@ class MixtureEvaluator:
 
     def _checked(self, beta, index: int) -> np.ndarray:
         """The mixture at ``index`` of a batch, checked against this evaluator's shape."""
-        return beta_lib.validate(beta, shape=self.beta_shape, index=index, component_names=self.component_names,
+        return validate(beta, shape=self.beta_shape, index=index, component_names=self.component_names,
                                  error=EvaluatorInputError)
 
     def _fuse(self, beta: np.ndarray) -> None:

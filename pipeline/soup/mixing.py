@@ -1,17 +1,16 @@
-"""Mixture maths. A mixture is a float64 matrix ``beta[j, c]`` (ingredient j, component c) with
+"""Mixture maths (the contract, ``validate`` and the component of each tensor, is
+``pipeline/mixture.py``). A mixture is a float64 matrix ``beta[j, c]`` (ingredient j, component c) with
 columns >= 0 summing to 1; the fused model is ``fused[p] = sum_j beta[j, comp(p)] * W_j[p]``.
 Every soup is a mixture: best individual = one-hot, uniform = 1/K, greedy = 1/|S| on a
 subset, MMMS = lambdas (phase 1) or mu (phase 2) turned into a beta. See docs/algorithm.md."""
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..beta import MixtureError, validate
+from ..mixture import MixtureError, tensor_owners, validate
 
 
 def one_hot(K: int, C: int, j: int) -> np.ndarray:
@@ -76,42 +75,7 @@ def mu_to_beta(beta: np.ndarray, mu: np.ndarray) -> np.ndarray:
     return weighted / weighted.sum(axis=0)
 
 
-def mixture_key(beta) -> str:
-    """Journal key: sha256 of the shape and the float64 C-contiguous bytes."""
-    b = np.ascontiguousarray(beta, dtype=np.float64) + 0.0  # + 0.0 turns -0.0 into 0.0
-    h = hashlib.sha256(f"{b.shape[0]}x{b.shape[1]}:".encode())
-    h.update(b.tobytes())
-    return h.hexdigest()
-
-
-def check_accuracies(accs, n: int, source: str = "evaluate") -> list[float]:
-    """An evaluator's answer: n finite accuracies in [0, 1], in order."""
-    accs = [float(a) for a in accs]
-    if len(accs) != n:
-        raise ValueError(f"{source} returned {len(accs)} accuracies for {n} mixtures")
-    for i, a in enumerate(accs):
-        if not (math.isfinite(a) and 0.0 <= a <= 1.0):
-            raise ValueError(f"{source} returned accuracy {a!r} for mixture {i}: expected a number in [0, 1]")
-    return accs
-
-
 # ---- the plain reference fusion -------------------------------------------------------------
-
-def _tensors_of(component) -> tuple[str, ...]:
-    return tuple(component.params) + tuple(getattr(component, "buffers", ()))
-
-
-def _component_of(state_dict_keys, components) -> dict[str, int]:
-    owner: dict[str, int] = {}
-    for c, comp in enumerate(components):
-        for name in _tensors_of(comp):
-            if name in owner:
-                raise MixtureError(f"tensor {name!r} is in components {components[owner[name]].name!r} and {comp.name!r}")
-            if name not in state_dict_keys:
-                raise MixtureError(f"component {comp.name!r} names {name!r}, which ingredient 0 does not have")
-            owner[name] = c
-    return owner
-
 
 def fuse_many(states: Iterable[tuple[int, dict[str, torch.Tensor]]], betas: Mapping[str, np.ndarray],
               components) -> dict[str, dict[str, torch.Tensor]]:
@@ -138,7 +102,7 @@ def fuse_many(states: Iterable[tuple[int, dict[str, torch.Tensor]]], betas: Mapp
         if not 0 <= j < K or (seen and j <= seen[-1]):
             raise MixtureError(f"ingredient rows must increase within [0, {K}): got {j} after {seen[-1:]}")
         if not seen:
-            owner = _component_of(set(sd), components)
+            owner = tensor_owners(components, set(sd), unknown="which ingredient 0 does not have")
             reference = {name: t if name not in owner else t.new_empty(0) for name, t in sd.items()}
             shape_of = {name: t.shape for name, t in sd.items()}
         seen.append(j)

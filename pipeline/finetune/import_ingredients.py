@@ -133,7 +133,7 @@ def import_ingredients(cfg: Config, files: list[str], layout: str = "auto", repl
     not added twice. Each gets its val accuracy and is copied to finetune/ingredients/."""
     from .trainable import device_of, evaluate
     from .. import layout as layout_mod
-    from ..inputs import zero_shot_record
+    from ..prepared import zero_shot_record
 
     if not files:
         raise RegistryError("import-ingredients: no files given")

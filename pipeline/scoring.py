@@ -1,7 +1,8 @@
 """How a split's labels meet a model's logits, in one place for both scorers (the streaming
-scorer of models in stream.py and the mixture evaluator in mixture.py): which model classes
-may win the argmax (a class subset), how a prediction maps to the dataset's classes (a class
-map, ObjectNet style), and what counts as correct."""
+scorer of models in evaluate/stream.py and the mixture evaluator in evaluate/evaluator.py) and
+prepare's zero-shot check: which model classes may win the argmax (a class subset), how a
+prediction maps to the dataset's classes (a class map, ObjectNet style), and what counts as
+correct."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,14 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import SplitConfig
-from ..data.imagenet import objectnet_class_map
-from ..data.shards import DataError
-from ..errors import UserError
-
-
-class EvaluatorInputError(UserError, ValueError):
-    """Ingredients, components, val tensors or a mixture that do not fit the model."""
+from .config import SplitConfig
+from .data.imagenet import objectnet_class_map
+from .data.shards import DataError
+from .mixture import EvaluatorInputError
 
 
 # ---- what a split is scored against ---------------------------------------------------------

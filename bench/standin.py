@@ -1,5 +1,6 @@
-"""A deterministic stand-in for the val forward pass, for tests and bench/search_scaling.py: the
-accuracy of a mixture is a fixed function of beta, shaped so that phase 1 makes decisions like
+"""Stand-ins for the val forward pass, for tests and bench/search_scaling.py (test scaffolding:
+not part of the pipeline). ``SimulatedEvaluator`` plays a pool of E evaluators answering in a
+seeded random order; ``ReferenceLike`` is a deterministic accuracy of a mixture is a fixed function of beta, shaped so that phase 1 makes decisions like
 the reference's log (most candidates stop at the short-circuit, about a third run a first pass
 and are rejected, a few join), and quantised to a val set of ``n_images`` images.
 
@@ -8,17 +9,99 @@ and are rejected, a few join), and quantised to a val set of ``n_images`` images
 q_j is ingredient j's own accuracy (the one-hot mixture scores exactly q_j); g[j,c] >= 0 is
 what j adds to a mixture in component c: ~0 for most, enough to survive the short-circuit
 for some, enough to join for a few. ``StandInHost`` serves it like a mixture evaluator actor,
-with a fixed latency per evaluation."""
+with a fixed latency per evaluation.
+
+Import it with bench/ on sys.path (``from standin import ...``). It is not installed with the
+package, so it asks Ray to ship its classes to workers by value (cloudpickle), wherever they run."""
 from __future__ import annotations
 
+import itertools
 import os
+import random
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import ray.cloudpickle
 
-from ..evaluate.mixture import Score, ShardCount, Threshold
-from .dispatch import simulated_score
+from pipeline.mixture import Score, ShardCount, Threshold
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# ---- a simulated pool of evaluators ---------------------------------------------------------
+
+class SimulatedEvaluator:
+    """A deterministic stand-in for a pool of E evaluators (tests): accuracy = ``accuracy(beta)``
+    read as correct / ``n_images``; answers come back in a seeded random order, a few at a time;
+    ``lose_after`` evaluations in, one evaluator is lost and its evaluation re-queued, as the
+    Ray pool does. Threshold tests stop early as the real evaluator would (misses spread evenly)."""
+
+    parallel = True
+
+    def __init__(self, accuracy: Callable[[np.ndarray], float], n_evaluators: int, *, seed: int = 0,
+                 n_images: int = 1000, lose_after: int | None = None):
+        self.accuracy, self.size, self.n_images = accuracy, n_evaluators, n_images
+        self.rng = random.Random(seed)
+        self.lose_after = lose_after
+        self.alive = n_evaluators
+        self._queue: list[tuple[int, np.ndarray, Threshold | None]] = []
+        self._running: list[tuple[int, np.ndarray, Threshold | None]] = []
+        self._tickets = itertools.count()
+        self.completed = 0
+        self.max_running = 0
+
+    def free(self) -> int:
+        return self.alive - len(self._running) - len(self._queue)
+
+    def submit(self, beta, threshold=None, priority: int = 0) -> int:
+        ticket = next(self._tickets)
+        self._queue.append((ticket, np.array(beta), threshold))
+        self._start()
+        return ticket
+
+    def _start(self) -> None:
+        while self._queue and len(self._running) < self.alive:
+            self._running.append(self._queue.pop(0))
+        self.max_running = max(self.max_running, len(self._running))
+
+    def score(self, beta, threshold) -> Score:
+        return simulated_score(self.accuracy(beta), self.n_images, threshold)
+
+    def wait(self) -> list[tuple[int, Score]]:
+        if not self._running:
+            raise RuntimeError("wait() with nothing submitted")
+        if self.lose_after is not None and self.completed >= self.lose_after and self.alive > 1:
+            self.lose_after = None
+            self.alive -= 1
+            lost = self._running.pop(self.rng.randrange(len(self._running)))
+            self._queue.insert(0, lost)  # its evaluation goes to another evaluator
+            self._start()
+        self.rng.shuffle(self._running)
+        n = self.rng.randint(1, len(self._running))
+        done, self._running = self._running[:n], self._running[n:]
+        self.completed += len(done)
+        self._start()
+        return [(ticket, self.score(beta, threshold)) for ticket, beta, threshold in done]
+
+
+def simulated_score(accuracy: float, n_images: int, threshold: Threshold | None) -> Score:
+    """The Score a chunked evaluator gives for an accuracy of correct / n_images (misses spread
+    evenly over the images): below the threshold after the images that make it unreachable."""
+    correct = round(accuracy * n_images)
+    if threshold is None:
+        return Score(correct / n_images, n_images)
+    needed = threshold.needed(n_images)
+    if correct >= needed:
+        return Score(correct / n_images, n_images)
+    misses_allowed = n_images - needed  # stop at the first miss beyond these
+    misses = n_images - correct
+    images = n_images if misses == 0 else min(n_images, int(np.ceil((misses_allowed + 1) * n_images / misses)))
+    return Score(None, images)
+
+
+# ---- an accuracy of beta that decides like the reference's log ------------------------------
 
 # fractions of candidates per kind (the reference: ~60 % short-circuited, ~8 % joining)
 KINDS = {"weak": 0.60, "close": 0.32, "good": 0.08}

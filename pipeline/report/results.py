@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..inputs import ZERO_SHOT
-from .methods import REGISTRY
+from ..prepared import ZERO_SHOT
+from .. import methodspec
 
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
 CONFIDENCE = 0.95
@@ -219,9 +219,10 @@ def render_markdown(report: Mapping) -> str:
 
 
 def method_summaries(report: Mapping) -> list[tuple[str, str]]:
-    """(name, what it is) of each row of the table, from the soup-method registry."""
+    """(name, what it is) of each row of the table, as each method declared it (methodspec)."""
     out = [(ZERO_SHOT, "the base CLIP with its zero-shot head (prompt templates), not finetuned")]
-    return out + [(n, REGISTRY[n].summary) for n in report["methods"] if n in REGISTRY]
+    specs = methodspec.load()
+    return out + [(n, specs[n].summary) for n in report["methods"] if n in specs]
 
 
 def mcnemar_lines(report: Mapping) -> list[str]:
