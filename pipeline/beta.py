@@ -41,3 +41,17 @@ def validate(beta, *, shape: tuple[int, int] | None = None, index: int | None = 
         name = "" if component_names is None else f" ({component_names[c]!r})"
         raise error(f"{where}: column {c}{name} sums to {sums[c]:.12g}, not 1")
     return b
+
+
+def as_bytes(beta) -> bytes:
+    """A mixture as float64 C-order bytes: how the pool ships one mixture to its S shard tasks,
+    serialised once (``from_bytes`` is exact: the same bits come back)."""
+    return np.ascontiguousarray(beta, dtype=np.float64).tobytes()
+
+
+def from_bytes(data: bytes, shape: tuple[int, int], *, error: type[Exception] = MixtureError) -> np.ndarray:
+    """The (ingredients, components) mixture ``as_bytes`` made, for a receiver that knows its shape."""
+    k, c = shape
+    if len(data) != k * c * 8:
+        raise error(f"mixture of {len(data)} bytes, expected {k} x {c} float64 = {k * c * 8} bytes")
+    return np.frombuffer(data, dtype=np.float64).reshape(k, c)

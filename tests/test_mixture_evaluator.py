@@ -401,6 +401,21 @@ def test_shards_are_whole_batches_and_predictions_do_not_depend_on_them(world):
         ev.score_shard(betas[0], 0, 40)
 
 
+def test_a_shard_task_takes_the_mixture_as_the_pool_ships_it(world):
+    """The pool serialises a mixture once, as float64 bytes, for all its shard tasks: the same
+    count as the array; bytes of another shape are refused naming the expected one."""
+    from pipeline.beta import as_bytes
+
+    ev = make_evaluator(world)
+    k, c = ev.beta_shape
+    beta = random_mixture(k, c, 9)
+    for a, b in ev.shards(2):
+        got, expected = ev.score_shard(as_bytes(beta), a, b), ev.score_shard(beta, a, b)
+        assert (got.correct, got.images, got.stopped) == (expected.correct, expected.images, expected.stopped)
+    with pytest.raises(EvaluatorInputError, match=f"expected {k} x {c} float64"):
+        ev.score_shard(as_bytes(beta[:, :-1]), 0, BATCH)
+
+
 def test_the_probe_reads_the_shards_held_and_keeps_no_copy_of_its_own(world):
     """The probe (pipeline/soup/probe.py) predicts like an evaluator holding all of val, whether
     its images come from the shards served (here across two of them) or are read for it alone;

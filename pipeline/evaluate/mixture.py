@@ -590,11 +590,14 @@ class MixtureEvaluator:
             out.append(Score(None if count.stopped else count.correct / n, count.images, time.perf_counter() - t0))
         return out
 
-    def score_shard(self, beta: np.ndarray, start: int, stop: int, allowed: int | None = None) -> ShardCount:
+    def score_shard(self, beta: np.ndarray | bytes, start: int, stop: int, allowed: int | None = None) -> ShardCount:
         """Correct predictions of ``beta`` on val images [start, stop), a shard of whole batches.
         With ``allowed`` (``misses_allowed`` of the evaluation's threshold over all of val), the
         shard stops once its own misses exceed it: the evaluation then fails the threshold
-        whatever the other shards count."""
+        whatever the other shards count. ``beta`` may come as its float64 bytes
+        (``pipeline.beta.as_bytes``: the pool serialises a mixture once for all its shards)."""
+        if isinstance(beta, bytes):
+            beta = beta_lib.from_bytes(beta, self.beta_shape, error=EvaluatorInputError)
         if not (0 <= start < stop <= self.n_images and start % self.batch_size == 0
                 and (stop == self.n_images or stop % self.batch_size == 0)):
             raise EvaluatorInputError(f"shard [{start}, {stop}) is not a range of whole batches of "

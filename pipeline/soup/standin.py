@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..beta import from_bytes
 from ..evaluate.mixture import Score, ShardCount, Threshold
 from .dispatch import simulated_score
 
@@ -111,6 +112,8 @@ class StandInHost:
                 "batch_size": self.batch_size}
 
     def score_shard(self, beta, start: int, stop: int, allowed: int | None = None) -> ShardCount:
+        if isinstance(beta, bytes):  # as the pool sends it (pipeline.beta.as_bytes)
+            beta = from_bytes(beta, (self.function.K, self.function.C))
         self.scored += 1
         if self.die_after is not None and self.scored > self.die_after:
             os._exit(1)
