@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import ray.cloudpickle
 
-from pipeline.mixture import Score, ShardCount, Threshold
+from pipeline.mixture import Score, ShardCount, Threshold, from_bytes
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -194,6 +194,8 @@ class StandInHost:
                 "batch_size": self.batch_size}
 
     def score_shard(self, beta, start: int, stop: int, allowed: int | None = None) -> ShardCount:
+        if isinstance(beta, bytes):  # as the pool sends it (pipeline.mixture.as_bytes)
+            beta = from_bytes(beta, (self.function.K, self.function.C))
         self.scored += 1
         if self.die_after is not None and self.scored > self.die_after:
             os._exit(1)

@@ -55,6 +55,20 @@ def validate(beta, *, shape: tuple[int, int] | None = None, index: int | None = 
     return b
 
 
+def as_bytes(beta) -> bytes:
+    """A mixture as float64 C-order bytes: how the pool ships one mixture to its S shard tasks,
+    serialised once (``from_bytes`` is exact: the same bits come back)."""
+    return np.ascontiguousarray(beta, dtype=np.float64).tobytes()
+
+
+def from_bytes(data: bytes, shape: tuple[int, int], *, error: type[Exception] = MixtureError) -> np.ndarray:
+    """The (ingredients, components) mixture ``as_bytes`` made, for a receiver that knows its shape."""
+    k, c = shape
+    if len(data) != k * c * 8:
+        raise error(f"mixture of {len(data)} bytes, expected {k} x {c} float64 = {k * c * 8} bytes")
+    return np.frombuffer(data, dtype=np.float64).reshape(k, c)
+
+
 def mixture_key(beta) -> str:
     """Journal key: sha256 of the shape and the float64 C-contiguous bytes."""
     b = np.ascontiguousarray(beta, dtype=np.float64) + 0.0  # + 0.0 turns -0.0 into 0.0

@@ -400,6 +400,54 @@ def test_shards_are_whole_batches_and_predictions_do_not_depend_on_them(world):
         ev.score_shard(betas[0], 0, 40)
 
 
+def test_a_shard_task_takes_the_mixture_as_the_pool_ships_it(world):
+    """The pool serialises a mixture once, as float64 bytes, for all its shard tasks: the same
+    count as the array; bytes of another shape are refused naming the expected one."""
+    from pipeline.mixture import as_bytes
+
+    ev = make_evaluator(world)
+    k, c = ev.beta_shape
+    beta = random_mixture(k, c, 9)
+    for a, b in ev.shards(2):
+        got, expected = ev.score_shard(as_bytes(beta), a, b), ev.score_shard(beta, a, b)
+        assert (got.correct, got.images, got.stopped) == (expected.correct, expected.images, expected.stopped)
+    with pytest.raises(EvaluatorInputError, match=f"expected {k} x {c} float64"):
+        ev.score_shard(as_bytes(beta[:, :-1]), 0, BATCH)
+
+
+def test_the_probe_reads_the_shards_held_and_keeps_no_copy_of_its_own(world):
+    """The probe (pipeline/soup/probe.py) predicts like an evaluator holding all of val, whether
+    its images come from the shards served (here across two of them) or are read for it alone;
+    it keeps nothing beside the shards, and reads its images once for all its mixtures."""
+    from pipeline.evaluate.evaluator import ValImages
+    from pipeline.evaluate.actor import probe_predictions
+    from pipeline.soup.probe import probe_mixtures
+
+    class Decoded(ValImages):  # decoded when a range is asked for, as SplitImages is
+        def __init__(self, images):
+            super().__init__(images)
+            self.read: list = []
+
+        def rows(self, start, stop):
+            self.read.append((start, stop))
+            return super().rows(start, stop).clone()
+
+    val = Decoded(world.images)
+    ev = MixtureEvaluator(copy.deepcopy(world.base), world.ingredients, world.components, val, world.labels,
+                          device="cpu", threads=1, batch_size=BATCH)
+    k, c = ev.beta_shape
+    probe = probe_mixtures(k, c)
+    expected = probe_predictions(make_evaluator(world), probe, 50)
+    assert probe_predictions(ev, probe, 50) == expected
+    assert val.read == [(0, 50)] and ev.held_ranges == []  # read once, kept by nobody
+    bounds = ev.shards(3)
+    for a, b in bounds:
+        ev.score_shard(probe[1], a, b)
+    assert ev.held_ranges == bounds and val.read[1:] == bounds
+    assert probe_predictions(ev, probe, 50) == expected  # from shards 0 and 1, read again by nobody
+    assert len(val.read) == 4 and ev.held_ranges == bounds
+
+
 def test_eviction_and_reload_give_identical_results(world):
     """A working set of one row (every mixture of two rows evicts): the same fused weights and
     accuracies as all rows resident; a one-hot row is bit-equal after eviction and reload."""

@@ -187,11 +187,11 @@ PROBE_IMAGES = 512
 
 def probe_predictions(evaluator, betas, n_images: int = PROBE_IMAGES) -> bytes:
     """A MixtureEvaluator's predicted class per probe image (the first ``n_images`` val images,
-    whole batches, as scoring runs them) for each mixture, as int64 bytes: what the evaluator's
-    accuracy counts, before comparing with labels."""
+    in the batches scoring runs) for each mixture, as int64 bytes: what the evaluator's accuracy
+    counts, before comparing with labels. The images come from the val shards the evaluator
+    holds, else are read for the probe alone: it keeps no copy of them beside its shards."""
     n = min(n_images, evaluator.n_images)
-    out = [evaluator.predictions(evaluator._checked(np.asarray(beta, dtype=np.float64), index), 0, n)
-           for index, beta in enumerate(betas)]
+    out = evaluator.predictions_each([np.asarray(beta, dtype=np.float64) for beta in betas], 0, n)
     return torch.cat(out).to(torch.int64).numpy().tobytes()
 
 

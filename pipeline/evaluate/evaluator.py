@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..mixture import (EvaluatorInputError, Score, ShardCount, Threshold, component_tensors, misses_allowed,
-                       shard_bounds, tensor_owners, validate)
+from ..mixture import (EvaluatorInputError, Score, ShardCount, Threshold, component_tensors, from_bytes,
+                       misses_allowed, shard_bounds, tensor_owners, validate)
 from ..scoring import predictions, scoring_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -494,11 +494,14 @@ class MixtureEvaluator:
             out.append(Score(None if count.stopped else count.correct / n, count.images, time.perf_counter() - t0))
         return out
 
-    def score_shard(self, beta: np.ndarray, start: int, stop: int, allowed: int | None = None) -> ShardCount:
+    def score_shard(self, beta: np.ndarray | bytes, start: int, stop: int, allowed: int | None = None) -> ShardCount:
         """Correct predictions of ``beta`` on val images [start, stop), a shard of whole batches.
         With ``allowed`` (``misses_allowed`` of the evaluation's threshold over all of val), the
         shard stops once its own misses exceed it: the evaluation then fails the threshold
-        whatever the other shards count."""
+        whatever the other shards count. ``beta`` may come as its float64 bytes
+        (``pipeline.mixture.as_bytes``: the pool serialises a mixture once for all its shards)."""
+        if isinstance(beta, bytes):
+            beta = from_bytes(beta, self.beta_shape, error=EvaluatorInputError)
         if not (0 <= start < stop <= self.n_images and start % self.batch_size == 0
                 and (stop == self.n_images or stop % self.batch_size == 0)):
             raise EvaluatorInputError(f"shard [{start}, {stop}) is not a range of whole batches of "
@@ -513,13 +516,30 @@ class MixtureEvaluator:
     def predictions(self, beta: np.ndarray, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Per-image predicted classes of ``beta`` on val images [start, stop), batch by batch
         exactly as scoring runs them (on the CPU)."""
+        return self.predictions_each([beta], start, stop)[0]
+
+    def predictions_each(self, betas: Sequence[np.ndarray], start: int = 0,
+                         stop: int | None = None) -> list[torch.Tensor]:
+        """``predictions`` of each mixture, all checked first (an error names the mixture's
+        index). The images come from the val shards this evaluator holds; rows no held shard
+        covers are read for this call only, so nothing is kept beside the shards it serves."""
         stop = self.n_images if stop is None else stop
-        self._fuse(self._checked(beta, 0))
+        checked = [self._checked(b, i) for i, b in enumerate(betas)]
+        stored = self._held(start, stop)
+        if stored is None:
+            stored = self.val.rows(start, stop).to(self.device)
         out = []
-        with self._forward_context():
-            for b, e, x in self._batches(start, stop):
-                out.append(predictions(self.model(x), self.mask, self.class_map).cpu())
-        return torch.cat(out)
+        for beta in checked:
+            self._fuse(beta)
+            with self._forward_context():
+                out.append(torch.cat([predictions(self.model(x), self.mask, self.class_map).cpu()
+                                      for _, _, x in self._batches(start, stop, stored)]))
+        return out
+
+    @property
+    def held_ranges(self) -> list[tuple[int, int]]:
+        """The val ranges [start, stop) this evaluator keeps on its device (the shards it served)."""
+        return sorted(self._shards)
 
     def fused_state_dict(self, beta: np.ndarray) -> dict[str, torch.Tensor]:
         """The model's full state dict (fused tensors + its other buffers) for ``beta``, on the CPU.
@@ -533,12 +553,21 @@ class MixtureEvaluator:
 
     # -- internals --
 
+    def _held(self, start: int, stop: int) -> torch.Tensor | None:
+        """Val images [start, stop) from the ranges held on the device (a view of one, or the
+        rows of several adjacent ones joined), or None when they do not cover it."""
+        pieces, at = [], start
+        for (a, b), t in sorted(self._shards.items()):
+            if a <= at < b:
+                pieces.append(t[at - a:min(stop, b) - a])
+                at = min(stop, b)
+                if at == stop:
+                    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return None
+
     def _stored(self, start: int, stop: int) -> torch.Tensor:
         """Val images [start, stop) on the device in stored form; a range is moved there once."""
-        whole = self._shards.get((0, self.n_images))
-        if whole is not None:
-            return whole[start:stop]
-        got = self._shards.get((start, stop))
+        got = self._held(start, stop)
         if got is None:
             got = self.val.rows(start, stop).to(self.device)
             self._shards[(start, stop)] = got
@@ -553,8 +582,8 @@ class MixtureEvaluator:
         stack.enter_context(autocast)
         return stack
 
-    def _batches(self, start: int, stop: int):
-        stored = self._stored(start, stop)
+    def _batches(self, start: int, stop: int, stored: torch.Tensor | None = None):
+        stored = self._stored(start, stop) if stored is None else stored
         for b in range(start, stop, self.batch_size):
             e = min(b + self.batch_size, stop)
             yield b, e, self.val.prepare(stored[b - start:e - start])

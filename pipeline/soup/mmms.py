@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +96,16 @@ class SeededOptimizer:
         with self.random.active():
             self.opt.tell(candidate, loss)
 
+    def tell_and_ask(self, told: Sequence[tuple[Any, float]], n: int) -> list:
+        """Tell ``told`` (candidate, loss) in order, then ask ``n`` candidates: the calls ``tell``
+        and ``ask`` make, in one turn of its random state (a swap costs more than a Cobyla step)."""
+        if not told and n == 0:
+            return []
+        with self.random.active():
+            for candidate, loss in told:
+                self.opt.tell(candidate, loss)
+            return [self.opt.ask() for _ in range(n)]
+
 
 def make_optimizer(name: str, x0: np.ndarray, lower, upper, budget: int, num_workers: int, seed: int):
     """A seeded nevergrad optimizer over a bounded array (sigma spans the bounds / 6), deterministic
@@ -129,9 +140,10 @@ def minimise_steps(x0, lower, upper, budget: int, *, optimizer: str, num_workers
     asks_left = budget - (1 if start_pending else 0)
     opt = make_optimizer(optimizer, x0, lower, upper, max(asks_left, 1), num_workers, seed)
     best_x, best_loss = x0, (None if start_pending else float(x0_loss))
+    told: list = []  # the last round's (candidate, loss), told with the next round's asks
     while start_pending or asks_left > 0:
         head = [x0] if start_pending else []
-        candidates = [opt.ask() for _ in range(min(num_workers - len(head), asks_left))]
+        candidates = opt.tell_and_ask(told, min(num_workers - len(head), asks_left))
         points = head + [np.array(c.value, dtype=np.float64) for c in candidates]
         fresh = list({_point_key(p): p for p in points if _point_key(p) not in known}.items())
         if fresh:
@@ -141,13 +153,13 @@ def minimise_steps(x0, lower, upper, budget: int, *, optimizer: str, num_workers
             known.update((k, v) for (k, _), v in zip(fresh, losses))
             n_evals += len(fresh)
         losses = [known[_point_key(p)] for p in points]
-        for c, loss in zip(candidates, losses[len(head):]):
-            opt.tell(c, loss)  # in ask order, the very Parameter that ask() returned
+        told = list(zip(candidates, losses[len(head):]))  # in ask order, the very Parameters ask() returned
         for x, loss in zip(points, losses):
             if best_loss is None or loss < best_loss:
                 best_x, best_loss = x, loss
         start_pending = False
         asks_left -= len(candidates)
+    opt.tell_and_ask(told, 0)
     return best_x, best_loss, n_evals
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from ..config import Config
 from ..metrics import RUN_ENV, current_run
 from ..errors import UserError
-from ..mixture import ShardCount, Threshold, combine, misses_allowed, shard_bounds
+from ..mixture import ShardCount, Threshold, as_bytes, combine, misses_allowed, shard_bounds
 
 # how long to wait for the first evaluator to start (an autoscaling cluster adds a node first)
 START_TIMEOUT_S = 900.0
@@ -43,7 +43,7 @@ class EvaluatorPoolError(UserError, RuntimeError):
 class _Evaluation:
     """One submitted mixture, cut into shard tasks; settled once every shard counted or one stopped."""
     ticket: int
-    beta: np.ndarray
+    beta: bytes  # float64 bytes (mixture.as_bytes): serialised once for all its shard tasks
     threshold: Threshold | None
     allowed: int | None
     counts: dict = field(default_factory=dict)  # shard index -> ShardCount
@@ -207,7 +207,7 @@ class EvaluatorPool:
         ticket = next(self._tickets)
         bounds = self.bounds()
         n = bounds[-1][1]
-        self._evaluations[ticket] = _Evaluation(ticket, np.ascontiguousarray(beta, dtype=np.float64), threshold,
+        self._evaluations[ticket] = _Evaluation(ticket, as_bytes(beta), threshold,
                                                 misses_allowed(threshold, n))
         self._evaluations[ticket].outstanding = len(bounds)
         for shard in range(len(bounds)):
@@ -229,7 +229,7 @@ class EvaluatorPool:
             start, stop = self._bounds[shard]
             self._running[self._launch(actor, evaluation.beta, start, stop, evaluation.allowed)] = (item, actor)
 
-    def _launch(self, actor, beta: np.ndarray, start: int, stop: int, allowed: int | None):
+    def _launch(self, actor, beta: bytes, start: int, stop: int, allowed: int | None):
         return actor.score_shard.remote(beta, start, stop, allowed)
 
     def _finished(self) -> list[tuple[object, ShardCount | None]]:
@@ -240,6 +240,10 @@ class EvaluatorPool:
         rest = [r for r in self._running if r not in done]
         if rest:
             done += self._ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        try:
+            return list(zip(done, self._ray.get(done)))  # one call for every finished task
+        except RayActorError:  # some actor died: which one's shard came back empty, ref by ref
+            pass
         out = []
         for ref in done:
             try:

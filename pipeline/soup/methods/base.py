@@ -114,6 +114,32 @@ class SoupMethod:
         raise NotImplementedError
 
 
+@dataclass
+class Interpolation:
+    """The grid point a zero-shot-to-best-individual interpolation picked on val."""
+    best: int                     # the best individual's row (the second end)
+    point: Any                    # the grid point with the best val accuracy (ties: the first)
+    val: float                    # its val accuracy
+    state: dict[str, torch.Tensor]  # its fused classifier
+    by_point: dict                # every grid point's val accuracy, in grid order
+
+
+def interpolate_on_val(ctx: MethodContext, points: Sequence, mixture: Callable[[Any], np.ndarray],
+                       label: Callable[[Any], str], components=None) -> Interpolation:
+    """WiSE-FT and LiNeS: the ends (zero-shot, best individual), each grid point's mixture of the
+    two (``mixture(point)``, 2 x components; the soup's components unless ``components``) fused
+    by the reference fusion and scored on val; the first point with the best val accuracy."""
+    best = int(np.flatnonzero(ctx.results["best_individual"].beta[:, 0])[0])
+    models = ctx.models
+    ends = [models.zero_shot_state(), models.ingredient_state(best)]
+    states = {label(p): models.fuse(ends, mixture(p), components) for p in points}
+    accs = models.val_accuracy(states)
+    by_point = {p: accs[label(p)] for p in points}
+    order = list(by_point)
+    point = max(order, key=lambda p: (by_point[p], -order.index(p)))  # ties: the first
+    return Interpolation(best, point, by_point[point], states[label(point)], by_point)
+
+
 SOUP_METHODS: dict[str, SoupMethod] = {}
 
 

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 from ...methodspec import MethodSettings
 from ...model.components import HEAD, STEM
 from ...model.components import components as model_components
-from .base import MethodContext, MethodResult, SoupMethod, register
+from .base import MethodContext, MethodResult, SoupMethod, interpolate_on_val, register
 
 # alpha in {0, .25, .5, .75, 1}, beta >= 0, alpha + beta <= 1: every lambda in [0, 1]; 15 points
 DEFAULT_GRID = [(a / 4, b / 4) for a in range(5) for b in range(5 - a)]
@@ -66,20 +66,16 @@ class LiNeS(SoupMethod):
 
     def run(self, ctx: MethodContext) -> MethodResult:
         grid = [tuple(p) for p in self.options(ctx.soup).grid]
-        best = int(np.flatnonzero(ctx.results["best_individual"].beta[:, 0])[0])
-        models = ctx.models
-        comps = model_components(models.inputs.reference, 2)
+        comps = model_components(ctx.models.inputs.reference, 2)
         names = [c.name for c in comps]
-        ends = [models.zero_shot_state(), models.ingredient_state(best)]
-        label = {p: f"lines alpha={p[0]:g} beta={p[1]:g}" for p in grid}
-        states = {label[p]: models.fuse(ends, beta_of(lambdas(names, *p)), comps) for p in grid}
-        accs = models.val_accuracy(states)
-        by_point = {p: accs[label[p]] for p in grid}
-        alpha, beta = max(grid, key=lambda p: (by_point[p], -grid.index(p)))  # ties: the first
-        line = (f"lines val {by_point[(alpha, beta)]:.4f} at alpha {alpha:g}, beta {beta:g} "
+        picked = interpolate_on_val(ctx, grid, lambda p: beta_of(lambdas(names, *p)),
+                                    lambda p: f"lines alpha={p[0]:g} beta={p[1]:g}", comps)
+        (alpha, beta), best = picked.point, picked.best
+        line = (f"lines val {picked.val:.4f} at alpha {alpha:g}, beta {beta:g} "
                 f"(zero-shot + {ctx.ids[best]}; {len(grid)} points)")
         lam = lambdas(names, alpha, beta)
-        return MethodResult(state=states[label[(alpha, beta)]], search_val=by_point[(alpha, beta)], summary=line,
+        return MethodResult(state=picked.state, search_val=picked.val, summary=line,
                             report={"lines": {"alpha": alpha, "beta": beta, "ingredient": ctx.ids[best],
                                               "lambdas": dict(zip(names, lam.tolist())),
-                                              "val_by_point": {f"{a:g},{b:g}": v for (a, b), v in by_point.items()}}})
+                                              "val_by_point": {f"{a:g},{b:g}": v
+                                                               for (a, b), v in picked.by_point.items()}}})

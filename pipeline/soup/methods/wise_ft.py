@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from ...methodspec import MethodSettings
-from .base import MethodContext, MethodResult, SoupMethod, register
+from .base import MethodContext, MethodResult, SoupMethod, interpolate_on_val, register
 
 
 class WiseFTSettings(MethodSettings):
@@ -35,18 +35,12 @@ class WiseFT(SoupMethod):
     Settings = WiseFTSettings
 
     def run(self, ctx: MethodContext) -> MethodResult:
-        alphas = self.options(ctx.soup).alphas
-        best = int(np.flatnonzero(ctx.results["best_individual"].beta[:, 0])[0])
-        models = ctx.models
-        ends = [models.zero_shot_state(), models.ingredient_state(best)]
-        C = models.n_components
-        states = {f"wise_ft alpha={a:g}": models.fuse(ends, np.array([[1.0 - a] * C, [a] * C]))
-                  for a in alphas}
-        accs = models.val_accuracy(states)
-        by_alpha = {a: accs[f"wise_ft alpha={a:g}"] for a in alphas}
-        alpha = max(by_alpha, key=lambda a: (by_alpha[a], -list(by_alpha).index(a)))  # ties: the first
-        line = f"wise_ft val {by_alpha[alpha]:.4f} at alpha {alpha:g} (zero-shot + {ctx.ids[best]})"
-        return MethodResult(state=states[f"wise_ft alpha={alpha:g}"], search_val=by_alpha[alpha], summary=line,
+        C = ctx.models.n_components
+        picked = interpolate_on_val(ctx, self.options(ctx.soup).alphas, lambda a: np.array([[1.0 - a] * C, [a] * C]),
+                                    lambda a: f"wise_ft alpha={a:g}")
+        alpha, best, by_alpha = picked.point, picked.best, picked.by_point
+        line = f"wise_ft val {picked.val:.4f} at alpha {alpha:g} (zero-shot + {ctx.ids[best]})"
+        return MethodResult(state=picked.state, search_val=picked.val, summary=line,
                             details={"alpha": alpha, "ingredient": ctx.ids[best], "val_by_alpha": by_alpha},
                             report={"wise_ft": {"alpha": alpha, "ingredient": ctx.ids[best],
                                                 "val_by_alpha": {f"{a:g}": v for a, v in by_alpha.items()}}})
