@@ -3,19 +3,43 @@ class folders for train and val, ImageNet-V2's numbered folders, ImageNet-R/-A's
 subsets, ObjectNet's folders and mapping files, a Sketch-like set), imported as a user would
 (`frankensoup import-images`, the train set shuffled with model soups' held-out mask as val),
 then `configs/imagenet-vit-b32.yaml` run stage by stage, overriding only URIs and sizes: trials,
-epochs, steps, the number of templates, and a local random-weights file for the model. Each stage
-runs in its own process: its wall time and peak memory (the largest process, and the sampled
-sum over its process tree, Ray's workers included) are printed.
+epochs, steps, the number of templates, and a local random-weights file for the model (with
+``--run-model tiny``, also the architecture). `finetune.init: linear_probe`, set in the config,
+is kept: the finetune stage trains the probe first (its line is printed). Each stage runs in its
+own process: its wall time and peak memory (the largest process, and the sampled sum over its
+process tree, Ray's workers included) are printed; then `frankensoup run` on the same outputs,
+which must reuse everything.
 
-Then prepare alone at two sizes (prompts = classes x templates, and id_test images), to show
-its peak memory stays flat. Last line: ``prepare_peak_ratio=<peak at the larger sizes / at the
-smaller> ok=<ratio <= 1.2>``.
+Then prepare alone at two sizes, by default the issue's: 500 prompts (classes x templates) and
+2,000 id_test images, then 2,000 prompts and 20,000 images. Each size is measured twice, each
+in its own process: `frankensoup prepare` (prompts embedded a few classes at a time, id_test
+scored shard by shard, batch by batch), and the plain way the code had before (all prompts
+through the text tower at once, ``num_classes_per_batch=None``, and every id_test image decoded
+into one float32 tensor). The last two lines: ``plain_peak_ratio=<...>`` and
+``prepare_peak_ratio=<peak at the larger sizes / at the smaller> ok=<ratio <= 1.2>``.
 
-    python bench/imagenet_rehearsal.py [--classes 1000] [--work /tmp/rehearsal] [--skip-run]
+Which model each part uses, and why:
+- the sizes (``--sizes-model``, default ``tiny``): ViT-B-32's text tower costs ~10 GFLOP per
+  prompt and its image tower ~4.4 per image, so 2,000 prompts and 20,000 images are hours on 2
+  CPU cores, and its load (the weights file and the model side by side, ~2.6 GB) is larger than
+  anything the data adds at sizes that run here. ``tiny`` is an open_clip architecture written
+  as a ``local-dir:`` config (no weights, random init, saved to a local file like ViT-B-32's):
+  QuickGELU and the text context of 77 tokens as ViT-B-32-quickgelu, but 2 layers of width 128
+  per tower and 64-pixel images (patch 16). Its load is small, so what the data costs shows: the
+  plain way's 20,000 decoded images alone take ~1 GB at 64 px (~12 GB at 224 px, more than this
+  machine has to spare). The code path is the ImageNet config's; only ``model.name`` and
+  ``model.pretrained`` change.
+- the run (``--run-model``, default ``ViT-B-32-quickgelu``, the config's own): 1000 classes of
+  ViT-B-32 are hours here, so the 1000-class run was measured with ``--run-model tiny``, and
+  ViT-B-32 at 50 classes (docs/data.md).
+
+    python bench/imagenet_rehearsal.py [--classes 1000] [--run-model tiny] [--work /tmp/rehearsal]
+                                       [--skip-run | --skip-sizes] [--sizes-model tiny]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -31,6 +55,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "imagenet-vit-b32.yaml")
 MODEL = "ViT-B-32-quickgelu"
+# a small open_clip architecture for measuring what the data costs (why: the module docstring):
+# ViT-B-32-quickgelu's activation and text context, 2 layers of width 128, 64-pixel images
+TINY = "tiny"
+TINY_CONFIG = {
+    "model_cfg": {"embed_dim": 128, "quick_gelu": True,
+                  "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "head_width": 64, "patch_size": 16},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2}},
+    "preprocess_cfg": {"size": 64, "mean": [0.48145466, 0.4578275, 0.40821073],
+                       "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+                       "resize_mode": "shortest"},
+}
 TEMPLATES = ["a photo of a {}.", "a bad photo of a {}."]
 
 
@@ -90,8 +125,11 @@ def build_tree(root: Path, n_classes: int, train_per_class: int = 3, test_per_cl
         classes = every
     else:  # some of R's and A's classes among them, then a spread of the rest
         pick = set(r_set[: n_classes // 4]) | set(a_set[: n_classes // 4])
-        pick |= set(every[:: max(1, len(every) // n_classes)][: n_classes - len(pick)])
-        classes = sorted(pick)[:n_classes]
+        for w in [*every[:: max(1, len(every) // n_classes)], *every]:  # exactly n_classes
+            if len(pick) == n_classes:
+                break
+            pick.add(w)
+        classes = sorted(pick)
     shutil.rmtree(root, ignore_errors=True)
 
     def folder(path: Path, names: list[str]) -> None:
@@ -143,22 +181,45 @@ def import_all(root: Path, data: Path, rows_per_shard: int = 256) -> None:
             raise RuntimeError(f"import-images {root / src} failed")
 
 
-def random_weights(path: Path) -> str:
-    """A local weights file of the model with random weights (nothing is downloaded)."""
+def architecture(work: Path, model: str) -> str:
+    """The open_clip model name for ``model``: a registered name as it is, or ``tiny``, written
+    under ``work`` as a ``local-dir:`` config (architecture and preprocessing, no weights)."""
+    if model != TINY:
+        return model
+    folder = work / "tiny-architecture"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "open_clip_config.json"
+    if not config.exists() or json.loads(config.read_text()) != TINY_CONFIG:
+        config.write_text(json.dumps(TINY_CONFIG, indent=2))
+    return f"local-dir:{folder}"
+
+
+def random_weights(path: Path, model: str = MODEL) -> str:
+    """A local weights file of ``model`` (an open_clip name) with random weights (nothing is
+    downloaded)."""
     if not path.exists():
         import open_clip
         import torch
         from safetensors.torch import save_file
 
         torch.manual_seed(0)
-        model = open_clip.create_model(MODEL, pretrained=None)
+        clip = open_clip.create_model(model, pretrained=None)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
     return str(path)
 
 
-def overrides(tree: dict, data: Path, out: Path, weights: str, templates: int = 2) -> list[str]:
-    """The ImageNet config's URIs and sizes, nothing else."""
+def model_files(work: Path, model: str) -> tuple[str, str]:
+    """(model name, its local random-weights file) for ``model`` (``tiny`` or an open_clip name)."""
+    name = architecture(work, model)
+    # the tiny architecture's file is named by its config, so an edited config never loads stale weights
+    tag = f"-{hashlib.sha256(json.dumps(TINY_CONFIG).encode()).hexdigest()[:8]}" if model == TINY else ""
+    return name, random_weights(work / "weights" / f"{model}{tag}-random.safetensors", name)
+
+
+def overrides(tree: dict, data: Path, out: Path, weights: str, templates: int = 2, model: str = MODEL) -> list[str]:
+    """The ImageNet config's URIs and sizes, nothing else (and ``model.name`` when ``model`` is
+    not the config's)."""
     sets = {"train": "train-98p", "val": "train-2p", "imagenet": "val", "imagenet-v2": "imagenet-v2",
             "imagenet-sketch": "imagenet-sketch", "imagenet-r": "imagenet-r", "imagenet-a": "imagenet-a",
             "objectnet": "objectnet"}
@@ -167,7 +228,8 @@ def overrides(tree: dict, data: Path, out: Path, weights: str, templates: int = 
     if len(tree["classes"]) < 1000:  # R's and A's 200 classes, cut to the classes the tree holds
         out_sets += [f"data.splits.imagenet-r.class_subset={json.dumps(tree['r'])}",
                      f"data.splits.imagenet-a.class_subset={json.dumps(tree['a'])}"]
-    return [f"output_uri={out}", *out_sets, "data.rows_per_shard=256",
+    name = [] if model == MODEL else [f"model.name={model}"]
+    return [f"output_uri={out}", *out_sets, "data.rows_per_shard=256", *name,
             f"model.pretrained={weights}", f"model.templates={json.dumps(TEMPLATES[:templates])}",
             "finetune.num_trials=2", "finetune.max_concurrent=1", "finetune.space.epochs=[1]",
             "finetune.batch_size=16", "finetune.warmup_steps=2", "finetune.threads=1", "finetune.loader_workers=1",
@@ -215,57 +277,136 @@ def measured(cmd: list[str]) -> dict:
             "tree_peak_gib": tree_peak[0] / 2**30, "output": output}
 
 
-def stage(name: str, sets: list[str]) -> dict:
+def stage(name: str, sets: list[str], retries: int = 1) -> dict:
+    """`frankensoup <name>` on the ImageNet config with ``sets``, measured. Ray gives its node 30 s
+    to start; on a loaded machine it may not, and the stage (keyed, so nothing done is redone) is
+    run once more, saying so."""
     args = [a for s in sets for a in ("--set", s)]
-    return measured([sys.executable, "-m", "pipeline", name, "--config", CONFIG, *args])
+    try:
+        return measured([sys.executable, "-m", "pipeline", name, "--config", CONFIG, *args])
+    except RuntimeError as e:
+        if retries <= 0 or "timed out during startup" not in str(e):
+            raise
+        print(f"{name}: Ray's node did not start within its 30 s (a loaded machine): running it again", flush=True)
+        return stage(name, sets, retries - 1)
 
 
-def prepare_peak(work: Path, n_classes: int, templates: int, test_per_class: int, weights: str) -> dict:
-    """prepare alone on a fresh tree of ``n_classes`` classes: its peak memory, with
-    n_classes x templates prompts and n_classes x test_per_class id_test images."""
+def plain_prepare(sets: list[str]) -> None:
+    """What prepare computed before issue 18, the plain way, on the config of ``sets``: the base
+    CLIP, the zero-shot head from every prompt through the text tower at once
+    (``num_classes_per_batch=None``), and its id_test accuracy from every id_test image decoded
+    into one float32 tensor. Run in its own process (``--plain-prepare``) to measure its peak."""
+    import open_clip
+    import torch
+
+    from pipeline import layout
+    from pipeline.config import load_config
+    from pipeline.data import shards
+    from pipeline.data.imagenet import prompt_names
+    from pipeline.inputs import class_names
+    from pipeline.model import classifier as clf_lib
+    from pipeline.model import factory
+    from pipeline.model.pretrain import zero_shot_accuracy
+
+    cfg = load_config(CONFIG, sets)
+    clip, preprocess = factory.create_clip(cfg.model.name, cfg.model.pretrained)
+    names = class_names(cfg)
+    templates = clf_lib.resolve_templates(cfg.model.templates)
+    text_emb = open_clip.build_zero_shot_classifier(
+        clip, factory.tokenizer_for(cfg.model.name), prompt_names(names, cfg.model.prompt_names), templates,
+        num_classes_per_batch=None, device=clip.logit_scale.device)
+    head = torch.nn.Linear(text_emb.shape[0], len(names))
+    with torch.no_grad():
+        head.weight.copy_(clip.logit_scale.exp() * text_emb.T)
+        head.bias.zero_()
+    clf = clf_lib.Classifier(clip.visual, head).eval()
+    _, test = layout.split_of_role(cfg, "id_test")
+    images, labels = shards.decode_split(shards.read_split(test.uri), factory.image_transform(preprocess, train=False))
+    with torch.inference_mode():
+        accuracy = zero_shot_accuracy(clf, images, labels, batch_size=512)
+    print(f"plain prepare: {len(names) * len(templates)} prompts at once, {len(images)} id_test images "
+          f"decoded ({images.nbytes / 2**30:.2f} GiB): zero-shot accuracy on id_test = {accuracy:.4f}")
+
+
+def prepare_peaks(work: Path, n_classes: int, templates: int, test_per_class: int, model: str) -> dict:
+    """prepare alone on a fresh tree of ``n_classes`` classes (n_classes x templates prompts,
+    n_classes x test_per_class id_test images), then the plain way on the same shards, each in
+    its own process: their results (wall time, peak memory)."""
     root, data = work / "tree", work / "data"
+    name, weights = model_files(work.parent, model)
     tree = build_tree(root, n_classes, train_per_class=1, test_per_class=test_per_class)
     import_all(root, data)
-    result = stage("prepare", overrides(tree, data, work / "out", weights, templates))
-    return {**result, "prompts": n_classes * templates, "id_test": n_classes * test_per_class}
+    sets = overrides(tree, data, work / "out", weights, templates, name)
+    shutil.rmtree(work / "out", ignore_errors=True)
+    ours = stage("prepare", sets)
+    (work / "sets.json").write_text(json.dumps(sets))
+    plain = measured([sys.executable, str(Path(__file__).resolve()), "--plain-prepare", str(work / "sets.json")])
+    n = len(tree["classes"])
+    return {"ours": ours, "plain": plain, "prompts": n * templates, "id_test": n * test_per_class}
+
+
+def _line(output: str, text: str) -> str:
+    """The first line of ``output`` holding ``text`` (stripped), or ""."""
+    return next((line.strip() for line in output.splitlines() if text in line), "")
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--plain-prepare"]:  # the plain way, in the process measured()
+        return plain_prepare(json.loads(Path(sys.argv[2]).read_text()))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--classes", type=int, default=1000, help="classes of the tree for the run")
     ap.add_argument("--work", default="/tmp/frankensoup-rehearsal")
     ap.add_argument("--skip-run", action="store_true", help="only the two prepare sizes")
     ap.add_argument("--skip-sizes", action="store_true", help="only the run")
-    ap.add_argument("--small", default="128,2,2", help="classes,templates,id_test images per class")
-    ap.add_argument("--large", default="512,2,2", help="classes,templates,id_test images per class")
+    ap.add_argument("--run-model", default=MODEL,
+                    help=f"the run's model: an open_clip name, or {TINY!r} (a small architecture, random weights)")
+    ap.add_argument("--sizes-model", default=TINY,
+                    help=f"the model prepare is measured with at the two sizes: {TINY!r} (default: small, so the "
+                         f"model's load does not hide what the data costs) or an open_clip name")
+    ap.add_argument("--small", default="250,2,8", help="classes,templates,id_test images per class")
+    ap.add_argument("--large", default="1000,2,20", help="classes,templates,id_test images per class")
     args = ap.parse_args()
     work = Path(args.work)
-    weights = random_weights(work / "weights" / f"{MODEL}-random.safetensors")
 
     if not args.skip_run:
+        name, weights = model_files(work, args.run_model)
         root, data, out = work / "run" / "tree", work / "run" / "data", work / "run" / "out"
         t0 = time.perf_counter()
         tree = build_tree(root, args.classes)
         import_all(root, data)
-        print(f"tree of {args.classes} classes built and imported in {time.perf_counter() - t0:.1f}s")
-        sets = overrides(tree, data, out, weights)
-        for name in ("prepare", "finetune", "evaluate", "soup"):
-            r = stage(name, sets)
-            print(f"{name:<9} {r['seconds']:7.1f}s  peak {r['peak_gib']:.2f} GiB (driver), "
+        print(f"tree of {args.classes} classes built and imported in {time.perf_counter() - t0:.1f}s; "
+              f"model {args.run_model}", flush=True)
+        sets = overrides(tree, data, out, weights, model=name)
+        shutil.rmtree(out, ignore_errors=True)
+        for stage_name in ("prepare", "finetune", "evaluate", "soup"):
+            r = stage(stage_name, sets)
+            print(f"{stage_name:<9} {r['seconds']:7.1f}s  peak {r['peak_gib']:.2f} GiB (driver), "
                   f"{r['tree_peak_gib']:.2f} GiB (process tree, sampled)", flush=True)
-        table = [line for line in r["output"].splitlines() if line.startswith("|")]
-        print("\n".join(table))
+            if stage_name == "finetune":
+                probe = _line(r["output"], "finetune: linear probe")
+                if not probe:  # the ImageNet config starts every trial from the linear probe
+                    raise RuntimeError("finetune ran no linear probe:\n" + r["output"][-4000:])
+                print(f"          {probe}", flush=True)
+        print("\n".join(line for line in r["output"].splitlines() if line.startswith("|")))
+        again = stage("run", sets)  # `frankensoup run` on the same outputs: every stage reused
+        print(f"run       {again['seconds']:7.1f}s  after the stages, on the same outputs:", flush=True)
+        print("\n".join(f"          {line.strip()}" for line in again["output"].splitlines() if line.startswith("== ")))
 
     if args.skip_sizes:
         return
     peaks = {}
     for label, spec in (("small", args.small), ("large", args.large)):
         n, t, k = (int(x) for x in spec.split(","))
-        r = prepare_peak(work / f"prepare-{label}", n, t, k, weights)
-        peaks[label] = r["peak_gib"]
-        print(f"prepare {label}: {r['prompts']} prompts, {r['id_test']} id_test images: {r['seconds']:.1f}s, "
-              f"peak {r['peak_gib']:.2f} GiB", flush=True)
-    ratio = peaks["large"] / peaks["small"]
+        r = prepare_peaks(work / f"prepare-{label}", n, t, k, args.sizes_model)
+        peaks[label] = r
+        for way in ("ours", "plain"):
+            print(f"prepare {label} ({way:<5}): {r['prompts']} prompts, {r['id_test']} id_test images, "
+                  f"model {args.sizes_model}: {r[way]['seconds']:.1f}s, peak {r[way]['peak_gib']:.2f} GiB", flush=True)
+        print(f"  {_line(r['ours']['output'], 'zero-shot accuracy on id_test')}")
+        print(f"  {_line(r['plain']['output'], 'plain prepare:')}", flush=True)
+    plain = peaks["large"]["plain"]["peak_gib"] / peaks["small"]["plain"]["peak_gib"]
+    ratio = peaks["large"]["ours"]["peak_gib"] / peaks["small"]["ours"]["peak_gib"]
+    print(f"plain_peak_ratio={plain:.3f} (all prompts at once, all id_test images decoded)")
     print(f"prepare_peak_ratio={ratio:.3f} ok={ratio <= 1.2}")
 
 
