@@ -3,7 +3,7 @@ fusion, and scored like every other model (the evaluate stage's Ray Data scoring
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ def fuse_methods(betas: dict[str, np.ndarray], ingredients: Sequence[Ingredient]
     return mixing.fuse_many(((j, load_state(ingredients[j].uri)) for j in used), betas, components)
 
 
-def score_fused(cfg: Config, inputs: SoupInputs, states: Mapping[str, dict], scratch_uri: str,
+def score_fused(cfg: Config, inputs: SoupInputs, states: Mapping[str, dict | Callable[[], dict]], scratch_uri: str,
                 split_names: Sequence[str], ensembles: Mapping[str, Sequence[int]] | None = None
                 ) -> tuple[dict[str, dict[str, dict]], int, int]:
     """({model: {split: {"accuracy", "correct", "n"}}}, reused, computed) of classifiers made
@@ -34,7 +34,9 @@ def score_fused(cfg: Config, inputs: SoupInputs, states: Mapping[str, dict], scr
     from checkpoints under ``scratch_uri``. Scores are memoised by the weights' content hash
     (an ensemble's: its members') and the split's content, so an added ood set scores only
     that set, and an unchanged soup nothing. Entries carry per-image outcomes (``correct_bits``,
-    for the report's paired tests)."""
+    for the report's paired tests). A state may be given as a function that makes it (a grid of
+    interpolations): it is made to hash it and again only to write its checkpoint, so the driver
+    holds one such state at a time, not the whole grid."""
     meta = inputs.meta
     model_name, class_names = meta["model_name"], list(meta["class_names"])
     written: dict[str, str] = {}
@@ -43,7 +45,8 @@ def score_fused(cfg: Config, inputs: SoupInputs, states: Mapping[str, dict], scr
         """Write a fused model's checkpoint, once, when it has scores to compute (a big model's
         file is not written for scores the memo holds)."""
         if name not in written:
-            clf = clf_lib.classifier_from_state(model_name, states[name], len(class_names), source=f"fused {name}")
+            state = states[name]() if callable(states[name]) else states[name]
+            clf = clf_lib.classifier_from_state(model_name, state, len(class_names), source=f"fused {name}")
             uri = storage.join(scratch_uri, f"{name}.safetensors")
             weights.save_classifier(uri, clf, model_name=model_name, class_names=class_names,
                                     preprocess=meta["preprocess"], extra={"source": "soup"})
@@ -51,7 +54,8 @@ def score_fused(cfg: Config, inputs: SoupInputs, states: Mapping[str, dict], scr
         return written[name]
 
     # keyed by the weights' content, not the file's bytes
-    models = {name: (functools.partial(checkpoint, name), weights.tensors_sha256(state))
+    models = {name: (functools.partial(checkpoint, name),
+                     weights.tensors_sha256(state() if callable(state) else state))
               for name, state in states.items()}
     members: dict[str, list[str]] = {}
     for name, rows in (ensembles or {}).items():
@@ -112,7 +116,7 @@ class ModelServices:
     def n_components(self) -> int:
         return len(self.inputs.components)
 
-    def val_accuracy(self, states: Mapping[str, dict] | None = None,
+    def val_accuracy(self, states: Mapping[str, dict | Callable[[], dict]] | None = None,
                      ensembles: Mapping[str, Sequence[int]] | None = None) -> dict[str, float]:
         scores, _, _ = score_fused(self.cfg, self.inputs, states or {}, self.scratch_uri, [self.val], ensembles)
         return {name: by_split[self.val]["accuracy"] for name, by_split in scores.items()}

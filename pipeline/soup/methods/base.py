@@ -7,6 +7,7 @@ unless it says otherwise (``state``: a fused state dict; ``ensemble``: rows whos
 averaged)."""
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -132,12 +133,14 @@ def interpolate_on_val(ctx: MethodContext, points: Sequence, mixture: Callable[[
     best = int(np.flatnonzero(ctx.results["best_individual"].beta[:, 0])[0])
     models = ctx.models
     ends = [models.zero_shot_state(), models.ingredient_state(best)]
-    states = {label(p): models.fuse(ends, mixture(p), components) for p in points}
+    # each point's model is made when scoring needs it and dropped after: the driver holds the
+    # two ends and one point, not the grid (15 ViT-B-32 classifiers would be ~9 GB)
+    states = {label(p): functools.partial(models.fuse, ends, mixture(p), components) for p in points}
     accs = models.val_accuracy(states)
     by_point = {p: accs[label(p)] for p in points}
     order = list(by_point)
     point = max(order, key=lambda p: (by_point[p], -order.index(p)))  # ties: the first
-    return Interpolation(best, point, by_point[point], states[label(point)], by_point)
+    return Interpolation(best, point, by_point[point], states[label(point)](), by_point)
 
 
 SOUP_METHODS: dict[str, SoupMethod] = {}
