@@ -88,17 +88,9 @@ class SeededOptimizer:
             raise ValueError(f"soup.optimizer {name!r} picked {self.picked} for {len(np.atleast_1d(x0))} dimensions "
                              f"and budget {budget}: not one of {', '.join(OPTIMIZERS)}; name the optimizer")
 
-    def ask(self):
-        with self.random.active():
-            return self.opt.ask()
-
-    def tell(self, candidate, loss: float) -> None:
-        with self.random.active():
-            self.opt.tell(candidate, loss)
-
     def tell_and_ask(self, told: Sequence[tuple[Any, float]], n: int) -> list:
-        """Tell ``told`` (candidate, loss) in order, then ask ``n`` candidates: the calls ``tell``
-        and ``ask`` make, in one turn of its random state (a swap costs more than a Cobyla step)."""
+        """Tell ``told`` (candidate, loss) in order, then ask ``n`` candidates, all in one turn of
+        its own random state (a swap costs more than a Cobyla step)."""
         if not told and n == 0:
             return []
         with self.random.active():
