@@ -279,7 +279,10 @@ def test_a_killed_sweep_on_s3_is_restored_not_restarted(prepared_demo, s3_bucket
 
     out = f"{s3_bucket}/killed-sweep"
     upload(prepared_demo.output_uri, out)
-    extra = ["finetune.num_trials=2", "finetune.max_concurrent=1", "finetune.space.epochs=[2]"]
+    # a short lease TTL: the rerun takes over the killed driver's lease once its heartbeat is
+    # 10 s old, not after the default minute
+    extra = ["finetune.num_trials=2", "finetune.max_concurrent=1", "finetune.space.epochs=[2]",
+             "storage.lease_ttl_s=10"]
     cfg = tiny_config(out, *extra)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"  # so we see Tune's lines as they come
@@ -313,6 +316,7 @@ def test_a_killed_sweep_on_s3_is_restored_not_restarted(prepared_demo, s3_bucket
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "restoring the interrupted sweep" in rerun.stdout
+    assert "took over the lease" in rerun.stdout, rerun.stdout[-3000:]  # the killed driver's
 
     registry = read_registry(cfg)
     assert [r["id"] for r in registry["ingredients"]] == ["ft-000", "ft-001"]
