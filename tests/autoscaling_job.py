@@ -153,7 +153,7 @@ def cluster_processes(head: Head) -> list[int]:
     return pids
 
 
-def stop_head(head: Head, grace_s: float = 5.0) -> list[int]:
+def stop_head(head: Head, grace_s: float = 2.0) -> list[int]:
     """Stop this cluster only. SIGTERM to ``ray start --block`` shuts its node down in order
     (SIGTERM to its whole group at once leaves the raylet waiting for the GCS it lost); then
     SIGTERM to whatever of the cluster is still up (a worker node the autoscaler had not yet

@@ -82,6 +82,9 @@ def test_a_soup_redone_from_its_memos_writes_no_model_files(finished, tmp_path, 
     assert report["methods"] == finished[1]["methods"]
 
 
+# on object storage only: reuse is decided by the same code on either storage (the tests around
+# this one run it on local disk), and object storage is the path a cluster uses
+@pytest.mark.parametrize("storage_root", ["s3"], indirect=True)
 def test_an_added_ood_set_scores_only_that_set(finished, tmp_path, storage_root):
     cfg0, report0 = finished
     noise = read_split(layout.data_uri(cfg0, "noise"))
@@ -107,6 +110,9 @@ def test_an_added_ood_set_scores_only_that_set(finished, tmp_path, storage_root)
         assert report["methods"][name]["val"] == m["val"]
 
 
+# on object storage only: reuse is decided by the same code on either storage (the tests around
+# this one run it on local disk), and object storage is the path a cluster uses
+@pytest.mark.parametrize("storage_root", ["s3"], indirect=True)
 def test_more_trials_train_only_the_new_ones_and_equal_a_fresh_run(finished, fresh_four_trials, storage_root):
     cfg = clone(finished, storage_root, "finetune.num_trials=4")
     report = run_all(cfg, **QUIET)
@@ -145,6 +151,9 @@ def test_changed_search_settings_reuse_every_scored_mixture(finished, tmp_path, 
     assert len({part.split("/")[0] for part in memo_records(cfg)}) == 1  # one memo context: the same val
 
 
+# on object storage only: reuse is decided by the same code on either storage (the tests around
+# this one run it on local disk), and object storage is the path a cluster uses
+@pytest.mark.parametrize("storage_root", ["s3"], indirect=True)
 def test_import_adds_an_ingredient_and_the_next_run_uses_it(finished, tmp_path, storage_root):
     cfg = clone(finished, storage_root)
     before = read_registry(cfg)["ingredients"]
