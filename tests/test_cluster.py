@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -124,11 +125,14 @@ def test_job_submission_requires_the_token(ray_head):
             os.environ.update({k: v for k, v in env_backup.items() if v is not None})
 
 
-def test_job_submit_round_trip_with_metrics(ray_head, tmp_path):
+def test_job_submit_round_trip_with_metrics(ray_head, prepared_demo, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_head["dashboard"], headers={"Authorization": f"Bearer {ray_head['token']}"})
     out = tmp_path / "job-output"
+    # the session's prepared demo (the same tiny config): the job reuses prepare by content key
+    # and runs finetune, evaluate and soup, whose metrics the dashboard shows
+    shutil.copytree(prepared_demo.output_uri, out)
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("ray.")] + [f"output_uri={out}"]
     entry = "python -m pipeline run " + " ".join(f"--set {o}" for o in overrides)
     job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": REPO,
