@@ -240,7 +240,7 @@ class WorkingSet:
 
     @property
     def row_bytes(self) -> int:
-        return self.layout.n_params * torch.empty((), dtype=self.dtype).element_size()
+        return row_bytes(self.layout.n_params, self.dtype)
 
     @property
     def resident_bytes(self) -> int:
@@ -607,7 +607,7 @@ class MixtureEvaluator:
     def _checked(self, beta, index: int) -> np.ndarray:
         """The mixture at ``index`` of a batch, checked against this evaluator's shape."""
         return validate(beta, shape=self.beta_shape, index=index, component_names=self.component_names,
-                                 error=EvaluatorInputError)
+                        error=EvaluatorInputError)
 
     def _fuse(self, beta: np.ndarray) -> None:
         key = np.ascontiguousarray(beta, dtype=np.float64).tobytes()
