@@ -138,9 +138,23 @@ def preempt_restart_notice() -> None:
         sys.stderr.write("".join(rest))
 
 
+def exit_during_cleanup_is_silent(unraisable) -> None:
+    """``sys.unraisablehook`` for Ray workers. When Ray ends an actor (Tune does at each trial's
+    end) it raises SystemExit in the worker; raised while a garbage-collection callback runs,
+    Python can only report it as ignored, and the worker's forwarded stderr put that traceback
+    ("Exception ignored in: <function WeakSet...> ... SystemExit: 1") into a healthy run's
+    output. The process is exiting either way: such a SystemExit is dropped; any other
+    unraisable exception is reported as Python would."""
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def quiet_worker_logs() -> None:
     """In a Ray worker: Ray Train's per-checkpoint INFO lines only with ``-v`` (the driver's
-    verbosity arrives through the environment)."""
+    verbosity arrives through the environment); an exit Ray raises during cleanup is not
+    reported as an ignored exception (``exit_during_cleanup_is_silent``)."""
+    sys.unraisablehook = exit_during_cleanup_is_silent
     if int(os.environ.get(VERBOSITY_ENV, NORMAL)) < VERBOSE:
         for name in ("ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -234,3 +234,30 @@ def test_evaluate_progress_ends_each_scoring_pass_with_a_line(restore_console, m
     assert [line.split(" | ")[0] for line in lines] == ["evaluate: 100 of 100 images (100.0%)",
                                                         "evaluate: 20 of 20 images (100.0%)"]
     assert all(line.endswith("ETA 0s") for line in lines)
+
+
+def test_a_worker_hides_an_exit_raised_during_cleanup_and_reports_any_other(tmp_path):
+    """In a Ray worker, a SystemExit raised while a weakref callback runs (how Ray's actor exit
+    can land) is not printed as an ignored exception; any other ignored exception still is."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import weakref\n"
+        "from pipeline import console\n"
+        "console.quiet_worker_logs()\n"
+        "class Thing: pass\n"
+        "def raising(exc):\n"
+        "    def callback(_ref):\n"
+        "        raise exc\n"
+        "    return callback\n"
+        "a, b = Thing(), Thing()\n"
+        "refs = [weakref.ref(a, raising(SystemExit(1))), weakref.ref(b, raising(ValueError('not an exit')))]\n"
+        "del a, b\n"
+        "print('still running')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and "still running" in proc.stdout, proc.stderr
+    assert "SystemExit" not in proc.stderr, proc.stderr
+    assert "Exception ignored in" in proc.stderr and "ValueError: not an exit" in proc.stderr, proc.stderr
